@@ -1,0 +1,169 @@
+"""Load checkpoints as data, never as code, and map their keys onto an encoder strictly.
+
+Supported: safetensors, plain ``torch.save`` state dicts (zip or legacy format), and the
+upstream PyTorch Lightning checkpoints, which also hold optimizer state and
+hyper-parameter objects. Pickles are read with ``torch.load(weights_only=True)``: the
+harmless classes Lightning writes are allowed through stand-ins defined here, so
+``pytorch_lightning`` need not be installed, and a pickle that names any other callable
+is refused before anything runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ._manifest import KeyMap
+from .errors import CheckpointError, KeyMappingError, UnsafeCheckpointError
+
+
+class AttributeDict(dict):
+    """Stand-in for Lightning's ``AttributeDict`` (a dict with attribute access)."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError as error:
+            raise AttributeError(key) from error
+
+
+# Classes Lightning checkpoints contain besides tensors and builtins, by their pickled path.
+_LIGHTNING_GLOBALS = [
+    (AttributeDict, "pytorch_lightning.utilities.parsing.AttributeDict"),
+    (AttributeDict, "lightning_fabric.utilities.data.AttributeDict"),
+    (AttributeDict, "lightning.fabric.utilities.data.AttributeDict"),
+    argparse.Namespace,
+]
+
+#: The key map for local checkpoints of unknown origin: upstream, Lightning, DDP and
+#: training/ layouts all reduce to torchvision names; classifier/projection heads dropped.
+DEFAULT_KEY_MAP = KeyMap(
+    state_dict_key="state_dict",
+    strip_prefixes=("model.resnet.", "module.backbone.", "backbone.", "module.", "model.",
+                    "resnet.", "encoder."),
+    drop=(r"^fc\.", r"^projection_head\.", r"^head\."),
+)
+
+
+def sniff_format(path: Path) -> str:
+    """``"safetensors"`` or ``"torch"`` (zip or legacy pickle), from the file's first bytes."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    raise CheckpointError(f"{path} is neither a safetensors file nor a PyTorch checkpoint "
+                          f"(first bytes {head!r}); is the download truncated or an HTML page?")
+
+
+def read_checkpoint(path: str | os.PathLike, *, format: str | None = None) -> dict:
+    """Read a checkpoint into a dict of tensors (possibly nested), executing nothing.
+
+    ``format``: ``"safetensors"``, ``"torch"`` or ``"lightning"``; sniffed when None.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {path} does not exist")
+    format = format or sniff_format(path)
+    if format == "safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"{path} is not a valid safetensors file ({error}); "
+                                  "delete it and download or convert it again") from None
+    return _torch_load(path)
+
+
+def _torch_load(path: Path) -> dict:
+    try:
+        with torch.serialization.safe_globals(_LIGHTNING_GLOBALS):
+            try:
+                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as error:
+                if "mmap" not in str(error):
+                    raise
+                # Legacy (pre-zip) checkpoints cannot be memory-mapped; read them normally.
+                data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        message = str(error)
+        if "Unsupported global" in message or "Unsupported operand" in message:
+            found = re.search(r"GLOBAL ([\w.]+)", message)
+            what = found.group(1) if found else "a callable"
+            raise UnsafeCheckpointError(
+                f"Refused to load {path}: its pickle calls {what}, which is not plain data. "
+                "Nothing from it was executed. Only load checkpoints from sources you trust; "
+                "if this one is genuine, convert it to safetensors in a sandbox.") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({message}); "
+                              "it may be truncated: delete it and fetch it again") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({error}); "
+                              "it may be truncated: delete it and fetch it again") from None
+    if not isinstance(data, Mapping):
+        raise CheckpointError(f"{path} holds a {type(data).__name__}, not a dict of tensors")
+    return dict(data)
+
+
+def map_state_dict(checkpoint: Mapping, key_map: KeyMap, expected: Mapping[str, torch.Size]
+                   ) -> dict[str, torch.Tensor]:
+    """Apply ``key_map`` and check the result fills ``expected`` exactly (names and shapes).
+
+    Raises KeyMappingError naming missing, unexpected and mis-shaped keys: a partial load
+    (the upstream loader's silent failure) cannot happen. The one tolerance: BatchNorm's
+    ``num_batches_tracked`` counters, absent from very old checkpoints and unused at
+    inference, are filled with zeros.
+    """
+    state = checkpoint
+    nested = key_map.state_dict_key
+    if nested and isinstance(checkpoint.get(nested), Mapping):
+        state = checkpoint[nested]
+    mapped: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for prefix in key_map.strip_prefixes:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        if any(re.search(pattern, key) for pattern in key_map.drop):
+            continue
+        if key in mapped:
+            raise KeyMappingError(f"Two checkpoint keys map onto {key!r}; fix the key map")
+        mapped[key] = value
+    not_tensors = sorted(k for k, v in mapped.items() if not isinstance(v, torch.Tensor))
+    for key in [k for k in expected if k.endswith("num_batches_tracked") and k not in mapped]:
+        mapped[key] = torch.zeros((), dtype=torch.long)
+    missing = sorted(set(expected) - set(mapped))
+    unexpected = sorted(set(mapped) - set(expected))
+    mis_shaped = sorted(f"{k}: checkpoint {tuple(mapped[k].shape)} vs model {tuple(expected[k])}"
+                        for k in set(mapped) & set(expected)
+                        if isinstance(mapped[k], torch.Tensor) and mapped[k].shape != expected[k])
+    if missing or unexpected or mis_shaped or not_tensors:
+        raise KeyMappingError(_mapping_report(missing, unexpected, mis_shaped, not_tensors,
+                                              len(expected)))
+    return mapped
+
+
+def _mapping_report(missing, unexpected, mis_shaped, not_tensors, total) -> str:
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+    lines = ["The checkpoint does not match the architecture; nothing was loaded."]
+    if missing:
+        lines.append(f"  missing ({len(missing)} of {total}): {some(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected ({len(unexpected)}): {some(unexpected)}")
+    if mis_shaped:
+        lines.append(f"  wrong shape ({len(mis_shaped)}): {some(mis_shaped)}")
+    if not_tensors:
+        lines.append(f"  not tensors ({len(not_tensors)}): {some(not_tensors)}")
+    lines.append("Check arch= (resnet18/34/50/101) and the key map (prefixes to strip, "
+                 "keys to drop).")
+    return "\n".join(lines)

@@ -1,0 +1,289 @@
+"""Read and validate weights manifests into frozen dataclasses.
+
+Weights are data: every model histohub serves is one entry of ``weights_manifest.json``
+(shipped inside the package), plus entries from the files named in ``HISTOHUB_MANIFEST``
+(``os.pathsep``-separated) for an organisation's own models. Unknown or missing fields
+are errors, checked when the manifest is read (as torchvision's
+``test_schema_meta_validation`` does for its weights).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ManifestError, UnknownModelError
+
+SCHEMA_VERSION = 1
+MANIFEST_PATH = Path(__file__).with_name("weights_manifest.json")
+ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101")
+FORMATS = ("safetensors", "torch", "lightning")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_REVISION = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One place a weights file can be fetched from: a URL, or a pinned Hugging Face file."""
+
+    url: str | None = None
+    repo_id: str | None = None
+    filename: str | None = None
+    revision: str | None = None
+
+    @property
+    def is_hf(self) -> bool:
+        return self.repo_id is not None
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """How a checkpoint's keys map onto the architecture's ``state_dict``.
+
+    ``state_dict_key``: the nested dict holding the tensors (used when present).
+    ``strip_prefixes``: removed from the start of each key, first match only.
+    ``drop``: regular expressions of keys to discard after stripping (the projection head).
+    """
+
+    state_dict_key: str | None = None
+    strip_prefixes: tuple[str, ...] = ()
+    drop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """One weights file: its identity (sha256, size), format, key mapping and sources."""
+
+    filename: str
+    format: str
+    sha256: str | None
+    size: int | None
+    sources: tuple[Source, ...]
+    key_map: KeyMap = field(default_factory=KeyMap)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the encoder expects as input: ``input_size`` px at ``mpp`` um/px, normalised."""
+
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+    mpp: float | None = None
+    mpp_note: str = ""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model name and everything needed to build, fetch, verify and preprocess for it.
+
+    ``weights`` is an ordered list of alternative files holding the same weights: the first
+    that can be fetched and verified is used.
+    """
+
+    name: str
+    description: str
+    arch: str
+    feature_dim: int
+    weights: tuple[WeightsFile, ...]
+    preprocessing: Preprocessing
+    license: str
+    citation: str
+    recipe: dict[str, Any]
+    training_data: str
+    metrics: dict[str, Any]
+    default: bool = False
+    manifest_path: Path | None = None
+
+    @property
+    def hub_name(self) -> str:
+        """The torch.hub entry point name: ``resnet18-ssl`` -> ``resnet18_ssl``."""
+        return self.name.replace("-", "_").replace(".", "_")
+
+
+_ENTRY_FIELDS = {
+    "description": str, "arch": str, "feature_dim": int, "weights": list,
+    "preprocessing": dict, "license": str, "citation": str, "recipe": dict,
+    "training_data": str, "metrics": dict,
+}
+_OPTIONAL_ENTRY_FIELDS = {"default": bool}
+_FILE_FIELDS = {"filename": str, "format": str, "sha256": (str, type(None)),
+                "size": (int, type(None)), "sources": list}
+_OPTIONAL_FILE_FIELDS = {"key_map": dict}
+_SOURCE_FIELDS = {"url": str, "repo_id": str, "filename": str, "revision": str}
+_KEY_MAP_FIELDS = {"state_dict_key": (str, type(None)), "strip_prefixes": list, "drop": list}
+_PREPROCESSING_FIELDS = {"input_size": int, "mean": list, "std": list}
+_OPTIONAL_PREPROCESSING_FIELDS = {"interpolation": str, "mpp": (int, float, type(None)),
+                                  "mpp_note": str}
+
+
+def _check_fields(where: str, data: Any, required: dict, optional: dict | None = None) -> None:
+    optional = optional or {}
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where}: expected an object, got {type(data).__name__}")
+    unknown = set(data) - set(required) - set(optional)
+    if unknown:
+        raise ManifestError(f"{where}: unknown field(s) {sorted(unknown)}; "
+                            f"allowed: {sorted({**required, **optional})}")
+    missing = set(required) - set(data)
+    if missing:
+        raise ManifestError(f"{where}: missing field(s) {sorted(missing)}")
+    for key, value in data.items():
+        expected = {**required, **optional}[key]
+        if isinstance(value, bool) and expected in (int, float):
+            raise ManifestError(f"{where}.{key}: expected a number, got {value!r}")
+        if not isinstance(value, expected):
+            raise ManifestError(f"{where}.{key}: wrong type {type(value).__name__} ({value!r})")
+
+
+def _parse_source(where: str, data: Any) -> Source:
+    _check_fields(where, data, {}, _SOURCE_FIELDS)
+    if ("url" in data) == ("repo_id" in data):
+        raise ManifestError(f"{where}: give either 'url' or 'repo_id' (+ 'filename', 'revision')")
+    if "url" in data:
+        if set(data) != {"url"} or not re.match(r"^(https?|file)://", data["url"]):
+            raise ManifestError(f"{where}: a URL source is {{'url': 'https://...'}} alone")
+        return Source(url=data["url"])
+    if not {"filename", "revision"} <= set(data):
+        raise ManifestError(f"{where}: a Hugging Face source needs 'repo_id', 'filename' and a "
+                            "pinned 'revision' (a 40-hex commit hash)")
+    if not _REVISION.match(data["revision"]):
+        raise ManifestError(f"{where}.revision: pin a full 40-hex commit hash, got "
+                            f"{data['revision']!r}")
+    return Source(repo_id=data["repo_id"], filename=data["filename"], revision=data["revision"])
+
+
+def _parse_file(where: str, data: Any) -> WeightsFile:
+    _check_fields(where, data, _FILE_FIELDS, _OPTIONAL_FILE_FIELDS)
+    if data["format"] not in FORMATS:
+        raise ManifestError(f"{where}.format: {data['format']!r} is not one of {FORMATS}")
+    if data["sha256"] is not None and not _SHA256.match(data["sha256"]):
+        raise ManifestError(f"{where}.sha256: must be the full 64-hex lower-case sha256 "
+                            f"(or null when not yet pinned), got {data['sha256']!r}")
+    if data["size"] is not None and data["size"] <= 0:
+        raise ManifestError(f"{where}.size: must be positive, got {data['size']}")
+    if "/" in data["filename"] or data["filename"] in ("", ".", ".."):
+        raise ManifestError(f"{where}.filename: a plain file name, got {data['filename']!r}")
+    if not data["sources"]:
+        raise ManifestError(f"{where}.sources: list at least one source")
+    sources = tuple(_parse_source(f"{where}.sources[{i}]", s)
+                    for i, s in enumerate(data["sources"]))
+    key_map = data.get("key_map", {})
+    _check_fields(f"{where}.key_map", key_map, {}, _KEY_MAP_FIELDS)
+    for pattern in key_map.get("drop", []):
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ManifestError(f"{where}.key_map.drop: bad pattern {pattern!r}: {error}") from None
+    return WeightsFile(
+        filename=data["filename"], format=data["format"], sha256=data["sha256"],
+        size=data["size"], sources=sources,
+        key_map=KeyMap(state_dict_key=key_map.get("state_dict_key"),
+                       strip_prefixes=tuple(key_map.get("strip_prefixes", ())),
+                       drop=tuple(key_map.get("drop", ()))),
+    )
+
+
+def _parse_preprocessing(where: str, data: Any) -> Preprocessing:
+    _check_fields(where, data, _PREPROCESSING_FIELDS, _OPTIONAL_PREPROCESSING_FIELDS)
+    for key in ("mean", "std"):
+        values = data[key]
+        if len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
+            raise ManifestError(f"{where}.{key}: three numbers (R, G, B), got {values!r}")
+    if any(v <= 0 for v in data["std"]):
+        raise ManifestError(f"{where}.std: must be positive, got {data['std']!r}")
+    if data["input_size"] <= 0:
+        raise ManifestError(f"{where}.input_size: must be positive")
+    if data.get("interpolation", "bilinear") not in ("bilinear", "bicubic", "nearest"):
+        raise ManifestError(f"{where}.interpolation: bilinear, bicubic or nearest")
+    mpp = data.get("mpp")
+    if mpp is not None and mpp <= 0:
+        raise ManifestError(f"{where}.mpp: must be positive microns per pixel, got {mpp}")
+    return Preprocessing(input_size=data["input_size"], mean=tuple(map(float, data["mean"])),
+                         std=tuple(map(float, data["std"])),
+                         interpolation=data.get("interpolation", "bilinear"),
+                         mpp=None if mpp is None else float(mpp),
+                         mpp_note=data.get("mpp_note", ""))
+
+
+def parse_entry(name: str, data: Any, *, manifest_path: Path | None = None) -> ModelEntry:
+    """Validate one manifest entry (raises ManifestError naming the bad field)."""
+    where = f"{manifest_path or 'manifest'}: models[{name!r}]"
+    if not re.match(r"^[a-z0-9][a-z0-9.\-]*$", name):
+        raise ManifestError(f"{where}: model names are lower-case letters, digits, '-' and '.'")
+    _check_fields(where, data, _ENTRY_FIELDS, _OPTIONAL_ENTRY_FIELDS)
+    if data["arch"] not in ARCHITECTURES:
+        raise ManifestError(f"{where}.arch: {data['arch']!r} is not one of {ARCHITECTURES}")
+    if data["feature_dim"] <= 0:
+        raise ManifestError(f"{where}.feature_dim: must be positive")
+    if not data["weights"]:
+        raise ManifestError(f"{where}.weights: list at least one weights file")
+    return ModelEntry(
+        name=name, description=data["description"], arch=data["arch"],
+        feature_dim=data["feature_dim"],
+        weights=tuple(_parse_file(f"{where}.weights[{i}]", f)
+                      for i, f in enumerate(data["weights"])),
+        preprocessing=_parse_preprocessing(f"{where}.preprocessing", data["preprocessing"]),
+        license=data["license"], citation=data["citation"], recipe=data["recipe"],
+        training_data=data["training_data"], metrics=data["metrics"],
+        default=data.get("default", False), manifest_path=manifest_path,
+    )
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, ModelEntry]:
+    """Read and validate one manifest file into ``{name: ModelEntry}``."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(f"Manifest {path} does not exist (check HISTOHUB_MANIFEST)") from None
+    except json.JSONDecodeError as error:
+        raise ManifestError(f"Manifest {path} is not valid JSON: {error}") from None
+    _check_fields(str(path), data, {"schema_version": int, "models": dict})
+    if data["schema_version"] != SCHEMA_VERSION:
+        raise ManifestError(f"{path}: schema_version {data['schema_version']} is not supported "
+                            f"by this histohub (expects {SCHEMA_VERSION}); upgrade histohub")
+    return {name: parse_entry(name, entry, manifest_path=path)
+            for name, entry in data["models"].items()}
+
+
+def manifest_paths() -> list[Path]:
+    """The packaged manifest, then each file in ``HISTOHUB_MANIFEST`` (os.pathsep-separated)."""
+    extra = os.environ.get("HISTOHUB_MANIFEST", "")
+    return [MANIFEST_PATH] + [Path(p).expanduser() for p in extra.split(os.pathsep) if p]
+
+
+@functools.lru_cache(maxsize=8)
+def _load_all(paths: tuple[Path, ...]) -> dict[str, ModelEntry]:
+    entries: dict[str, ModelEntry] = {}
+    for path in paths:
+        for name, entry in read_manifest(path).items():
+            if name in entries:
+                raise ManifestError(f"Model {name!r} in {path} is already defined in "
+                                    f"{entries[name].manifest_path}; choose another name")
+            entries[name] = entry
+    return entries
+
+
+def load_manifest() -> dict[str, ModelEntry]:
+    """Every entry of every manifest in use, by name (re-read when HISTOHUB_MANIFEST changes)."""
+    return _load_all(tuple(manifest_paths()))
+
+
+def get_entry(name: str) -> ModelEntry:
+    """The entry for ``name``; raises UnknownModelError listing close names."""
+    entries = load_manifest()
+    if name not in entries:
+        raise UnknownModelError(name, entries)
+    return entries[name]
+
+
+def list_models() -> list[str]:
+    """Names of every model in the manifests in use, sorted."""
+    return sorted(load_manifest())

@@ -1,0 +1,85 @@
+"""Exceptions raised by histohub.
+
+Each one subclasses the built-in a caller would naturally catch (as huggingface_hub's
+``LocalEntryNotFoundError(FileNotFoundError)`` does), and every message says what to do.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class HistohubError(Exception):
+    """Base class of every histohub error."""
+
+
+class ManifestError(HistohubError, ValueError):
+    """A weights manifest is malformed: unknown or missing fields, bad values."""
+
+
+class UnknownModelError(HistohubError, KeyError):
+    """A model name that no manifest lists."""
+
+    def __init__(self, name: str, known: Iterable[str]) -> None:
+        known = sorted(known)
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.4)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        message = (
+            f"Unknown model {name!r}.{hint} Known models: {', '.join(known)}. "
+            "Run `histohub list` to see them all, or pass a local checkpoint path with arch=."
+        )
+        super().__init__(message)
+        self.name = name
+        self.close_matches = close
+
+    def __str__(self) -> str:  # KeyError would otherwise print the repr of the message
+        return str(self.args[0])
+
+
+class OfflineError(HistohubError, FileNotFoundError):
+    """The weights are not cached and the network may not be used."""
+
+
+class DownloadError(HistohubError, ConnectionError):
+    """Every source of a file failed."""
+
+
+class ChecksumError(HistohubError, ValueError):
+    """A file's sha256 or size is not the one the manifest (or the cache record) expects."""
+
+
+class CheckpointError(HistohubError, ValueError):
+    """A checkpoint cannot be read: truncated, corrupt, or not a checkpoint at all."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle inside a checkpoint tried to call code that is not on the allowlist."""
+
+
+class KeyMappingError(HistohubError, ValueError):
+    """A checkpoint's keys do not fill the architecture exactly (missing or unexpected keys)."""
+
+
+class MissingDependencyError(HistohubError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
+class SlideError(HistohubError, ValueError):
+    """A file is not a readable slide, or lacks metadata a step needs (e.g. microns per pixel)."""
+
+
+def require(module: str, *, extra: str, purpose: str):
+    """Import an optional dependency, or raise MissingDependencyError naming the extra.
+
+    >>> openslide = require("openslide", extra="wsi", purpose="reading whole-slide images")
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise MissingDependencyError(
+            f"{purpose} needs the optional dependency {module!r}. "
+            f"Install it with: pip install 'histohub[{extra}]'"
+        ) from error

@@ -1,0 +1,52 @@
+"""Preprocessing built from a manifest entry, so nobody guesses normalization constants.
+
+The paper's authors normalised with mean = std = 0.5 per channel (see ANCHORS: the most
+asked question about the original release); the manifest records it per model.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from ._manifest import ModelEntry, Preprocessing
+
+
+def _preprocessing(model: str | ModelEntry | Preprocessing) -> Preprocessing:
+    from ._manifest import ModelEntry, Preprocessing, get_entry
+
+    if isinstance(model, Preprocessing):
+        return model
+    if isinstance(model, ModelEntry):
+        return model.preprocessing
+    return get_entry(model).preprocessing
+
+
+def get_transform(model: str | ModelEntry | Preprocessing = "resnet18-ssl", *,
+                  resize: bool = True):
+    """PIL image (or uint8 ``(3, H, W)`` tensor) -> normalised float ``(3, S, S)`` tensor.
+
+    ``S`` is the entry's ``input_size`` (224 for the paper's models). With ``resize=False``
+    the image keeps its size (for patches already tiled at the right size and mpp).
+    """
+    from torchvision.transforms import v2
+
+    pre = _preprocessing(model)
+    steps = [v2.ToImage()]
+    if resize:
+        interpolation = getattr(v2.InterpolationMode, pre.interpolation.upper())
+        steps.append(v2.Resize((pre.input_size, pre.input_size), interpolation=interpolation,
+                               antialias=True))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)]
+    return v2.Compose(steps)
+
+
+def normalize_batch(batch: torch.Tensor, model: str | ModelEntry | Preprocessing
+                    ) -> torch.Tensor:
+    """uint8 ``(B, 3, H, W)`` -> float32 normalised ``(B, 3, H, W)``, in one vectorised step."""
+    pre = _preprocessing(model)
+    mean = torch.tensor(pre.mean, device=batch.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(pre.std, device=batch.device).view(1, 3, 1, 1) * 255.0
+    return (batch.float() - mean) / std
