@@ -1,0 +1,202 @@
+"""Fixtures for the download and CLI tests: loopback servers, test manifests, and
+checkpoints in the upstream layouts (random weights, made once per session)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import types
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from _servers import FileServer, HubServer
+
+
+@pytest.fixture(autouse=True)
+def _fast_retries(monkeypatch):
+    """Retries with millisecond backoff and short timeouts: tests never sleep for long."""
+    from histohub import _download
+
+    monkeypatch.setattr(_download, "RETRY", _download.RetryPolicy(
+        tries=3, base_delay=0.01, max_delay=0.05, timeout=(5.0, 10.0)))
+    _download._warned_unpinned.clear()
+
+
+@pytest.fixture
+def file_server():
+    with FileServer() as server:
+        yield server
+
+
+@pytest.fixture
+def hub_server():
+    with HubServer() as server:
+        yield server
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def weights_file(filename: str, sources: list[dict], *, data: bytes | None = None,
+                 format: str = "torch") -> dict:
+    """A manifest ``weights`` item; pinned (sha256 + size of ``data``) when data is given."""
+    return {
+        "filename": filename, "format": format,
+        "sha256": hashlib.sha256(data).hexdigest() if data is not None else None,
+        "size": len(data) if data is not None else None,
+        "sources": sources,
+        "key_map": {"state_dict_key": "state_dict",
+                    "strip_prefixes": ["model.resnet.", "model.", "resnet."],
+                    "drop": ["^fc\\."]},
+    }
+
+
+def model_entry(files: list[dict]) -> dict:
+    return {
+        "description": "A test ResNet18 with random weights.",
+        "arch": "resnet18", "feature_dim": 512, "weights": files,
+        "preprocessing": {"input_size": 224, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                          "interpolation": "bilinear", "mpp": 0.5, "mpp_note": "test"},
+        "license": "MIT", "citation": "Test citation (2024).", "recipe": {"method": "none"},
+        "training_data": "none", "metrics": {},
+    }
+
+
+@pytest.fixture
+def make_manifest(tmp_path, monkeypatch):
+    """``make_manifest({name: [weights items]})`` writes a manifest and points
+    HISTOHUB_MANIFEST at it; returns its path."""
+
+    def make(models: dict[str, list[dict]]) -> Path:
+        path = tmp_path / "extra_manifest.json"
+        data = {"schema_version": 1, "models": {n: model_entry(f) for n, f in models.items()}}
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        monkeypatch.setenv("HISTOHUB_MANIFEST", str(path))
+        from histohub import _manifest
+
+        _manifest._load_all.cache_clear()
+        return path
+
+    return make
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@pytest.fixture(scope="session")
+def backbone_state() -> dict[str, torch.Tensor]:
+    """A randomly initialised torchvision ResNet18's state dict, without ``fc``."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None)
+    return {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("fc.")}
+
+
+def lightning_checkpoint(backbone: dict[str, torch.Tensor], *, attribute_dict: bool = False
+                         ) -> dict:
+    """The upstream Lightning layout: ``model.resnet.`` backbone keys, the SimCLR projection
+    head as ``fc.1``/``fc.3``, optimizer and scheduler state, hyper-parameter objects.
+
+    ``hyper_parameters`` is a plain dict holding an ``argparse.Namespace`` (what Lightning
+    1.0 wrote without omegaconf), or with ``attribute_dict`` Lightning's ``AttributeDict``
+    (written when omegaconf was installed, and by later versions)."""
+    generator = torch.Generator().manual_seed(1)
+    state = {f"model.resnet.{k}": v for k, v in backbone.items()}
+    state.update({
+        "model.resnet.fc.1.weight": torch.randn(512, 512, generator=generator),
+        "model.resnet.fc.1.bias": torch.randn(512, generator=generator),
+        "model.resnet.fc.3.weight": torch.randn(128, 512, generator=generator),
+        "model.resnet.fc.3.bias": torch.randn(128, generator=generator),
+    })
+    hparams = argparse.Namespace(lr=0.3, batch_size=512, epochs=1000, optimizer="lars")
+    return {
+        "epoch": 999, "global_step": 780000, "pytorch-lightning_version": "0.7.6",
+        "checkpoint_callback_best": 1.23,
+        "state_dict": state,
+        "optimizer_states": [{
+            "state": {0: {"momentum_buffer": torch.zeros(64, 3, 7, 7)}},
+            "param_groups": [{"lr": 0.3, "momentum": 0.9, "weight_decay": 1e-6,
+                              "params": list(range(len(state)))}],
+        }],
+        "lr_schedulers": [{"last_epoch": 999, "_step_count": 1000, "base_lrs": [0.3]}],
+        "hparams_name": "hparams",
+        "hyper_parameters": (_AttributeDict if attribute_dict else dict)(
+            lr=0.3, batch_size=512, hparams=hparams),
+    }
+
+
+class _AttributeDict(dict):
+    """Pickled as ``pytorch_lightning.utilities.parsing.AttributeDict``, as Lightning does."""
+
+
+_AttributeDict.__module__ = "pytorch_lightning.utilities.parsing"
+_AttributeDict.__qualname__ = _AttributeDict.__name__ = "AttributeDict"
+
+
+@contextmanager
+def _fake_lightning_modules():
+    """Make ``pytorch_lightning.utilities.parsing.AttributeDict`` importable while saving
+    (pickle checks that the class can be found by its name), then remove it again."""
+    names = ["pytorch_lightning", "pytorch_lightning.utilities",
+             "pytorch_lightning.utilities.parsing"]
+    if any(name in sys.modules for name in names):
+        raise RuntimeError("pytorch_lightning is imported; these tests make their own stand-in")
+    for name in names:
+        sys.modules[name] = types.ModuleType(name)
+    sys.modules[names[-1]].AttributeDict = _AttributeDict
+    try:
+        yield
+    finally:
+        for name in names:
+            del sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def lightning_ckpt(tmp_path_factory, backbone_state) -> Path:
+    """``tenpercent_resnet18.ckpt``-like file (zip format), about 48 MB."""
+    path = tmp_path_factory.mktemp("ckpt") / "tenpercent_resnet18.ckpt"
+    with _fake_lightning_modules():
+        torch.save(lightning_checkpoint(backbone_state), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def attribute_dict_ckpt(tmp_path_factory, backbone_state) -> Path:
+    """A Lightning checkpoint whose ``hyper_parameters`` is an ``AttributeDict``."""
+    path = tmp_path_factory.mktemp("ckpt") / "attribute_dict.ckpt"
+    with _fake_lightning_modules():
+        torch.save(lightning_checkpoint(backbone_state, attribute_dict=True), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def legacy_ckpt(tmp_path_factory, backbone_state) -> Path:
+    """The same Lightning layout in the legacy (pre-zip, 2020-era) serialization format."""
+    path = tmp_path_factory.mktemp("ckpt") / "_ckpt_epoch_9.ckpt"
+    with _fake_lightning_modules():
+        torch.save(lightning_checkpoint(backbone_state), path,
+                   _use_new_zipfile_serialization=False)
+    return path
+
+
+@pytest.fixture
+def torchvision_features(backbone_state):
+    """``f(x)``: features of a torchvision ResNet18 given ``backbone_state`` by hand."""
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None)
+    model.fc = torch.nn.Identity()
+    model.load_state_dict(backbone_state)
+    model.eval()
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(x)
+
+    return features
