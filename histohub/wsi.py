@@ -59,6 +59,7 @@ class Slide:
             raise SlideError(
                 f"{self.path} is not a slide OpenSlide can read ({error}); supported formats: "
                 "https://openslide.org/formats/") from error
+        self._openslide = openslide
         self.dimensions: tuple[int, int] = self._handle.dimensions
         self.level_count: int = self._handle.level_count
         self.level_dimensions: tuple[tuple[int, int], ...] = self._handle.level_dimensions
@@ -104,13 +105,24 @@ class Slide:
                 lx, ly = round(ox * scale), round(oy * scale)
                 lw = max(1, min(round((ox + ow) * scale), level_w) - lx)
                 lh = max(1, min(round((oy + oh) * scale), level_h) - ly)
-                region = self.read_region((round(lx * level_ds), round(ly * level_ds)), level,
-                                          (lw, lh))
+                try:
+                    region = self.read_region((round(lx * level_ds), round(ly * level_ds)),
+                                              level, (lw, lh))
+                except self._openslide.OpenSlideError as error:  # a corrupt tile
+                    log.warning("%s: thumbnail block at level %d (%d, %d) unreadable (%s); "
+                                "treated as background", self.path.name, level, lx, ly, error)
+                    self._reopen()
+                    region = np.full((lh, lw, 3), 255, np.uint8)
                 if (lw, lh) != (ow, oh):
                     region = np.asarray(Image.fromarray(region).resize((ow, oh),
                                                                        Image.Resampling.BOX))
                 out[oy:oy + oh, ox:ox + ow] = region
         return out
+
+    def _reopen(self) -> None:
+        """OpenSlide handles stay in an error state after any failed read: open a new one."""
+        self._handle.close()
+        self._handle = self._openslide.OpenSlide(str(self.path))
 
     def close(self) -> None:
         self._handle.close()
