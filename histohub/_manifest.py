@@ -136,7 +136,9 @@ def _check_fields(where: str, data: Any, required: dict, optional: dict | None =
         raise ManifestError(f"{where}: missing field(s) {sorted(missing)}")
     for key, value in data.items():
         expected = {**required, **optional}[key]
-        if isinstance(value, bool) and expected in (int, float):
+        allowed = expected if isinstance(expected, tuple) else (expected,)
+        numeric = int in allowed or float in allowed
+        if isinstance(value, bool) and numeric and bool not in allowed:  # bool is an int
             raise ManifestError(f"{where}.{key}: expected a number, got {value!r}")
         if not isinstance(value, expected):
             raise ManifestError(f"{where}.{key}: wrong type {type(value).__name__} ({value!r})")
