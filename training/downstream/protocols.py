@@ -1,0 +1,248 @@
+"""The five protocols, run over every model on one dataset with one fixed split.
+
+``linear`` (frozen features, Table 2 / D.8, Fig. 4), ``finetune`` (all layers, Table 1 /
+D.7, Fig. 3), ``regression`` (L1 on a 0-100 score; frozen by default, all layers with
+``finetune=True``), ``segmentation`` (UNet, Table 1 / D.7) and ``clustering`` (k-means on
+the frozen features, section 5.3). The split is the same for every model; label fractions
+x repeats are drawn from its training part.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import datasets as ds
+from .encoders import Encoder
+from .features import cached_features
+from .finetune import finetune
+from .images import load_images, load_masks
+from .linear import paper_weight_decay, train_linear
+from .metrics import clustering_metrics, kmeans_labels, summarize
+from .segmentation import train_segmentation
+from .selection import PRIMARY
+from .splits import PAPER_FRACTIONS, PAPER_REPEATS, Split, label_fractions, score_strata, \
+    split_dataset
+
+logger = logging.getLogger(__name__)
+TASKS = ("linear", "finetune", "regression", "segmentation", "clustering")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Everything that fixes how a task is trained (recorded in the run's JSON)."""
+
+    task: str
+    fractions: tuple[float, ...] = PAPER_FRACTIONS
+    repeats: int = PAPER_REPEATS
+    epochs: int = 100
+    seed: int = 0
+    batch_size: int | None = None     # None: 128 (paper); 16 for segmentation on CPU memory
+    lr: float = 1e-3
+    weight_decay: float | None = None  # None: 1e-5 for ResNet18, 1e-4 otherwise (paper)
+    input_size: int | None = None     # None: the model's own (224 for the paper's models)
+    finetune: bool = False            # regression: train all layers instead of a linear layer
+    augment: bool = False
+    device: str = "cpu"
+    feature_batch_size: int = 64
+    progress: bool = True
+    cache_dir: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def objective(self) -> str:
+        return {"linear": "classification", "finetune": "classification",
+                "regression": "regression", "segmentation": "segmentation",
+                "clustering": "clustering"}[self.task]
+
+    def batch(self) -> int:
+        return self.batch_size or (16 if self.task == "segmentation" else 128)
+
+    def decay(self, arch: str) -> float:
+        return self.weight_decay if self.weight_decay is not None else paper_weight_decay(arch)
+
+    def size(self, encoder: Encoder) -> int:
+        return self.input_size or encoder.preprocessing.input_size
+
+
+def prepare(dataset: ds.ImageDataset, task: str) -> ds.ImageDataset:
+    """The dataset restricted and checked for ``task`` (labels, masks or scores)."""
+    if task in ("linear", "finetune", "clustering"):
+        return ds.for_classification(dataset)
+    if task == "regression":
+        return ds.for_regression(dataset)
+    if task == "segmentation":
+        return ds.for_segmentation(dataset)
+    raise ValueError(f"Unknown task {task!r}; choose one of {TASKS}")
+
+
+def strata_of(dataset: ds.ImageDataset, task: str) -> np.ndarray:
+    """What splits and label fractions are stratified by: classes, or score quartiles."""
+    if task == "regression":
+        return score_strata(dataset.scores)
+    if dataset.labels is not None:
+        return dataset.labels
+    return np.zeros(len(dataset), dtype=np.int64)
+
+
+def run_protocol(encoders: list[Encoder], dataset: ds.ImageDataset, protocol: Protocol) -> dict:
+    """Run ``protocol`` for every encoder; the ``results`` and ``split`` parts of a run record."""
+    task = protocol.task
+    data_hash = dataset.content_hash()
+    strata = strata_of(dataset, task)
+    names = list(dataset.classes) if task != "regression" and dataset.labels is not None \
+        else None
+    split = None if task == "clustering" else split_dataset(
+        strata, dataset.groups, seed=protocol.seed, class_names=names)
+    results: dict[str, dict] = {}
+    timings: dict[str, dict] = {}
+    for encoder in encoders:
+        start = time.perf_counter()
+        results[encoder.label], timings[encoder.label] = _run_one(
+            encoder, dataset, protocol, split, strata, data_hash)
+        timings[encoder.label]["total_s"] = round(time.perf_counter() - start, 3)
+    return {"data_hash": data_hash, "split": _describe_split(split, dataset, strata),
+            "results": results, "timings": timings}
+
+
+def _run_one(encoder: Encoder, dataset: ds.ImageDataset, protocol: Protocol,
+             split: Split | None, strata: np.ndarray, data_hash: str) -> tuple[dict, dict]:
+    timing: dict = {}
+    if protocol.task == "clustering" or (protocol.task in ("linear", "regression")
+                                         and not protocol.finetune):
+        start = time.perf_counter()
+        cache = None if protocol.cache_dir is None else Path(protocol.cache_dir)
+        features, feature_info = cached_features(
+            encoder, dataset, data_hash=data_hash, input_size=protocol.size(encoder),
+            cache_dir=cache, device=protocol.device,
+            batch_size=protocol.feature_batch_size, progress=protocol.progress)
+        timing["features_s"] = round(time.perf_counter() - start, 3)
+        timing["features_cached"] = feature_info["cached"]
+        start = time.perf_counter()
+        if protocol.task == "clustering":
+            result = _clustering(features, dataset, protocol)
+        else:
+            result = _sweep(protocol, encoder, split, strata,
+                            lambda idx: features[idx], _targets(dataset, protocol.task),
+                            trainer="linear")
+        result["features"] = {"cache_key": feature_info["key"], "dim": int(features.shape[1])}
+        timing["train_s"] = round(time.perf_counter() - start, 3)
+        return result, timing
+    start = time.perf_counter()
+    images = load_images(dataset.paths, protocol.size(encoder), progress=protocol.progress,
+                         desc=f"images {dataset.name}")
+    if protocol.task == "segmentation":
+        targets = load_masks(dataset.masks, protocol.size(encoder))
+    else:
+        targets = _targets(dataset, protocol.task)
+    timing["load_s"] = round(time.perf_counter() - start, 3)
+    start = time.perf_counter()
+    trainer = "segmentation" if protocol.task == "segmentation" else "finetune"
+    result = _sweep(protocol, encoder, split, strata, lambda idx: images[idx], targets,
+                    trainer=trainer)
+    timing["train_s"] = round(time.perf_counter() - start, 3)
+    return result, timing
+
+
+def _targets(dataset: ds.ImageDataset, task: str) -> torch.Tensor:
+    if task == "regression":
+        return torch.from_numpy(dataset.scores.astype(np.float32))
+    return torch.from_numpy(dataset.labels)
+
+
+def _sweep(protocol: Protocol, encoder: Encoder, split: Split, strata: np.ndarray, inputs,
+           targets: torch.Tensor, *, trainer: str) -> dict:
+    """Every (fraction, repeat) of the training part: one training run each."""
+    from tqdm.auto import tqdm
+
+    objective = "regression" if protocol.task == "regression" else (
+        "segmentation" if protocol.task == "segmentation" else "classification")
+    num_classes = int(strata.max()) + 1 if objective == "classification" else 0
+    subsets = label_fractions(strata[split.train], fractions=protocol.fractions,
+                              repeats=protocol.repeats, seed=protocol.seed)
+    parts = {k: (inputs(torch.from_numpy(v)), targets[torch.from_numpy(v)])
+             for k, v in (("val", split.val), ("test", split.test))}
+    runs: dict[str, list[dict]] = {}
+    for (fraction, repeat), positions in tqdm(subsets.items(), desc=f"{protocol.task} "
+                                              f"{encoder.label}", disable=not protocol.progress):
+        train_idx = torch.from_numpy(split.train[positions])
+        train = (inputs(train_idx), targets[train_idx])
+        seed = protocol.seed * 1000 + repeat
+        common = dict(weight_decay=protocol.decay(encoder.arch), epochs=protocol.epochs,
+                      batch_size=protocol.batch(), lr=protocol.lr, seed=seed)
+        if trainer == "linear":
+            result = train_linear(train, parts["val"], parts["test"], objective=objective,
+                                  num_classes=num_classes, **common)
+        elif trainer == "finetune":
+            result = finetune(encoder, train, parts["val"], parts["test"], objective=objective,
+                              num_classes=num_classes, device=protocol.device,
+                              augment=protocol.augment, **common)
+        else:
+            result = train_segmentation(encoder, train, parts["val"], parts["test"],
+                                        device=protocol.device, augment=protocol.augment,
+                                        **common)
+        runs.setdefault(_fraction_key(fraction), []).append(
+            {"repeat": repeat, "seed": seed, "n_train": int(len(train_idx)),
+             "train_sha256": _indices_hash(split.train[positions]), **result.to_json()})
+    metric, higher = PRIMARY[objective]
+    return {"metric": metric, "higher_is_better": higher, "runs": runs,
+            "summary": {f: _summary(rs) for f, rs in runs.items()}}
+
+
+def _summary(runs: list[dict]) -> dict:
+    keys = [k for k, v in runs[0]["test"].items() if isinstance(v, (int, float))]
+    return {k: summarize([r["test"][k] for r in runs]) for k in keys}
+
+
+def _clustering(features: torch.Tensor, dataset: ds.ImageDataset, protocol: Protocol) -> dict:
+    """k-means with k = number of classes, ``repeats`` seeds, scored against the labels."""
+    k = len(dataset.classes)
+    runs = []
+    for repeat in range(protocol.repeats):
+        seed = protocol.seed * 1000 + repeat
+        predicted = kmeans_labels(features.numpy(), k, seed=seed)
+        runs.append({"repeat": repeat, "seed": seed,
+                     "test": clustering_metrics(dataset.labels, predicted)})
+    return {"metric": "nmi", "higher_is_better": True, "runs": {"1": runs},
+            "summary": {"1": _summary(runs)}, "k": k}
+
+
+def _fraction_key(fraction: float) -> str:
+    return f"{fraction:g}"
+
+
+def _indices_hash(indices: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def _describe_split(split: Split | None, dataset: ds.ImageDataset, strata: np.ndarray) -> dict:
+    if split is None:
+        return {"kind": "none (clustering uses every image)", "sizes": {"all": len(dataset)}}
+    described = {"kind": "grouped stratified" if dataset.groups is not None else "stratified",
+                 "sizes": split.sizes(),
+                 "missing_classes": {k: [dataset.classes[c] if dataset.classes and
+                                         dataset.labels is not None else int(c) for c in v]
+                                     for k, v in split.missing.items()},
+                 "indices_sha256": {k: _indices_hash(getattr(split, k))
+                                    for k in ("train", "val", "test")}}
+    if dataset.groups is not None:
+        described["groups"] = {k: len(set(dataset.groups[getattr(split, k)].tolist()))
+                               for k in ("train", "val", "test")}
+    return described
+
+
+def protocol_json(protocol: Protocol) -> dict:
+    """The protocol as recorded in a run's JSON."""
+    record = asdict(protocol)
+    record["fractions"] = list(protocol.fractions)
+    record["batch_size"] = protocol.batch()
+    record["optimizer"] = "Adam"
+    record["selection"] = "test metrics at the best validation epoch"
+    return record
