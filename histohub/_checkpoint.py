@@ -14,6 +14,7 @@ import argparse
 import os
 import pickle
 import re
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -96,8 +97,10 @@ def _torch_load(path: Path) -> dict:
                 data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         message = str(error)
-        if "Unsupported global" in message or "Unsupported operand" in message:
-            found = re.search(r"GLOBAL ([\w.]+)", message)
+        # torch words it "Unsupported global: GLOBAL os.system" or, for modules it blocks
+        # outright (os, subprocess, ...), "unsupported GLOBAL posix.system whose module ...".
+        found = re.search(r"GLOBAL ([\w.]+)", message)
+        if found or "Unsupported operand" in message:
             what = found.group(1) if found else "a callable"
             raise UnsafeCheckpointError(
                 f"Refused to load {path}: its pickle calls {what}, which is not plain data. "
@@ -105,7 +108,9 @@ def _torch_load(path: Path) -> dict:
                 "if this one is genuine, convert it to safetensors in a sandbox.") from None
         raise CheckpointError(f"{path} is not a readable checkpoint ({message}); "
                               "it may be truncated: delete it and fetch it again") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, struct.error) as error:
+        # IndexError, struct.error: a pickle cut short (weights_only's unpickler reads bytes
+        # that are not there).
         raise CheckpointError(f"{path} is not a readable checkpoint ({error}); "
                               "it may be truncated: delete it and fetch it again") from None
     if not isinstance(data, Mapping):
