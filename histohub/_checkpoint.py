@@ -56,10 +56,11 @@ def sniff_format(path: Path) -> str:
     """``"safetensors"`` or ``"torch"`` (zip or legacy pickle), from the file's first bytes."""
     with open(path, "rb") as handle:
         head = handle.read(9)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        return "torch"
+    # safetensors first: its 8-byte header length may itself start with 0x80 or "PK".
     if len(head) == 9 and head[8:9] == b"{":
         return "safetensors"
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return "torch"
     raise CheckpointError(f"{path} is neither a safetensors file nor a PyTorch checkpoint "
                           f"(first bytes {head!r}); is the download truncated or an HTML page?")
 
