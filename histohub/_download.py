@@ -296,7 +296,7 @@ def fetch_file(file: WeightsFile, *, progress: bool = True, name: str | None = N
             try:
                 return _install(file, label, fetch)
             except (DownloadError, ChecksumError, OfflineError) as error:
-                logger.info("%s: %s", label, error)
+                logger.debug("%s: %s", label, error)
                 failures.append((label, error))
         raise _failure(name or file.filename, (file,), failures)
 
@@ -360,10 +360,31 @@ def _install(file: WeightsFile, label: str, fetch: Fetcher) -> FetchedFile:
                   "file if the upstream file legitimately changed)")
         raise ChecksumError(f"{file.filename} from {label}: {problem}; expected values come "
                             f"from {origin}. The bad download was deleted.")
+    if file.sha256 is None:
+        _check_looks_like(file, part, label)  # before trusting it on first use
     os.replace(part, path)
     _fsync_dir(path.parent)
     _write_record(path, file, digest, source=label)
     return FetchedFile(path, file, digest)
+
+
+def _check_looks_like(file: WeightsFile, part: Path, label: str) -> None:
+    """Refuse (and delete) a download that is not even of the declared format: an
+    unpinned file would otherwise have an error page's hash recorded as its own."""
+    from ._checkpoint import sniff_format
+    from .errors import CheckpointError
+
+    try:
+        found = sniff_format(part)
+    except CheckpointError:
+        found = None
+    if found != ("safetensors" if file.format == "safetensors" else "torch"):
+        with open(part, "rb") as handle:
+            head = handle.read(16)
+        part.unlink(missing_ok=True)
+        raise DownloadError(f"{file.filename} from {label} is not a {file.format} file "
+                            f"(it starts with {head!r}: an error or login page?); deleted, "
+                            "nothing recorded")
 
 
 def _file_url_path(url: str) -> str:
@@ -432,7 +453,7 @@ def _hf_fetcher(source: Source, file: WeightsFile, *, progress: bool, offline: b
                 source.repo_id, source.filename, revision=source.revision,
                 cache_dir=_hf_cache_dir(), endpoint=os.environ.get("HF_ENDPOINT") or None,
                 local_files_only=local_only, **kwargs)
-        except _hf_errors(hub) as error:
+        except _hf_errors() as error:
             if local_only:
                 raise OfflineError(f"not in the Hugging Face cache {_hf_cache_dir()} and "
                                    f"offline mode forbids downloading it ({error})") from None
@@ -442,7 +463,7 @@ def _hf_fetcher(source: Source, file: WeightsFile, *, progress: bool, offline: b
     return fetch
 
 
-def _hf_errors(hub) -> tuple[type[BaseException], ...]:
+def _hf_errors() -> tuple[type[BaseException], ...]:
     """What ``hf_hub_download`` raises for network, HTTP and cache failures."""
     from huggingface_hub import file_download
 

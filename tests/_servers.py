@@ -1,4 +1,4 @@
-"""Loopback HTTP servers for the download tests (nothing here touches the internet).
+"""Loopback HTTP servers and manifest builders for the download tests (no internet).
 
 ``FileServer`` serves bytes by path, supports HTTP Range, and can misbehave on demand
 (drop the connection half-way, answer 5xx, ignore Range, serve slowly); it logs every
@@ -44,7 +44,8 @@ class FileServer:
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                        daemon=True)
 
     @property
     def url(self) -> str:
@@ -200,3 +201,31 @@ def fetch_in_subprocess(barrier, name: str, results) -> None:
     fetched = fetch_weights(entry, progress=False)
     results.put((str(fetched.path), fetched.sha256, hashlib.sha256(
         fetched.path.read_bytes()).hexdigest()))
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def weights_file(filename: str, sources: list[dict], *, data: bytes | None = None,
+                 format: str = "torch") -> dict:
+    """A manifest ``weights`` item; pinned (sha256 + size of ``data``) when data is given."""
+    return {
+        "filename": filename, "format": format,
+        "sha256": hashlib.sha256(data).hexdigest() if data is not None else None,
+        "size": len(data) if data is not None else None,
+        "sources": sources,
+        "key_map": {"state_dict_key": "state_dict",
+                    "strip_prefixes": ["model.resnet.", "model.", "resnet."],
+                    "drop": ["^fc\\."]},
+    }
+
+
+def model_entry(files: list[dict]) -> dict:
+    return {
+        "description": "A test ResNet18 with random weights.",
+        "arch": "resnet18", "feature_dim": 512, "weights": files,
+        "preprocessing": {"input_size": 224, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                          "interpolation": "bilinear", "mpp": 0.5, "mpp_note": "test"},
+        "license": "MIT", "citation": "Test citation (2024).", "recipe": {"method": "none"},
+        "training_data": "none", "metrics": {},
+    }

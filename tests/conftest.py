@@ -4,7 +4,6 @@ checkpoints in the upstream layouts (random weights, made once per session)."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import types
@@ -12,9 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
 
-from _servers import FileServer, HubServer
+from _servers import FileServer, HubServer, model_entry
 
 
 @pytest.fixture(autouse=True)
@@ -42,31 +40,6 @@ def hub_server():
 # --------------------------------------------------------------------------- manifests
 
 
-def weights_file(filename: str, sources: list[dict], *, data: bytes | None = None,
-                 format: str = "torch") -> dict:
-    """A manifest ``weights`` item; pinned (sha256 + size of ``data``) when data is given."""
-    return {
-        "filename": filename, "format": format,
-        "sha256": hashlib.sha256(data).hexdigest() if data is not None else None,
-        "size": len(data) if data is not None else None,
-        "sources": sources,
-        "key_map": {"state_dict_key": "state_dict",
-                    "strip_prefixes": ["model.resnet.", "model.", "resnet."],
-                    "drop": ["^fc\\."]},
-    }
-
-
-def model_entry(files: list[dict]) -> dict:
-    return {
-        "description": "A test ResNet18 with random weights.",
-        "arch": "resnet18", "feature_dim": 512, "weights": files,
-        "preprocessing": {"input_size": 224, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
-                          "interpolation": "bilinear", "mpp": 0.5, "mpp_note": "test"},
-        "license": "MIT", "citation": "Test citation (2024).", "recipe": {"method": "none"},
-        "training_data": "none", "metrics": {},
-    }
-
-
 @pytest.fixture
 def make_manifest(tmp_path, monkeypatch):
     """``make_manifest({name: [weights items]})`` writes a manifest and points
@@ -91,6 +64,7 @@ def make_manifest(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def backbone_state() -> dict[str, torch.Tensor]:
     """A randomly initialised torchvision ResNet18's state dict, without ``fc``."""
+    import torch
     import torchvision
 
     torch.manual_seed(0)
@@ -106,6 +80,8 @@ def lightning_checkpoint(backbone: dict[str, torch.Tensor], *, attribute_dict: b
     ``hyper_parameters`` is a plain dict holding an ``argparse.Namespace`` (what Lightning
     1.0 wrote without omegaconf), or with ``attribute_dict`` Lightning's ``AttributeDict``
     (written when omegaconf was installed, and by later versions)."""
+    import torch
+
     generator = torch.Generator().manual_seed(1)
     state = {f"model.resnet.{k}": v for k, v in backbone.items()}
     state.update({
@@ -160,6 +136,8 @@ def _fake_lightning_modules():
 @pytest.fixture(scope="session")
 def lightning_ckpt(tmp_path_factory, backbone_state) -> Path:
     """``tenpercent_resnet18.ckpt``-like file (zip format), about 48 MB."""
+    import torch
+
     path = tmp_path_factory.mktemp("ckpt") / "tenpercent_resnet18.ckpt"
     with _fake_lightning_modules():
         torch.save(lightning_checkpoint(backbone_state), path)
@@ -169,6 +147,8 @@ def lightning_ckpt(tmp_path_factory, backbone_state) -> Path:
 @pytest.fixture(scope="session")
 def attribute_dict_ckpt(tmp_path_factory, backbone_state) -> Path:
     """A Lightning checkpoint whose ``hyper_parameters`` is an ``AttributeDict``."""
+    import torch
+
     path = tmp_path_factory.mktemp("ckpt") / "attribute_dict.ckpt"
     with _fake_lightning_modules():
         torch.save(lightning_checkpoint(backbone_state, attribute_dict=True), path)
@@ -178,6 +158,8 @@ def attribute_dict_ckpt(tmp_path_factory, backbone_state) -> Path:
 @pytest.fixture(scope="session")
 def legacy_ckpt(tmp_path_factory, backbone_state) -> Path:
     """The same Lightning layout in the legacy (pre-zip, 2020-era) serialization format."""
+    import torch
+
     path = tmp_path_factory.mktemp("ckpt") / "_ckpt_epoch_9.ckpt"
     with _fake_lightning_modules():
         torch.save(lightning_checkpoint(backbone_state), path,
@@ -188,6 +170,7 @@ def legacy_ckpt(tmp_path_factory, backbone_state) -> Path:
 @pytest.fixture
 def torchvision_features(backbone_state):
     """``f(x)``: features of a torchvision ResNet18 given ``backbone_state`` by hand."""
+    import torch
     import torchvision
 
     model = torchvision.models.resnet18(weights=None)

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _servers import fetch_in_subprocess
-from conftest import weights_file
+from _servers import fetch_in_subprocess, weights_file
 
 import histohub
 from histohub import _download
@@ -20,7 +19,8 @@ from histohub._manifest import get_entry
 from histohub.errors import (CheckpointError, ChecksumError, DownloadError, OfflineError)
 
 NAME = "test-model"
-PAYLOAD = os.urandom(300_000)  # stands in for a checkpoint where only the bytes matter
+# Stands in for a checkpoint where only the bytes matter (starts like a torch zip file).
+PAYLOAD = b"PK\x03\x04" + os.urandom(300_000)
 
 
 def _entry_with(make_manifest, *files: dict, name: str = NAME):
@@ -216,6 +216,20 @@ def test_unpinned_entry_records_hash_warns_once_and_rejects_tampering(
         _download.fetch_weights(entry, progress=False)
     assert digest in str(caught.value)
     assert not first.path.exists()
+
+
+def test_unpinned_download_that_is_not_a_checkpoint_is_not_trusted(file_server,
+                                                                     make_manifest):
+    page = b"<!DOCTYPE html><html>Please log in to the hospital proxy</html>"
+    url = _served(file_server, "/w/model.bin", page)
+    entry = _entry_with(make_manifest, weights_file("model.bin", [{"url": url}]))
+
+    with pytest.raises(DownloadError, match="login page"):
+        _download.fetch_weights(entry, progress=False)
+    assert [n for n in _cache_files() if not n.endswith(".lock")] == []  # no record either
+
+    file_server.files["/w/model.bin"] = PAYLOAD  # the real file later: accepted
+    assert _download.fetch_weights(entry, progress=False).path.read_bytes() == PAYLOAD
 
 
 # --------------------------------------------------------------------------- offline
