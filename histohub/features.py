@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -527,17 +527,20 @@ def extract_slide(model_or_name: nn.Module | str | os.PathLike, slide_path: str 
         result.warnings.append(message)
     runner = _Runner(model, device=device, amp=amp, compile=compile, batch_size=batch_size)
     feature_dim = spec.feature_dim or _probe_dim(runner, pre.input_size)
-    writer = FeatureWriter(out_h5, attrs=_attrs(spec, grid, feature_dim), feature_dim=feature_dim,
-                           coords_attrs=_coords_attrs(grid), resume=not overwrite)
-    result.resumed_at = writer.next_index
-    try:
-        _run_grid(runner, writer, grid, pre, batch_size=batch_size, num_workers=num_workers,
-                  pin_memory=device.type == "cuda", progress=progress, result=result)
-        result.n_patches, result.n_failed = writer.n_patches, writer.n_failed
-        result.n_nonfinite = writer.n_nonfinite
-        writer.finish()
-    finally:
-        writer.close()
+    with _output_lock(out_h5):
+        writer = FeatureWriter(out_h5, attrs=_attrs(spec, grid, feature_dim),
+                               feature_dim=feature_dim, coords_attrs=_coords_attrs(grid),
+                               resume=not overwrite)
+        result.resumed_at = writer.next_index
+        try:
+            _run_grid(runner, writer, grid, pre, batch_size=batch_size,
+                      num_workers=num_workers, pin_memory=device.type == "cuda",
+                      progress=progress, result=result)
+            result.n_patches, result.n_failed = writer.n_patches, writer.n_failed
+            result.n_nonfinite = writer.n_nonfinite
+            writer.finish()
+        finally:
+            writer.close()
     if result.n_failed:
         result.warnings.append(f"{slide_path.name}: {result.n_failed} patches could not be "
                                "read and were skipped (failed_coords)")
@@ -580,6 +583,24 @@ def _run_grid(runner: _Runner, writer, grid: TileGrid, pre: Preprocessing, *, ba
                           failed_coords=grid.coords[failed], nonfinite_coords=grid.coords[nonfinite])
             result.patches_run += len(positions)
             bar.update(len(positions))
+
+
+@contextmanager
+def _output_lock(out_h5: Path) -> Iterator[None]:
+    """Hold ``.<name>.h5.lock`` next to the output so two runs never write one slide."""
+    from filelock import FileLock, Timeout
+
+    out_h5.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out_h5.parent / f".{out_h5.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise HistohubError(f"{out_h5} is being written by another histohub process; "
+                            "skipped (run again once it has finished)") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _probe_dim(runner: _Runner, size: int) -> int:

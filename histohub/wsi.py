@@ -105,18 +105,36 @@ class Slide:
                 lx, ly = round(ox * scale), round(oy * scale)
                 lw = max(1, min(round((ox + ow) * scale), level_w) - lx)
                 lh = max(1, min(round((oy + oh) * scale), level_h) - ly)
-                try:
-                    region = self.read_region((round(lx * level_ds), round(ly * level_ds)),
-                                              level, (lw, lh))
-                except self._openslide.OpenSlideError as error:  # a corrupt tile
-                    log.warning("%s: thumbnail block at level %d (%d, %d) unreadable (%s); "
-                                "treated as background", self.path.name, level, lx, ly, error)
-                    self._reopen()
-                    region = np.full((lh, lw, 3), 255, np.uint8)
+                region = self._read_level_block(level, lx, ly, lw, lh)
                 if (lw, lh) != (ow, oh):
                     region = np.asarray(Image.fromarray(region).resize((ow, oh),
                                                                        Image.Resampling.BOX))
                 out[oy:oy + oh, ox:ox + ow] = region
+        return out
+
+    def _read_level_block(self, level: int, lx: int, ly: int, lw: int, lh: int) -> np.ndarray:
+        """RGB of a block in level px; a corrupt tile inside turns only itself white."""
+        level_ds = self.level_downsamples[level]
+        try:
+            return self.read_region((round(lx * level_ds), round(ly * level_ds)), level,
+                                    (lw, lh))
+        except self._openslide.OpenSlideError:
+            self._reopen()
+        tile_w = int(self.properties.get(f"openslide.level[{level}].tile-width", 256))
+        tile_h = int(self.properties.get(f"openslide.level[{level}].tile-height", 256))
+        out = np.full((lh, lw, 3), 255, np.uint8)
+        for ty in range(ly - ly % tile_h, ly + lh, tile_h):  # retry tile by tile
+            for tx in range(lx - lx % tile_w, lx + lw, tile_w):
+                x0, y0 = max(tx, lx), max(ty, ly)
+                x1, y1 = min(tx + tile_w, lx + lw), min(ty + tile_h, ly + lh)
+                try:
+                    out[y0 - ly:y1 - ly, x0 - lx:x1 - lx] = self.read_region(
+                        (round(x0 * level_ds), round(y0 * level_ds)), level, (x1 - x0, y1 - y0))
+                except self._openslide.OpenSlideError as error:
+                    log.warning("%s: tile at level %d (%d, %d) unreadable (%s); treated as "
+                                "background in the tissue mask", self.path.name, level, tx, ty,
+                                error)
+                    self._reopen()
         return out
 
     def _reopen(self) -> None:

@@ -221,6 +221,18 @@ def test_corrupt_tile_fails_alone(tmp_path):
     reader.close()
 
 
+def test_thumbnail_survives_a_corrupt_tile(tmp_path, caplog):
+    image = tissue_image(1024, 1024, [(0, 0, 1024, 1024)], seed=2)
+    path = write_slide(tmp_path / "corrupt.tif", image, mpp=0.5, levels=1)
+    corrupt_tile(path, level=0, x=600, y=100)  # the tile x 512-767, y 0-255
+    with open_slide(path) as slide:
+        thumb = slide.thumbnail(4)  # one block: it fails, then is read tile by tile
+    mask = tissue_mask(thumb)
+    assert not mask[:64, 128:192].any()  # the corrupt tile only: background
+    assert mask[64:, :].mean() > 0.95 and mask[:64, :128].mean() > 0.95
+    assert "unreadable" in caplog.text
+
+
 def test_large_slide_mask_stays_bounded(tmp_path, monkeypatch):
     """The mask thumbnail is capped at MASK_MAX_SIDE (here lowered to 256 so that an
     8,000 x 4,800 px slide exercises the cap) and read block by block."""

@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from ..errors import SlideError
+    from ..errors import HistohubError
     from ..features import extract_slide
     from ..pretrained import load_pretrained
 
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
                     overwrite=args.overwrite, max_patches=args.max_patches,
                     preview=args.out / f"{stem}.png" if args.preview else None,
                     progress=not args.quiet)
-            except SlideError as error:
+            except HistohubError as error:  # not a slide, no mpp, busy: the others go on
                 log.error("%s", error)
                 failed.append(f"{slide}: {error}")
                 continue

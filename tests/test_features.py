@@ -1,0 +1,341 @@
+"""Feature extraction: in-memory inputs, folders, datasets; the slide pipeline into HDF5."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from histohub._h5 import is_complete, partial_path, read_features
+from histohub.features import (_batch_ranges, extract_features, extract_slide, prefetch,
+                               tune_allocator)
+from histohub.transforms import get_transform, normalize_batch
+from wsi_factory import corrupt_tile, tissue_image, write_slide
+
+TESTS = Path(__file__).resolve().parent
+
+
+class Tiny(nn.Module):
+    """A small deterministic encoder: (B, 3, 224, 224) -> (B, 6). Dropout checks eval mode."""
+
+    def __init__(self, *, fail_at: int | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 6, kernel_size=16, stride=16)
+        self.drop = nn.Dropout(0.5)
+        self.calls = 0
+        self.fail_at = fail_at  # simulate a crash on this call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("killed")
+        return self.drop(self.conv(x).mean(dim=(2, 3)))
+
+
+def reference(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(batch)
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory) -> Path:
+    """1792 x 1344 px at 0.5 um/px, 2 levels: 8 x 6 = 48 patches of 224 px, 30 with tissue."""
+    image = tissue_image(1344, 1792, [(0, 0, 1344, 1120)], seed=3)
+    return write_slide(tmp_path_factory.mktemp("slides") / "s.tif", image, mpp=0.5, levels=2)
+
+
+# --------------------------------------------------------------------------- in memory
+
+def test_tensor_inputs_uint8_and_float():
+    model = Tiny()
+    images = torch.randint(0, 256, (5, 3, 224, 224), dtype=torch.uint8)
+    result = extract_features(model, images, batch_size=2, progress=False)
+    expected = reference(model, normalize_batch(images, "resnet18-ssl"))
+    torch.testing.assert_close(result.features, expected, rtol=1e-5, atol=1e-5)
+    assert result.names is None and not model.training
+    floats = normalize_batch(images, "resnet18-ssl")
+    again = extract_features(model, floats, batch_size=3, progress=False)
+    torch.testing.assert_close(again.features, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pil_images_in_order_and_dataset_items():
+    model = Tiny()
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (180, 200, 3), dtype=np.uint8))
+              for _ in range(7)]
+    transform = get_transform("resnet18-ssl")
+    expected = reference(model, torch.stack([transform(im) for im in images]))
+    result = extract_features(model, images, batch_size=3, progress=False)
+    torch.testing.assert_close(result.features, expected, rtol=1e-5, atol=1e-5)
+
+    class Pairs(torch.utils.data.Dataset):  # (image, label) items, as torchvision datasets
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return images[i], i % 2
+
+    from_dataset = extract_features(model, Pairs(), batch_size=4, progress=False)
+    torch.testing.assert_close(from_dataset.features, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_folder_any_depth_sorted_with_names_and_bad_files(tmp_path):
+    model = Tiny()
+    rng = np.random.default_rng(1)
+    files = ["b/2.png", "a/x/1.jpg", "a/0.tif", "c.jpeg", "a/x/z.TIFF"]
+    for name in files:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "a" / "broken.png").write_bytes(b"\x89PNG broken")
+    result = extract_features(model, tmp_path, batch_size=2, progress=False)
+    expected_names = sorted(files)  # sorted by relative path
+    assert result.names == expected_names
+    assert result.failed == ["a/broken.png"]
+    transform = get_transform("resnet18-ssl")
+    batch = torch.stack([transform(Image.open(tmp_path / n).convert("RGB"))
+                         for n in expected_names])
+    torch.testing.assert_close(result.features, reference(model, batch), rtol=1e-5, atol=1e-5)
+
+
+def test_real_tiles_folder(shared_data):
+    folder = shared_data / "kather2016-tiles"
+    subset = sorted(folder.rglob("*.tif"))[:3]
+    model = Tiny()
+    result = extract_features(model, [Image.open(p).convert("RGB") for p in subset],
+                              progress=False)
+    assert result.features.shape == (3, 6) and torch.isfinite(result.features).all()
+
+
+def test_nonfinite_rows_are_reported(caplog):
+    class Poisoned(Tiny):
+        def forward(self, x):
+            out = super().forward(x)
+            out[x.mean(dim=(1, 2, 3)) > 0] = float("nan")
+            return out
+
+    images = torch.zeros((4, 3, 224, 224), dtype=torch.uint8)
+    images[2] = 255
+    result = extract_features(Poisoned(), images, progress=False)
+    assert result.nonfinite == [2]
+    assert "NaN or inf" in caplog.text
+
+
+def test_prefetch_order_errors_and_early_stop():
+    assert list(prefetch(iter(range(10)))) == list(range(10))
+
+    def failing():
+        yield 1
+        raise RuntimeError("reader broke")
+
+    with pytest.raises(RuntimeError, match="reader broke"):
+        list(prefetch(failing()))
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    for item in prefetch(endless(), depth=2):
+        if item == 3:
+            break
+    time.sleep(0.3)
+    assert len(produced) <= 3 + 2 + 2  # the producer stopped soon after the consumer
+
+
+def test_batch_ranges_align_to_batch_size():
+    assert _batch_ranges(0, 10, 4) == [range(0, 4), range(4, 8), range(8, 10)]
+    assert _batch_ranges(8, 10, 4) == [range(8, 10)]
+    assert _batch_ranges(6, 13, 4) == [range(6, 8), range(8, 12), range(12, 13)]
+    assert _batch_ranges(10, 10, 4) == []
+
+
+def test_tune_allocator_can_be_turned_off(monkeypatch):
+    import histohub.features as features
+
+    monkeypatch.setattr(features, "_ALLOCATOR_TUNED", None)
+    monkeypatch.setenv("HISTOHUB_MALLOPT", "0")
+    assert tune_allocator() is False
+
+
+# --------------------------------------------------------------------------- slides
+
+def test_slide_to_hdf5_layout_and_values(cmu_slide, tmp_path):
+    """Real slide, random ResNet18: the file is self-describing and its features are the
+    model's output on the patches at the stated coordinates."""
+    from histohub import load_pretrained
+    from histohub.wsi import PatchReader, open_slide, tile_grid
+
+    model = load_pretrained("resnet18-ssl", pretrained=False)
+    out = tmp_path / "cmu.h5"
+    result = extract_slide(model, cmu_slide, out, batch_size=4, max_patches=6, progress=False)
+    assert result.n_patches == 6 and is_complete(out) and not partial_path(out).exists()
+    data = read_features(out)
+    features, coords, attrs = data["features"], data["coords"], data["attrs"]
+    assert features.shape == (6, 512) and features.dtype == np.float32
+    assert coords.shape == (6, 2) and coords.dtype == np.int64
+    for key, value in {"model_name": "resnet18-ssl", "arch": "resnet18", "feature_dim": 512,
+                       "level": 0, "patch_size": 224, "read_size": 224,
+                       "patch_size_level0": 224, "target_mpp": 0.5, "slide_mpp": 0.499,
+                       "slide_width": 2220, "slide_height": 2967, "mask_method": "hsv",
+                       "min_foreground": 0.5, "completed": True, "n_failed": 0}.items():
+        assert attrs[key] == value, key
+    assert attrs["slide_path"] == str(Path(cmu_slide).resolve())
+    assert attrs["histohub_version"] and len(attrs["grid_sha256"]) == 64
+    with open_slide(cmu_slide) as slide:
+        grid = tile_grid(slide, target_mpp=0.5)
+    np.testing.assert_array_equal(coords, grid.coords[:6])
+    reader = PatchReader(grid)
+    pixels = torch.from_numpy(np.stack([reader.read(i) for i in range(6)])).permute(0, 3, 1, 2)
+    expected = reference(model, normalize_batch(pixels, "resnet18-ssl"))
+    np.testing.assert_allclose(features, expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_worker_processes_give_the_same_file(slide, tmp_path):
+    threaded = extract_slide(Tiny(), slide, tmp_path / "a.h5", batch_size=8, progress=False)
+    workers = extract_slide(Tiny(), slide, tmp_path / "b.h5", batch_size=8, num_workers=1,
+                            progress=False)
+    a, b = read_features(threaded.output), read_features(workers.output)
+    assert threaded.n_patches == 30
+    np.testing.assert_array_equal(a["coords"], b["coords"])
+    np.testing.assert_array_equal(a["features"], b["features"])
+
+
+def test_resume_after_failure_equals_uninterrupted_run(slide, tmp_path):
+    full = extract_slide(Tiny(), slide, tmp_path / "full.h5", batch_size=4, progress=False)
+
+    out = tmp_path / "resumed.h5"
+    with pytest.raises(RuntimeError, match="killed"):
+        # call 1 probes the feature size, calls 2-4 write 3 batches, call 5 dies
+        extract_slide(Tiny(fail_at=5), slide, out, batch_size=4, progress=False)
+    assert not out.exists() and partial_path(out).exists()
+    assert read_features(partial_path(out))["features"].shape[0] == 12
+    model = Tiny()
+    resumed = extract_slide(model, slide, out, batch_size=4, progress=False)
+    assert resumed.resumed_at == 12 and resumed.patches_run == 30 - 12 and model.calls == 1 + 5
+    a, b = read_features(full.output), read_features(out)
+    np.testing.assert_array_equal(a["coords"], b["coords"])
+    np.testing.assert_array_equal(a["features"], b["features"])
+    assert b["attrs"]["completed"] and b["attrs"]["n_patches"] == 30
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(slide, tmp_path):
+    """A real kill -9 between (or during) batch writes; the resumed file equals a clean run."""
+    out = tmp_path / "killed.h5"
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(TESTS)!r})
+        from test_features import Tiny
+        from histohub.features import extract_slide
+
+        class Slow(Tiny):
+            def forward(self, x):
+                print(self.calls, flush=True)  # the parent counts batches
+                time.sleep(0.05)
+                return super().forward(x)
+
+        extract_slide(Slow(), {str(slide)!r}, {str(out)!r}, batch_size=2, progress=False)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                               text=True)
+    try:
+        for line in process.stdout:  # calls: a probe, then one per batch of 2
+            if int(line) >= 6:
+                break
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+        process.stdout.close()
+    assert not out.exists()
+    resumed = extract_slide(Tiny(), slide, out, batch_size=2, progress=False)
+    full = extract_slide(Tiny(), slide, tmp_path / "full.h5", batch_size=2, progress=False)
+    assert resumed.resumed_at < 30 and resumed.resumed_at % 2 == 0
+    a, b = read_features(full.output), read_features(out)
+    np.testing.assert_array_equal(a["coords"], b["coords"])
+    np.testing.assert_array_equal(a["features"], b["features"])
+
+
+def test_finished_slides_are_skipped_unless_overwrite(slide, tmp_path):
+    out = tmp_path / "s.h5"
+    extract_slide(Tiny(), slide, out, batch_size=16, progress=False)
+    stamp = out.stat().st_mtime_ns
+    model = Tiny()
+    again = extract_slide(model, slide, out, batch_size=16, progress=False)
+    assert again.skipped and again.n_patches == 30 and model.calls == 0
+    assert out.stat().st_mtime_ns == stamp
+    redone = extract_slide(model, slide, out, batch_size=16, overwrite=True, progress=False)
+    assert not redone.skipped and model.calls == 1 + 2 and out.stat().st_mtime_ns != stamp
+
+
+def test_partial_file_from_other_settings_is_started_over(slide, tmp_path, caplog):
+    out = tmp_path / "s.h5"
+
+    with pytest.raises(RuntimeError):
+        extract_slide(Tiny(fail_at=3), slide, out, batch_size=8, progress=False)
+    result = extract_slide(Tiny(), slide, out, batch_size=8, min_foreground=0.25,
+                           progress=False)
+    assert result.resumed_at == 0 and "starting over" in caplog.text
+    assert read_features(out)["attrs"]["min_foreground"] == 0.25
+
+
+def test_corrupt_tile_is_recorded_and_skipped(tmp_path):
+    image = tissue_image(1024, 1024, [(0, 0, 1024, 1024)], seed=4)
+    path = write_slide(tmp_path / "c.tif", image, mpp=0.5, levels=2)
+    corrupt_tile(path, level=0, x=600, y=100)  # tile x 512-767, y 0-255; the mask uses level 1
+    result = extract_slide(Tiny(), path, tmp_path / "c.h5", batch_size=4, progress=False)
+    data = read_features(result.output)
+    failed = {tuple(c) for c in data["failed_coords"].tolist()}
+    # patches of 224 px overlapping that tile: x in {448, 672}, y in {0, 224}
+    assert failed == {(448, 0), (672, 0), (448, 224), (672, 224)}
+    assert result.n_failed == 4 and result.n_patches == 16 - 4
+    assert not failed & {tuple(c) for c in data["coords"].tolist()}
+    assert data["attrs"]["n_failed"] == 4 and data["attrs"]["completed"]
+
+
+def test_nonfinite_features_kept_out_and_recorded(slide, tmp_path, caplog):
+    class Poisoned(Tiny):
+        def forward(self, x):
+            out = super().forward(x)
+            out[::5] = float("inf")
+            return out
+
+    result = extract_slide(Poisoned(), slide, tmp_path / "p.h5", batch_size=10, progress=False)
+    data = read_features(result.output)
+    assert result.n_nonfinite == 6 and len(data["nonfinite_coords"]) == 6
+    assert np.isfinite(data["features"]).all() and len(data["features"]) == 24
+    assert "NaN/inf" in caplog.text
+
+
+def test_no_tissue_gives_an_empty_file_and_a_warning(tmp_path, caplog):
+    blank = write_slide(tmp_path / "blank.tif", np.full((900, 900, 3), 244, np.uint8), levels=1)
+    result = extract_slide(Tiny(), blank, tmp_path / "blank.h5", progress=False)
+    assert result.n_patches == 0 and result.warnings and "no patch" in caplog.text
+    data = read_features(result.output)
+    assert data["features"].shape == (0, 6) and data["attrs"]["completed"]
+
+
+def test_missing_mpp_needs_the_user(tcga_slide, tmp_path):
+    from histohub.errors import SlideError
+
+    with pytest.raises(SlideError, match="mpp"):
+        extract_slide(Tiny(), tcga_slide, tmp_path / "t.h5", progress=False)
+    result = extract_slide(Tiny(), tcga_slide, tmp_path / "t.h5", mpp=0.25, max_patches=5,
+                           preview=tmp_path / "t.png", progress=False)
+    assert result.n_patches == 5 and (tmp_path / "t.png").is_file()
+    assert read_features(result.output)["attrs"]["mpp_source"] == "user"
