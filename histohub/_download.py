@@ -355,7 +355,7 @@ def _install(file: WeightsFile, label: str, fetch: Fetcher) -> FetchedFile:
     problem = _mismatch(file, expected, digest, size)
     if problem is not None:
         part.unlink(missing_ok=True)
-        origin = ("the manifest" if file.sha256 is not None else
+        origin = ("the manifest" if file.sha256 is not None or record is None else
                   f"the hash recorded on first download in {_record_path(path)} (delete that "
                   "file if the upstream file legitimately changed)")
         raise ChecksumError(f"{file.filename} from {label}: {problem}; expected values come "
@@ -552,6 +552,8 @@ def _stream(session, url: str, part: Path, *, expected_size: int | None, desc: s
         response = session.get(url, stream=True, timeout=policy.timeout, headers=headers)
     except (requests.ConnectionError, requests.Timeout) as error:
         raise _Transient(f"{type(error).__name__}: {error}") from None
+    except requests.RequestException as error:  # bad URL, redirect loop: retrying won't help
+        raise DownloadError(f"{url}: {type(error).__name__}: {error}") from None
     with response:
         status = response.status_code
         if status == 416 and offset:

@@ -85,6 +85,28 @@ def test_download_prefetches_into_the_cache(capsys, served_model, file_server):
     assert len(file_server.requests) == requests
 
 
+def test_download_all_files_fills_a_mirror_folder(capsys, file_server, make_manifest,
+                                                  monkeypatch):
+    file_server.files.update({"/a.bin": PAYLOAD, "/b.bin": UNPINNED})
+    make_manifest({"two-files": [
+        weights_file("a.bin", [{"url": file_server.url + "/a.bin"}], data=PAYLOAD),
+        weights_file("b.bin", [{"url": file_server.url + "/b.bin"}], data=UNPINNED)]})
+    assert run(capsys, "download", "-q", "two-files")[0] == 0
+    assert not (_download.weights_dir() / "b.bin").exists()  # the first file is enough
+
+    assert run(capsys, "download", "-q", "--all-files", "two-files")[0] == 0
+    assert (_download.weights_dir() / "b.bin").read_bytes() == UNPINNED
+    # The cache's weights/ folder works as HISTOHUB_MIRROR for an offline machine.
+    mirror = _download.weights_dir()
+    monkeypatch.setenv("HISTOHUB_HOME", str(mirror.parent.parent / "offline-machine"))
+    monkeypatch.setenv("HISTOHUB_MIRROR", str(mirror))
+    monkeypatch.setenv("HISTOHUB_OFFLINE", "1")
+    requests = len(file_server.requests)
+    assert run(capsys, "download", "-q", "--all-files", "two-files")[0] == 0
+    assert (_download.weights_dir() / "b.bin").read_bytes() == UNPINNED
+    assert len(file_server.requests) == requests
+
+
 def test_download_reports_each_failure_and_exits_nonzero(capsys, served_model, file_server):
     del file_server.files["/w/cli.bin"]
     code, out, err = run(capsys, "download", "-q", "cli-model", "cli-unpinned", "nope")
@@ -157,6 +179,22 @@ def test_convert_lightning_checkpoint_to_backbone_safetensors(capsys, lightning_
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(x), torchvision_features(x), rtol=0, atol=0)
+
+
+def test_convert_a_model_name_uses_its_cached_weights(capsys, file_server, make_manifest,
+                                                      legacy_ckpt, backbone_state, tmp_path):
+    from safetensors.torch import load_file
+
+    data = legacy_ckpt.read_bytes()
+    file_server.files["/epoch9.ckpt"] = data
+    make_manifest({"old-model": [weights_file("_ckpt_epoch_9.ckpt",
+                                              [{"url": file_server.url + "/epoch9.ckpt"}],
+                                              data=data, format="lightning")]})
+    out = tmp_path / "old.safetensors"
+    assert run(capsys, "convert", "old-model", str(out))[0] == 0
+    tensors = load_file(out)
+    assert set(tensors) == set(backbone_state)
+    assert all(torch.equal(tensors[k], v) for k, v in backbone_state.items())
 
 
 def test_convert_with_wrong_arch_names_the_keys_and_writes_nothing(capsys, legacy_ckpt,

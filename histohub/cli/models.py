@@ -175,7 +175,7 @@ def _pin(args: argparse.Namespace) -> int:
     text = manifest.read_text(encoding="utf-8")
     data = json.loads(text)
     files = {f["filename"]: f for f in data["models"][args.name]["weights"]}
-    failed = 0
+    failed = changed = 0
     for file in entry.weights:
         try:
             fetched = fetch_file(file, progress=not args.quiet, name=args.name, rehash=True)
@@ -186,12 +186,14 @@ def _pin(args: argparse.Namespace) -> int:
         size = fetched.path.stat().st_size
         was = (files[file.filename]["sha256"], files[file.filename]["size"])
         files[file.filename]["sha256"], files[file.filename]["size"] = fetched.sha256, size
-        state = "already pinned" if was == (fetched.sha256, size) else "pinned"
+        changed += was != (fetched.sha256, size)
+        state = "pinned" if was != (fetched.sha256, size) else "already pinned"
         print(f"{args.name}: {file.filename}: {state} sha256 {fetched.sha256}, {size} bytes")
-    _write_text_atomically(manifest, json.dumps(data, indent=2, ensure_ascii=text.isascii())
-                           + "\n")
-    _manifest._load_all.cache_clear()
-    print(f"updated {manifest}")
+    if changed:
+        _write_text_atomically(manifest, json.dumps(data, indent=2,
+                                                    ensure_ascii=text.isascii()) + "\n")
+        _manifest._load_all.cache_clear()
+        print(f"updated {manifest}")
     return 2 if failed else 0
 
 
