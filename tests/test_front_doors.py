@@ -14,6 +14,7 @@ import copy
 import functools
 import hashlib
 import http.server
+import inspect
 import json
 import shutil
 import subprocess
@@ -244,12 +245,16 @@ def test_failed_export_leaves_the_old_directory(tmp_path, monkeypatch, frontdoor
 def fake_hub(monkeypatch):
     """Record HfApi.create_repo / upload_folder calls, with the folder's files as uploaded."""
     huggingface_hub = pytest.importorskip("huggingface_hub")
-    calls = []
+    api, calls = huggingface_hub.HfApi, []
+    real = {name: inspect.signature(getattr(api, name))
+            for name in ("create_repo", "upload_folder")}
 
     def create_repo(self, repo_id, **kwargs):
+        real["create_repo"].bind(self, repo_id, **kwargs)  # the real method takes these
         calls.append(("create_repo", repo_id, kwargs))
 
     def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        real["upload_folder"].bind(self, repo_id=repo_id, folder_path=folder_path, **kwargs)
         files = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
         calls.append(("upload_folder", repo_id, {**kwargs, "folder_path": Path(folder_path),
                                                  "files": files}))
