@@ -1,0 +1,128 @@
+"""``histohub extract``: finding slides, per-slide failures, summary, skip and resume."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from histohub._h5 import read_features
+from histohub.cli.extract import find_slides, output_names, register
+from wsi_factory import tissue_image, write_slide
+
+
+def run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="histohub")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A random ResNet18 saved as safetensors: `--model` accepts checkpoint paths."""
+    import torch
+    from safetensors.torch import save_file
+
+    from histohub.models import build_encoder
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "random_resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in build_encoder("resnet18").state_dict().items()},
+              path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("slides")
+    (root / "nested" / "deeper").mkdir(parents=True)
+    write_slide(root / "a.tif", tissue_image(448, 672, [(0, 0, 672, 448)], seed=1), levels=1)
+    write_slide(root / "nested" / "deeper" / "b.tif",
+                tissue_image(448, 448, [(0, 0, 448, 448)], seed=2), levels=1)
+    write_slide(root / "nested" / "blank.tif", np.full((448, 448, 3), 244, np.uint8), levels=1)
+    (root / "nested" / "notes.svs").write_text("this is not a slide")
+    (root / "readme.md").write_text("ignored: not a slide extension")
+    return root
+
+
+def test_find_slides_from_folders_globs_and_lists(slides, tmp_path):
+    found, problems = find_slides([str(slides)])
+    names = sorted(p.name for p in found)
+    assert names == ["a.tif", "b.tif", "blank.tif", "notes.svs"] and not problems
+
+    found, problems = find_slides([str(slides / "**" / "b*.tif"), str(slides / "none*.svs")])
+    assert sorted(p.name for p in found) == ["b.tif", "blank.tif"]
+    assert len(problems) == 1 and "none*.svs" in problems[0]
+
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"case,slide_path\n1,{slides / 'a.tif'}\n2,{slides / 'missing.tif'}\n")
+    found, problems = find_slides([str(listing)])
+    assert [p.name for p in found] == ["a.tif"] and "missing.tif" in problems[0]
+
+    no_header = tmp_path / "plain.csv"
+    no_header.write_text(f"{slides / 'a.tif'},x\n")
+    assert [p.name for p in find_slides([str(no_header)])[0]] == ["a.tif"]
+
+    text = slides / "list.txt"  # relative paths are relative to the list's folder
+    text.write_text("# slides to run\na.tif\n\nnested/deeper/b.tif\n")
+    found, _ = find_slides([str(text), str(slides / "a.tif")])  # duplicates removed
+    assert [p.name for p in found] == ["a.tif", "b.tif"]
+    text.unlink()
+
+
+def test_output_names_disambiguate_equal_stems(tmp_path):
+    one, two, three = tmp_path / "x" / "s.svs", tmp_path / "y" / "s.svs", tmp_path / "t.svs"
+    names = output_names([one, two, three])
+    assert names[three] == "t" and names[one] != names[two]
+    assert names[one].startswith("s-") and len(set(names.values())) == 3
+
+
+def test_extract_end_to_end(slides, checkpoint, tmp_path, capsys, caplog):
+    out = tmp_path / "features"
+    argv = [str(slides), "--model", str(checkpoint), "--out", str(out), "--batch-size", "4",
+            "--preview", "--quiet"]
+    code = run_cli(["extract", *argv])
+    assert code == 1  # notes.svs is not a slide; the others went on
+    report = capsys.readouterr().out
+    assert "slides: 3 extracted, 0 already done, 1 failed, 1 without tissue (blank.tif)" in report
+    assert "patches: 10 written (10 processed now), 0 unreadable tiles skipped" in report
+    assert "patches/s" in report and "notes.svs" in report and "not a slide" in report
+    assert "no patch has" in caplog.text  # the blank slide's warning
+    a, b = read_features(out / "a.h5"), read_features(out / "b.h5")
+    assert a["features"].shape == (6, 512) and b["features"].shape == (4, 512)
+    assert read_features(out / "blank.h5")["features"].shape == (0, 512)
+    assert a["attrs"]["model_name"] == "random_resnet18" and len(a["attrs"]["model_sha256"]) == 64
+    assert {p.name for p in out.glob("*.png")} == {"a.png", "b.png", "blank.png"}
+    assert not list(out.glob("*.partial"))
+
+    code = run_cli(["extract", *argv])  # again: everything finished is skipped
+    assert "slides: 0 extracted, 3 already done, 1 failed" in capsys.readouterr().out
+
+
+def test_missing_mpp_message_names_the_option(tcga_slide, checkpoint, tmp_path, caplog, capsys):
+    out = tmp_path / "o"
+    assert run_cli(["extract", str(tcga_slide), "--model", str(checkpoint), "--out", str(out),
+                    "--quiet"]) == 1
+    assert "--mpp" in caplog.text
+    assert run_cli(["extract", str(tcga_slide), "--model", str(checkpoint), "--out", str(out),
+                    "--mpp", "0.25", "--max-patches", "3", "--mask", "otsu", "--quiet"]) == 0
+    attrs = read_features(out / f"{tcga_slide.stem}.h5")["attrs"]
+    assert attrs["mask_method"] == "otsu" and attrs["level"] == 1 and attrs["n_patches"] == 3
+
+
+def test_nothing_to_do_is_an_error(tmp_path, caplog):
+    assert run_cli(["extract", str(tmp_path / "nothing*.svs"), "--out", str(tmp_path / "o"),
+                    "--quiet"]) == 1
+    assert "no slides to process" in caplog.text
+
+
+def test_wired_into_the_histohub_command(tmp_path, monkeypatch, caplog):
+    import histohub.cli as cli
+
+    if "histohub.cli.extract" not in cli.COMMANDS:
+        monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, "histohub.cli.extract"])
+    assert cli.main(["extract", str(tmp_path / "none.svs"), "--out", str(tmp_path)]) == 1
+    assert "no such file" in caplog.text
