@@ -23,12 +23,16 @@ import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._manifest import ModelEntry, Preprocessing, load_manifest
 from .errors import require
+
+if TYPE_CHECKING:
+    from .pretrained import ModelInfo
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -239,7 +243,7 @@ def model_card(described: _Described, *, repo_id: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def _describe(model: str, info) -> _Described:
+def _describe(model: str, info: ModelInfo) -> _Described:
     entry = load_manifest().get(model)
     # Only the file's name: a path would publish the exporting user's directories.
     source = Path(info.weights_path).name if info.weights_path else None
@@ -261,7 +265,8 @@ def _check_target(out_dir: Path, *, overwrite: bool) -> None:
                               "or pass overwrite=True (--overwrite) to replace it")
 
 
-def _write_directory(out_dir: Path, write, *, overwrite: bool) -> None:
+def _write_directory(out_dir: Path, write: Callable[[Path], None], *,
+                     overwrite: bool) -> None:
     """Run ``write(folder)`` on a temporary sibling of ``out_dir``, then rename it into place.
 
     An existing ``out_dir`` is moved aside first and removed only once the new one is in
