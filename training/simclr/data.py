@@ -226,7 +226,7 @@ def _square(image, size: int) -> np.ndarray:
         image = image.resize(new, Image.Resampling.BILINEAR, reducing_gap=3.0)
         left, top = (new[0] - size) // 2, (new[1] - size) // 2
         image = image.crop((left, top, left + size, top + size))
-    return np.array(image)  # a writable copy (torch.from_numpy warns on read-only arrays)
+    return np.asarray(image)
 
 
 class PoolDataset(torch.utils.data.Dataset):
@@ -254,7 +254,7 @@ class PoolDataset(torch.utils.data.Dataset):
             except Exception as error:  # noqa: BLE001 - any decode error: skip, count, report
                 failures.append((_describe(item), f"{type(error).__name__}: {error}"))
                 continue
-            image = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+            image = torch.from_numpy(np.require(array, requirements=["C", "W"])).permute(2, 0, 1)
             return image, batch_seed, failures
         raise RuntimeError(f"{_MAX_REPLACEMENTS} images in a row could not be read, starting at "
                            f"{failures[0][0]} ({failures[0][1]}); check the dataset")

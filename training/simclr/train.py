@@ -258,7 +258,7 @@ class Trainer:
             self.global_step += 1
             window.append(loss.detach())
             if self.on_step is not None:
-                self.on_step(epoch, step, float(loss))
+                self.on_step(epoch, step, loss.item())
             bar.update(1)
             if len(window) == cfg.log_every or step == len(self.sampler) - 1:
                 value = self._mean_loss(window)
