@@ -7,8 +7,9 @@ K-means, choose the number of clusters with the elbow heuristic on the explained
 for the HDF5 files ``histohub extract`` writes (the CLAM / TRIDENT layout):
 
 - ``features`` (N, D) float, ``coords`` (N, 2) integer level-0 x, y;
-- attributes ``slide_path`` and ``patch_size_level0`` (patch side in level-0 pixels), used
-  for the montage and the overlays; ``model_name`` (files from different encoders are
+- attributes ``slide_path`` and ``patch_size_level0`` (patch side in level-0 pixels, on the
+  root or on ``coords`` as TRIDENT writes it), used for the montage and the overlays (files
+  without ``slide_path`` find their slide as ``slide_dir/<file stem>.*``); ``model_name`` (files from different encoders are
   refused: their feature spaces are unrelated).
 
 >>> from histohub.cluster import read_feature_files, fit_kmeans, elbow
@@ -47,6 +48,7 @@ DEFAULT_BATCH_SIZE = 4096
 BLOCK_ROWS = 1 << 16                 # rows read from a file at a time when streaming
 MAX_OVERLAY_COLOURS = 20             # tab20: beyond this, colours stop being distinct
 DEFAULT_MONTAGE_ROWS = 32
+SMALL_STEP = 1 << 26                 # mini-batch steps below this many multiply-adds: 1 thread
 
 
 class ClusteringError(HistohubError, ValueError):
@@ -114,7 +116,11 @@ def _read_one(path: Path) -> FeatureFile:
         if not np.issubdtype(features.dtype, np.floating):
             raise FeatureFileError(
                 f"{str(path)!r}: 'features' must be floating point, got {features.dtype}.")
-        patch = handle.attrs.get("patch_size_level0")
+        if handle.attrs.get("completed") is not None and not handle.attrs["completed"]:
+            logger.warning("%s is marked incomplete (an extraction still running or "
+                           "killed?): clustering the patches it holds", path)
+        # histohub and TRIDENT keep the patch side in level-0 px on the root or on coords.
+        patch = handle.attrs.get("patch_size_level0", coords.attrs.get("patch_size_level0"))
         return FeatureFile(
             path=path, n=int(features.shape[0]), dim=int(features.shape[1]),
             slide_path=_attr_str(handle.attrs, "slide_path"),
@@ -191,9 +197,10 @@ class _FeatureStore:
             for handle in handles.values():
                 handle.close()
 
-    def blocks(self, rows: int = BLOCK_ROWS, *, rng: np.random.Generator | None = None
+    def blocks(self, rows: int | None = None, *, rng: np.random.Generator | None = None
                ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(first global row, block (b, D) float32)``; blocks in random order with rng."""
+        rows = rows or BLOCK_ROWS
         if self.array is None:
             yield from self._read_blocks(rows, rng)
             return
@@ -269,6 +276,28 @@ def _fit_centers(store: _FeatureStore, k: int, *, seed: int, batch_size: int, pa
     cluster = require("sklearn.cluster", extra="cluster", purpose="k-means clustering")
     model = cluster.MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3,
                                     batch_size=batch_size, compute_labels=False)
+    return _run_kmeans(model, store, k, seed=seed, batch_size=batch_size, passes=passes,
+                       progress=progress)
+
+
+def _thread_limit(threads: int | None, store: _FeatureStore, k_max: int, batch_size: int):
+    """Limit BLAS and OpenMP to ``threads`` (None: 1 thread for small problems, else the
+    libraries' defaults).
+
+    Mini-batch steps of a few million multiply-adds are slower with threads than without:
+    the threads spin waiting for each other, and on a busy machine that costs more than the
+    work (measured on a loaded 2-core machine, 5000 x 512 features, k=20: 9x slower with
+    the default 2 threads than with 1).
+    """
+    from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
+
+    if threads is None and min(store.n, batch_size) * k_max * store.dim < SMALL_STEP:
+        threads = 1
+    return contextlib.nullcontext() if threads is None else threadpool_limits(threads)
+
+
+def _run_kmeans(model, store: _FeatureStore, k: int, *, seed: int, batch_size: int,
+                passes: int, progress: bool) -> np.ndarray:
     if store.in_memory:
         model.fit(store.array)
         return model.cluster_centers_.astype(np.float32)
@@ -370,19 +399,22 @@ def _result(store: _FeatureStore, centers: np.ndarray, tss: float, seed: int) ->
 
 def fit_kmeans(files, k: int, *, seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
                passes: int = 3, max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
-               progress: bool = True) -> ClusterResult:
+               threads: int | None = None, progress: bool = True) -> ClusterResult:
     """Cluster every patch of ``files`` (paths or :class:`FeatureFile`) into ``k`` clusters
     with mini-batch K-means (paper section 5.3), seeded for repeatability.
 
     ``passes`` is used only when streaming (features larger than ``max_memory_bytes``).
+    ``threads`` caps BLAS/OpenMP threads (default: 1 for small problems, see
+    :func:`_thread_limit`; else the libraries' defaults).
     """
     files = _as_files(files)
     store = _FeatureStore(files, max_memory_bytes=max_memory_bytes)
     _check_k(k, store.n)
     tss = _total_sum_of_squares(store)
-    centers = _fit_centers(store, k, seed=seed, batch_size=batch_size, passes=passes,
-                           progress=progress)
-    return _result(store, centers, tss, seed)
+    with _thread_limit(threads, store, k, batch_size):
+        centers = _fit_centers(store, k, seed=seed, batch_size=batch_size, passes=passes,
+                               progress=progress)
+        return _result(store, centers, tss, seed)
 
 
 # --------------------------------------------------------------------------- elbow
@@ -423,8 +455,8 @@ class ElbowResult:
 
 def elbow(files, ks: Iterable[int], *, seed: int = 0, min_explained: float | None = None,
           batch_size: int = DEFAULT_BATCH_SIZE, passes: int = 3,
-          max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES, progress: bool = True,
-          keep: bool = True) -> ElbowResult:
+          max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES, threads: int | None = None,
+          progress: bool = True, keep: bool = True) -> ElbowResult:
     """Fit K-means for every k in ``ks`` and pick k by the elbow heuristic (paper section 5.3).
 
     The rule is :func:`choose_k` (kneedle), or with ``min_explained`` the smallest k whose
@@ -442,9 +474,10 @@ def elbow(files, ks: Iterable[int], *, seed: int = 0, min_explained: float | Non
     centers, inertia = {}, []
     tqdm = _tqdm()
     for k in tqdm(ks, desc="elbow", unit="k", disable=not progress):
-        centers[k] = _fit_centers(store, k, seed=seed, batch_size=batch_size, passes=passes,
-                                  progress=progress)
-        inertia.append(float(_assign(store, centers[k])[1].astype(np.float64).sum()))
+        with _thread_limit(threads, store, k, batch_size):
+            centers[k] = _fit_centers(store, k, seed=seed, batch_size=batch_size,
+                                      passes=passes, progress=progress)
+            inertia.append(float(_assign(store, centers[k])[1].astype(np.float64).sum()))
     inertia = np.asarray(inertia)
     explained = np.array([_explained(i, tss) for i in inertia])
     if min_explained is None:
@@ -457,7 +490,10 @@ def elbow(files, ks: Iterable[int], *, seed: int = 0, min_explained: float | Non
                 f"(best: {explained.max():.1%} at k={ks[int(explained.argmax())]}). "
                 "Extend the range or lower the target.")
         chosen, rule = reached[0], f"smallest k explaining >= {min_explained:.1%}"
-    results = {chosen: _result(store, centers[chosen], tss, seed)} if keep else {}
+    results = {}
+    if keep:
+        with _thread_limit(threads, store, chosen, batch_size):
+            results[chosen] = _result(store, centers[chosen], tss, seed)
     return ElbowResult(ks=ks, inertia=inertia, explained_variance=explained,
                        chosen_k=chosen, rule=rule, results=results)
 
@@ -614,38 +650,108 @@ def _check_clusters(result: ClusterResult, clusters: Sequence[int]) -> list[int]
     return list(dict.fromkeys(clusters))
 
 
+def _slide_candidates(f: FeatureFile, slide_dir: Path | None) -> list[Path]:
+    """Where the slide of ``f`` may be: ``slide_dir/<name of slide_path>``, ``slide_path``,
+    else (files from CLAM or TRIDENT carry no slide path) ``slide_dir/<feature file stem>.*``."""
+    candidates = []
+    if f.slide_path:
+        if slide_dir is not None:
+            candidates.append(slide_dir / Path(f.slide_path).name)
+        candidates.append(Path(f.slide_path))
+    elif slide_dir is not None:
+        candidates.extend(p for p in sorted(slide_dir.glob(f"{f.path.stem}.*"))
+                          if p.suffix.lower() not in (".h5", ".pt", ".png", ".csv"))
+    return candidates
+
+
 def _open_slide(f: FeatureFile, slide_dir: Path | None):
-    """An OpenSlide handle for the file's slide, or None (with a warning) if not found."""
-    openslide = require("openslide", extra="wsi", purpose="reading patches for figures")
-    if not f.slide_path:
-        logger.warning("%s has no 'slide_path' attribute: its patches cannot be shown", f.path)
-        return None
-    candidates = [Path(f.slide_path)]
-    if slide_dir is not None:
-        candidates.insert(0, slide_dir / Path(f.slide_path).name)
-    for candidate in candidates:
+    """A :class:`histohub.wsi.Slide` for the file's slide, or None (with a warning)."""
+    from .errors import SlideError
+    from .wsi import open_slide
+
+    for candidate in _slide_candidates(f, slide_dir):
         if candidate.is_file():
             try:
-                return openslide.OpenSlide(str(candidate))
-            except openslide.OpenSlideError as error:
-                logger.warning("cannot open slide %s: %s", candidate, error)
+                return open_slide(candidate)
+            except SlideError as error:
+                logger.warning("%s", error)
                 return None
-    logger.warning("slide %s of %s not found%s", f.slide_path, f.path,
-                   "" if slide_dir else " (pass slide_dir / --slide-dir if slides moved)")
+    logger.warning("slide of %s not found (slide_path=%r)%s", f.path, f.slide_path,
+                   "" if slide_dir else ": pass slide_dir / --slide-dir if the slides moved")
     return None
 
 
 def _read_patch(slide, x: int, y: int, size0: int, out_px: int) -> np.ndarray:
-    """The level-0 square (x, y, size0) read from the coarsest adequate level, resized to
-    (out_px, out_px, 3) uint8, transparent areas white."""
+    """The level-0 square (x, y, size0) read from the coarsest level that still has at least
+    ``out_px`` pixels across it, resized to (out_px, out_px, 3) uint8. A tile that cannot be
+    decoded comes back grey (logged), so one bad tile does not cost the figure."""
+    import openslide
     from PIL import Image
 
-    level = slide.get_best_level_for_downsample(max(size0 / out_px, 1.0))
+    wanted = max(size0 / out_px, 1.0)
+    level = max(i for i, ds in enumerate(slide.level_downsamples) if ds <= wanted or i == 0)
     side = max(1, round(size0 / slide.level_downsamples[level]))
-    region = slide.read_region((int(x), int(y)), level, (side, side))
-    white = Image.new("RGBA", region.size, (255, 255, 255, 255))
-    rgb = Image.alpha_composite(white, region).convert("RGB")
-    return np.asarray(rgb.resize((out_px, out_px), Image.Resampling.BILINEAR))
+    try:
+        rgb = slide.read_region((int(x), int(y)), level, (side, side))
+    except openslide.OpenSlideError as error:
+        logger.warning("%s: patch at (%d, %d) cannot be read (%s)", slide.path, x, y, error)
+        return np.full((out_px, out_px, 3), 160, np.uint8)
+    return np.asarray(Image.fromarray(rgb).resize((out_px, out_px), Image.Resampling.BILINEAR))
+
+
+@dataclass(frozen=True)
+class MontageLayout:
+    """Where things are in a montage canvas: row r starts at ``top(r)``; patch j of a row at
+    ``left(j)``; each patch is ``patch_px`` square."""
+
+    clusters: tuple[int, ...]
+    patch_px: int
+    gap: int = 4
+    bar: int = 10
+
+    def top(self, r: int) -> int:
+        return self.gap + r * (self.patch_px + self.gap)
+
+    def left(self, j: int) -> int:
+        return self.bar + 2 * self.gap + j * (self.patch_px + self.gap)
+
+
+def montage_canvas(result: ClusterResult, clusters: Sequence[int], *, n: int = 8,
+                   patch_px: int = 96, slide_dir: str | os.PathLike | None = None
+                   ) -> tuple[np.ndarray, MontageLayout]:
+    """The montage image, (H, W, 3) uint8: for each cluster a row of its ``n`` patches
+    nearest the centre (closest first), read from the slides, after a bar in the cluster's
+    overlay colour. Patches whose slide cannot be found are grey."""
+    clusters = _check_clusters(result, clusters)
+    if not clusters:
+        raise ClusteringError("No cluster to show in the montage.")
+    colours = _colour_table(clusters[:MAX_OVERLAY_COLOURS])
+    layout = MontageLayout(tuple(clusters), patch_px)
+    canvas = np.full((layout.top(len(clusters)), layout.left(n) + layout.gap, 3), 255, np.uint8)
+    slides: dict[int, object] = {}
+    slide_dir = Path(slide_dir) if slide_dir else None
+    try:
+        for r, c in enumerate(clusters):
+            top = layout.top(r)
+            if c in colours:
+                canvas[top:top + patch_px, layout.gap:layout.gap + layout.bar] = (
+                    np.array(colours[c]) * 255).round()
+            for j, row in enumerate(result.nearest(c, n)):
+                fi = int(result.file_index[row])
+                f = result.files[fi]
+                if fi not in slides:
+                    slides[fi] = _open_slide(f, slide_dir)
+                box = canvas[top:top + patch_px, layout.left(j):layout.left(j) + patch_px]
+                if slides[fi] is None or not f.patch_size_level0:
+                    box[:] = 200  # grey: slide or patch size unavailable
+                    continue
+                x, y = result.coords[row]
+                box[:] = _read_patch(slides[fi], x, y, f.patch_size_level0, patch_px)
+    finally:
+        for slide in slides.values():
+            if slide is not None:
+                slide.close()
+    return canvas, layout
 
 
 def write_montage(result: ClusterResult, path: str | os.PathLike, *,
@@ -654,62 +760,60 @@ def write_montage(result: ClusterResult, path: str | os.PathLike, *,
     """Paper Fig. 5: one row per cluster with the ``n`` patches nearest its centre.
 
     ``clusters`` defaults to every cluster when k <= 32, else the 32 largest. Rows are
-    labelled with the cluster id and size; a bar in the cluster's overlay colour (when it
-    is one of the first twenty shown) links the row to :func:`write_overlays`.
+    labelled with the cluster id and size; a bar in the cluster's overlay colour (for the
+    first twenty shown) links the row to :func:`write_overlays`. The PNG is the canvas of
+    :func:`montage_canvas` at 1:1 plus 190 px of labels on the left and 45 px of title.
     """
     plt = _pyplot()
     if clusters is None:
         clusters = default_clusters(result, DEFAULT_MONTAGE_ROWS)
-    clusters = _check_clusters(result, clusters)
-    if not clusters:
-        raise ClusteringError("No cluster to show in the montage.")
-    colours = _colour_table(clusters[:MAX_OVERLAY_COLOURS])
-    gap, bar = 4, 10
-    step = patch_px + gap
-    canvas = np.full((len(clusters) * step + gap, bar + gap + n * step + gap, 3), 255, np.uint8)
-    picks = {c: result.nearest(c, n) for c in clusters}
-    slides: dict[int, object] = {}
-    slide_dir = Path(slide_dir) if slide_dir else None
-    try:
-        for r, c in enumerate(clusters):
-            top = gap + r * step
-            if c in colours:
-                canvas[top:top + patch_px, gap:gap + bar] = np.array(colours[c]) * 255
-            for j, row in enumerate(picks[c]):
-                f = result.files[result.file_index[row]]
-                fi = int(result.file_index[row])
-                if fi not in slides:
-                    slides[fi] = _open_slide(f, slide_dir)
-                left = bar + 2 * gap + j * step
-                if slides[fi] is None or not f.patch_size_level0:
-                    canvas[top:top + patch_px, left:left + patch_px] = 200  # grey: unavailable
-                    continue
-                x, y = result.coords[row]
-                canvas[top:top + patch_px, left:left + patch_px] = _read_patch(
-                    slides[fi], x, y, f.patch_size_level0, patch_px)
-    finally:
-        for slide in slides.values():
-            if slide is not None:
-                slide.close()
+    canvas, layout = montage_canvas(result, clusters, n=n, patch_px=patch_px,
+                                    slide_dir=slide_dir)
     sizes, total = result.sizes, len(result.labels)
-    dpi = 100
-    label_in, title_in = 1.9, 0.45
-    fig = plt.figure(figsize=(canvas.shape[1] / dpi + label_in, canvas.shape[0] / dpi + title_in))
-    ax = fig.add_axes((label_in / fig.get_figwidth(), 0.05 / fig.get_figheight(),
-                       canvas.shape[1] / dpi / fig.get_figwidth(),
-                       canvas.shape[0] / dpi / fig.get_figheight()))
+    dpi, label_in, title_in = 100, 1.9, 0.45
+    height, width = canvas.shape[0] / dpi, canvas.shape[1] / dpi
+    fig = plt.figure(figsize=(width + label_in, height + title_in))
+    ax = fig.add_axes((label_in / (width + label_in), 0.0, width / (width + label_in),
+                       height / (height + title_in)))
     ax.imshow(canvas, interpolation="nearest")
     ax.set_xticks([])
-    ax.set_yticks([gap + r * step + patch_px / 2 for r in range(len(clusters))],
-                  [f"cluster {c}\n{sizes[c]} patches ({sizes[c] / total:.1%})" for c in clusters],
-                  fontsize=9)
+    ax.set_yticks([layout.top(r) + patch_px / 2 for r in range(len(layout.clusters))],
+                  [f"cluster {c}\n{sizes[c]} patches ({sizes[c] / total:.1%})"
+                   for c in layout.clusters], fontsize=9)
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    shown = "all clusters" if len(clusters) == result.k else f"{len(clusters)} of {result.k} clusters"
+    shown = ("all clusters" if len(layout.clusters) == result.k
+             else f"{len(layout.clusters)} of {result.k} clusters")
     fig.suptitle(f"k-means, k = {result.k} ({shown}): the {n} patches nearest each centre, "
-                 "nearest first", fontsize=10, y=1 - 0.12 / fig.get_figheight(), va="top")
+                 "nearest first", fontsize=10, y=1 - 0.1 / (height + title_in), va="top")
     return _save_figure(fig, Path(path), dpi=dpi)
+
+
+def blend_clusters(thumb: np.ndarray, coords: np.ndarray, labels: np.ndarray, *,
+                   patch_size_level0: float, scale: tuple[float, float],
+                   colours: dict[int, tuple[float, float, float]], alpha: float = 0.5
+                   ) -> np.ndarray:
+    """Colour the patches whose label is in ``colours`` over a thumbnail (paper Fig. 6).
+
+    ``thumb`` (h, w, 3) uint8; ``coords`` (N, 2) level-0 x, y; ``labels`` (N,); ``scale``
+    thumbnail px per level-0 px in x and y. Covered pixels become
+    ``(1 - alpha) * thumb + alpha * colour``; returns (h, w, 3) float in [0, 1].
+    """
+    tint = np.zeros(thumb.shape[:2] + (3,), np.float32)
+    covered = np.zeros(thumb.shape[:2], bool)
+    for (x, y), c in zip(coords, labels):
+        colour = colours.get(int(c))
+        if colour is None:
+            continue
+        x0, y0 = int(x * scale[0]), int(y * scale[1])
+        x1 = max(x0 + 1, int(math.ceil((x + patch_size_level0) * scale[0])))
+        y1 = max(y0 + 1, int(math.ceil((y + patch_size_level0) * scale[1])))
+        tint[y0:y1, x0:x1] = colour
+        covered[y0:y1, x0:x1] = True
+    blended = thumb.astype(np.float32) / 255
+    blended[covered] = (1 - alpha) * blended[covered] + alpha * tint[covered]
+    return blended
 
 
 def write_overlays(result: ClusterResult, out_dir: str | os.PathLike, *,
@@ -727,6 +831,8 @@ def write_overlays(result: ClusterResult, out_dir: str | os.PathLike, *,
     from matplotlib.patches import Patch
 
     clusters = _check_clusters(result, default_clusters(result) if clusters is None else clusters)
+    if not clusters:
+        raise ClusteringError("No cluster to show in the overlays.")
     colours = _colour_table(clusters)
     written = []
     slide_dir = Path(slide_dir) if slide_dir else None
@@ -737,25 +843,13 @@ def write_overlays(result: ClusterResult, out_dir: str | os.PathLike, *,
         slide = _open_slide(f, slide_dir)
         if slide is None:
             continue
-        with contextlib.closing(slide):
-            thumb = np.asarray(slide.get_thumbnail((thumbnail_px, thumbnail_px)).convert("RGB"))
+        with slide:
+            thumb = slide.thumbnail(max(slide.dimensions) / thumbnail_px)
             scale = thumb.shape[1] / slide.dimensions[0], thumb.shape[0] / slide.dimensions[1]
         rows = np.flatnonzero(result.file_index == i)
-        tint = np.zeros(thumb.shape[:2] + (3,), np.float32)
-        covered = np.zeros(thumb.shape[:2], bool)
-        side = f.patch_size_level0
-        for row in rows:
-            c = int(result.labels[row])
-            if c not in colours:
-                continue
-            x, y = result.coords[row]
-            x0, y0 = int(x * scale[0]), int(y * scale[1])
-            x1 = max(x0 + 1, int(math.ceil((x + side) * scale[0])))
-            y1 = max(y0 + 1, int(math.ceil((y + side) * scale[1])))
-            tint[y0:y1, x0:x1] = colours[c]
-            covered[y0:y1, x0:x1] = True
-        blended = thumb.astype(np.float32) / 255
-        blended[covered] = (1 - alpha) * blended[covered] + alpha * tint[covered]
+        blended = blend_clusters(thumb, result.coords[rows], result.labels[rows],
+                                 patch_size_level0=f.patch_size_level0, scale=scale,
+                                 colours=colours, alpha=alpha)
         counts = np.bincount(result.labels[rows], minlength=result.k)
         height_in = 5.0
         width_in = min(16.0, 2 * height_in * thumb.shape[1] / thumb.shape[0]) + 0.4

@@ -77,6 +77,9 @@ def register(subparsers) -> None:
     parser.add_argument("--max-memory", type=float, default=1.0, metavar="GIB",
                         help="cluster in memory up to this many GiB of features, stream "
                              "beyond (default 1)")
+    parser.add_argument("--threads", type=_positive,
+                        help="BLAS/OpenMP threads for k-means (default: 1 for small "
+                             "problems, where threads only wait for each other; else all)")
     parser.add_argument("--slide-dir", type=Path,
                         help="where to find the slides if they moved since extraction "
                              "(looked up by file name)")
@@ -112,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     n = sum(f.n for f in files)
     print(f"{n} patches from {len(files)} file(s), {files[0].dim} features each")
     options = dict(seed=args.seed, batch_size=args.batch_size, passes=args.passes,
-                   max_memory_bytes=int(args.max_memory * (1 << 30)))
+                   max_memory_bytes=int(args.max_memory * (1 << 30)), threads=args.threads)
     curve = None
     out: Path = args.out
     if args.k_range is not None:
