@@ -69,6 +69,16 @@ def test_tensor_inputs_uint8_and_float():
     torch.testing.assert_close(again.features, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_autocast_bfloat16_is_close_to_float32():
+    images = torch.randint(0, 256, (3, 3, 224, 224), dtype=torch.uint8)
+    full = extract_features(Tiny(), images, progress=False).features
+    half = extract_features(Tiny(), images, amp=True, progress=False).features
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, full, rtol=0.02, atol=0.02 * full.abs().max().item())
+    with pytest.raises(ValueError, match="amp"):
+        extract_features(Tiny(), images, amp="int8", progress=False)
+
+
 def test_pil_images_in_order_and_dataset_items():
     model = Tiny()
     rng = np.random.default_rng(0)
