@@ -424,7 +424,8 @@ def _batch_ranges(start: int, stop: int, batch_size: int) -> list[range]:
 
 def _thread_batches(grid: TileGrid, ranges: list[range], interpolation: str
                     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Read batches in the calling thread: (uint8 (b, S, S, 3), ok indices, failed indices)."""
+    """Read batches one after the other (run it in a thread: ``prefetch``):
+    (uint8 (b, S, S, 3), grid indices read, grid indices that failed)."""
     from .wsi import PatchReader, TileReadError
 
     reader = PatchReader(grid, interpolation=interpolation)
@@ -451,7 +452,7 @@ def _worker_batches(grid: TileGrid, ranges: list[range], interpolation: str,
                     ) -> Iterator[tuple[torch.Tensor, np.ndarray, np.ndarray]]:
     """Read batches in DataLoader worker processes (each with its own slide handle)."""
     loader = torch.utils.data.DataLoader(
-        SlidePatches(grid, interpolation), batch_sampler=[list(r) for r in ranges],
+        SlidePatches(grid, interpolation), batch_sampler=ranges,
         num_workers=num_workers, pin_memory=pin_memory, collate_fn=_stack_patches,
         multiprocessing_context="spawn" if sys.platform == "darwin" else None)
     for positions, (pixels, ok) in zip(ranges, loader):
