@@ -9,21 +9,25 @@ for the HDF5 files ``histohub extract`` writes (the CLAM / TRIDENT layout):
 - ``features`` (N, D) float, ``coords`` (N, 2) integer level-0 x, y;
 - attributes ``slide_path`` and ``patch_size_level0`` (patch side in level-0 pixels, on the
   root or on ``coords`` as TRIDENT writes it), used for the montage and the overlays (files
-  without ``slide_path`` find their slide as ``slide_dir/<file stem>.*``); ``model_name`` (files from different encoders are
-  refused: their feature spaces are unrelated).
+  without ``slide_path`` find their slide as ``slide_dir/<file stem>.*``);
+- attribute ``model_name``: files from different encoders are refused (their feature
+  spaces are unrelated).
 
->>> from histohub.cluster import read_feature_files, fit_kmeans, elbow
+>>> from histohub.cluster import (elbow, fit_kmeans, read_feature_files, save_clusters,
+...                               write_montage, write_overlays)
 >>> files = read_feature_files(["out/slide1.h5", "out/slide2.h5"])
 >>> curve = elbow(files, range(2, 21))            # explained variance for k = 2..20
 >>> result = fit_kmeans(files, curve.chosen_k)    # ClusterResult: labels (N,), centers (k, D)
 >>> save_clusters(result, "clusters/")            # clusters.h5 + assignments.csv
 >>> write_montage(result, "clusters/montage.png") # Fig. 5
+>>> write_overlays(result, "clusters/overlays")   # Fig. 6, one PNG per slide
 
 Memory: when the features of all files together exceed ``max_memory_bytes`` they are never
 loaded at once. The model is initialised on a random sample of rows, then refined with
 ``MiniBatchKMeans.partial_fit`` over shuffled blocks read from the files, and labels,
 inertia and the total sum of squares are computed in further streaming passes. Only the
-per-patch outputs (label, distance, coordinates: 28 bytes per patch) are kept in memory.
+per-patch outputs (label, distance, file, index, coordinates: 36 bytes per patch) are kept
+in memory.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MEMORY_BYTES = 1 << 30  # features up to 1 GiB are clustered in memory
 DEFAULT_BATCH_SIZE = 4096
-BLOCK_ROWS = 1 << 16                 # rows read from a file at a time when streaming
+BLOCK_BYTES = 32 << 20              # features read from a file at a time: 32 MiB
+BLOCK_ROWS: int | None = None        # or a fixed number of rows (tests)
 MAX_OVERLAY_COLOURS = 20             # tab20: beyond this, colours stop being distinct
 DEFAULT_MONTAGE_ROWS = 32
 SMALL_STEP = 1 << 26                 # mini-batch steps below this many multiply-adds: 1 thread
@@ -176,10 +181,14 @@ class _FeatureStore:
         self.offsets = np.cumsum([0] + [f.n for f in self.files])
         self.n = int(self.offsets[-1])
         self.dim = self.files[0].dim
+        self.block_rows = BLOCK_ROWS or max(256, BLOCK_BYTES // (4 * self.dim))
         self.in_memory = self.n * self.dim * 4 <= max_memory_bytes
         self.array = None
         if self.in_memory:
-            self.array = np.concatenate([b for _, b in self._read_blocks(BLOCK_ROWS, None)])
+            array = np.empty((self.n, self.dim), np.float32)
+            for start, block in self._read_blocks(self.block_rows, None):
+                array[start:start + len(block)] = block
+            self.array = array
 
     def _read_blocks(self, rows: int, rng: np.random.Generator | None):
         h5py = require("h5py", extra="cluster", purpose="reading feature files")
@@ -200,7 +209,7 @@ class _FeatureStore:
     def blocks(self, rows: int | None = None, *, rng: np.random.Generator | None = None
                ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(first global row, block (b, D) float32)``; blocks in random order with rng."""
-        rows = rows or BLOCK_ROWS
+        rows = rows or self.block_rows
         if self.array is None:
             yield from self._read_blocks(rows, rng)
             return
@@ -250,14 +259,15 @@ def _total_sum_of_squares(store: _FeatureStore) -> float:
             raise FeatureFileError(
                 f"{str(f.path)!r}: features of patch {row} (and {int((~finite).sum()) - 1} "
                 "more in the same block) are NaN or infinite. Re-extract that slide.")
-        block = block.astype(np.float64)
-        b_mean = block.mean(axis=0)
-        b_m2 = float(((block - b_mean) ** 2).sum())
-        total = count + len(block)
-        delta = b_mean - mean
-        m2 += b_m2 + float(delta @ delta) * count * len(block) / total
-        mean += delta * len(block) / total
-        count = total
+        for begin in range(0, len(block), 4096):  # float64 copies of 4096 rows at most
+            part = block[begin:begin + 4096].astype(np.float64)
+            p_mean = part.mean(axis=0)
+            p_m2 = float(((part - p_mean) ** 2).sum())
+            total = count + len(part)
+            delta = p_mean - mean
+            m2 += p_m2 + float(delta @ delta) * count * len(part) / total
+            mean += delta * len(part) / total
+            count = total
     return m2
 
 
@@ -304,7 +314,7 @@ def _run_kmeans(model, store: _FeatureStore, k: int, *, seed: int, batch_size: i
     rng = np.random.default_rng(seed)
     # Initialise (k-means++, 3 tries) and fit on a random sample of rows, then refine with
     # partial_fit on every row, in shuffled mini-batches, `passes` times.
-    model.fit(store.sample(min(store.n, max(10 * k, 20 * batch_size)), rng))
+    model.fit(store.sample(min(store.n, max(10 * k, 5 * batch_size)), rng))
     tqdm = _tqdm()
     with tqdm(total=passes * store.n, unit="patch", disable=not progress,
               desc=f"k-means k={k}", leave=False) as bar:
@@ -321,8 +331,8 @@ def _assign(store: _FeatureStore, centers: np.ndarray) -> tuple[np.ndarray, np.n
     """Nearest centre of every row and the squared distance to it: (N,) int32, (N,) float32."""
     labels = np.empty(store.n, dtype=np.int32)
     distances = np.empty(store.n, dtype=np.float32)
-    c_norm = (centers.astype(np.float64) ** 2).sum(axis=1)
-    rows = int(max(256, min(BLOCK_ROWS, (1 << 24) // len(centers))))  # (rows, k) <= 64 MiB
+    c_norm = (centers.astype(np.float64) ** 2).sum(axis=1).astype(np.float32)
+    rows = int(max(256, min(store.block_rows, (1 << 24) // len(centers))))  # (rows, k) <= 64 MiB
     for start, block in store.blocks():
         for begin in range(0, len(block), rows):
             x = block[begin:begin + rows]
@@ -516,14 +526,24 @@ def _atomic(path: Path) -> Iterator[Path]:
 def save_clusters(result: ClusterResult, out_dir: str | os.PathLike, *,
                   curve: ElbowResult | None = None) -> tuple[Path, Path]:
     """Write ``clusters.h5`` (everything, centres included) and ``assignments.csv``
-    (file, index, x, y, cluster, distance: one row per patch) into ``out_dir``."""
+    (file, index, x, y, cluster, distance: one row per patch) into ``out_dir``.
+
+    Both are written under temporary names and renamed only once both are complete, so a
+    failure leaves the previous pair in place."""
+    out_dir = Path(out_dir)
+    h5_path, csv_path = out_dir / "clusters.h5", out_dir / "assignments.csv"
+    with _atomic(h5_path) as h5_tmp, _atomic(csv_path) as csv_tmp:
+        _write_clusters_h5(result, h5_tmp, curve)
+        _write_assignments_csv(result, csv_tmp)
+    return h5_path, csv_path
+
+
+def _write_clusters_h5(result: ClusterResult, path: Path, curve: ElbowResult | None) -> None:
     h5py = require("h5py", extra="cluster", purpose="saving cluster assignments")
     from . import __version__
 
-    out_dir = Path(out_dir)
-    h5_path, csv_path = out_dir / "clusters.h5", out_dir / "assignments.csv"
     text = h5py.string_dtype()
-    with _atomic(h5_path) as tmp, h5py.File(tmp, "w") as handle:
+    with h5py.File(path, "w") as handle:
         handle["centers"] = result.centers
         for name in ("labels", "distances", "file_index", "index", "coords"):
             handle.create_dataset(name, data=getattr(result, name), compression="gzip")
@@ -542,7 +562,10 @@ def save_clusters(result: ClusterResult, out_dir: str | os.PathLike, *,
             group["k"], group["inertia"] = np.asarray(curve.ks), curve.inertia
             group["explained_variance"] = curve.explained_variance
             group.attrs.update(chosen_k=curve.chosen_k, rule=curve.rule)
-    with _atomic(csv_path) as tmp, open(tmp, "w", newline="") as stream:
+
+
+def _write_assignments_csv(result: ClusterResult, path: Path) -> None:
+    with open(path, "w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(["file", "index", "x", "y", "cluster", "distance"])
         for i, f in enumerate(result.files):
@@ -551,7 +574,6 @@ def save_clusters(result: ClusterResult, out_dir: str | os.PathLike, *,
                 (f.path, int(j), int(x), int(y), int(c), f"{d:.6g}") for j, (x, y), c, d in zip(
                     result.index[rows], result.coords[rows], result.labels[rows],
                     result.distances[rows]))
-    return h5_path, csv_path
 
 
 def load_clusters(path: str | os.PathLike) -> ClusterResult:
@@ -629,8 +651,9 @@ def _colour_table(clusters: Sequence[int]) -> dict[int, tuple[float, float, floa
     """A distinct colour per shown cluster (tab10, or tab20 beyond ten)."""
     plt = _pyplot()
     if len(clusters) > MAX_OVERLAY_COLOURS:
-        raise ClusteringError(f"At most {MAX_OVERLAY_COLOURS} clusters can be told apart by colour; "
-                         f"{len(clusters)} were asked for. Choose fewer with --clusters-to-show.")
+        raise ClusteringError(
+            f"At most {MAX_OVERLAY_COLOURS} clusters can be told apart by colour; "
+            f"{len(clusters)} were asked for. Choose fewer with --clusters-to-show.")
     cmap = plt.get_cmap("tab10" if len(clusters) <= 10 else "tab20")
     return {c: cmap(i)[:3] for i, c in enumerate(clusters)}
 
@@ -861,7 +884,8 @@ def write_overlays(result: ClusterResult, out_dir: str | os.PathLike, *,
         axes[1].set_title(f"{shown} of {len(rows)} patches in the clusters shown")
         for ax in axes:
             ax.set_axis_off()
-        handles = [Patch(color=colours[c], label=f"cluster {c} ({counts[c]})") for c in clusters]
+        handles = [Patch(color=colours[c], label=f"cluster {c}: {counts[c]} patches here")
+                   for c in clusters]
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5),
                    fontsize=9, frameon=False)
         name = Path(f.slide_path).name if f.slide_path else f.path.name

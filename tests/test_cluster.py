@@ -192,12 +192,15 @@ def test_failed_write_leaves_no_partial_file(two_files, tmp_path, monkeypatch):
     result = cluster.fit_kmeans(paths, 2, progress=False)
     out = tmp_path / "out"
     cluster.save_clusters(result, out)
-    before = (out / "assignments.csv").read_bytes()
-    monkeypatch.setattr(cluster.csv, "writer", lambda *_: (_ for _ in ()).throw(OSError("disk full")))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(*_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cluster.csv, "writer", full_disk)
     with pytest.raises(OSError, match="disk full"):
         cluster.save_clusters(cluster.fit_kmeans(paths, 3, progress=False), out)
-    assert (out / "assignments.csv").read_bytes() == before  # old result intact
-    assert sorted(p.name for p in out.iterdir()) == ["assignments.csv", "clusters.h5"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old pair intact
 
 
 # ------------------------------------------------------------------ bad input
@@ -242,6 +245,9 @@ def test_empty_files_are_skipped(tmp_path, caplog):
     assert "no patches" in caplog.text
     with pytest.raises(FeatureFileError, match="No patches to cluster"):
         cluster.read_feature_files([empty])
+    partial = write_features(tmp_path / "partial.h5", np.eye(4), completed=False)
+    assert cluster.read_feature_files([partial])[0].n == 4
+    assert "marked incomplete" in caplog.text
 
 
 # ------------------------------------------------------------------ the real slide
