@@ -86,12 +86,14 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     chroma = maxc - x.amin(dim=1)
     r, g, b = x.unbind(1)
     sextant = torch.where(r == maxc, g - b,
-                          torch.where(g == maxc, b - r + 2 * chroma, r - g + 4 * chroma))
-    sextant = sextant / chroma.clamp_min(1e-12) + 6.0 * shift.view(-1, 1, 1)
+                          torch.where(g == maxc, (b - r).add_(chroma, alpha=2),
+                                      (r - g).add_(chroma, alpha=4)))
+    sextant.div_(chroma.clamp_min(1e-12)).add_(6.0 * shift.view(-1, 1, 1))
     offsets = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    k = torch.remainder(sextant.unsqueeze(1) + offsets, 6.0)
-    weight = torch.minimum(k, 4.0 - k).clamp_(0, 1)
-    return (maxc.unsqueeze(1) - chroma.unsqueeze(1) * weight).clamp_(0, 1)
+    # min(k, 4 - k) = 2 - |k - 2|; everything in place on one (B, 3, H, W) buffer
+    weight = sextant.unsqueeze(1) + offsets
+    weight.remainder_(6.0).sub_(2.0).abs_().neg_().add_(2.0).clamp_(0, 1)
+    return weight.mul_(chroma.unsqueeze(1)).neg_().add_(maxc.unsqueeze(1))
 
 
 _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
