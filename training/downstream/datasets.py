@@ -99,7 +99,7 @@ PRESETS: dict[str, Preset] = {
         "kather2016-tiles", "top", r"(CRC-Prim-HE-\d+)",
         "Kather 2016 colorectal texture tiles, 8 classes, grouped by source image"),
     "idc-breast": Preset(
-        "idc-breast-patches", "parent", r"^([^/]+)/",
+        "idc-breast-patches", "parent", r"([^/]+)/[01]/[^/]+$",
         "IDC breast patches, binary (folder 0 / 1), grouped by patient"),
     "ebhi-seg": Preset(
         "ebhi-seg", "top", r"GT[A-Za-z]*(\d+)-\d+-\d+-\d+\.png$",

@@ -56,6 +56,10 @@ def finetune(encoder: Encoder, train: tuple[torch.Tensor, torch.Tensor],
                           encoder.build(), head).to(device).to(memory_format=torch.channels_last)
     images, targets = train
     target = targets.float() / SCORE_SCALE if regression else targets.long()
+    if regression:   # start at the training mean (see linear.py)
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.fill_(float(target.mean()))
     loss_fn = nn.L1Loss() if regression else nn.CrossEntropyLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     tracker = BestEpoch(objective)

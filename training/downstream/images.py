@@ -25,7 +25,7 @@ def read_image(path: Path, size: int) -> np.ndarray:
             image = image.convert("RGB")
             if image.size != (size, size):
                 image = image.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(image, dtype=np.uint8)
+            return np.array(image, dtype=np.uint8)   # a writable copy, for torch
     except (UnidentifiedImageError, OSError) as error:
         raise DatasetError(f"Cannot read image {path}: {error}") from None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -97,8 +98,11 @@ def run_protocol(encoders: list[Encoder], dataset: ds.ImageDataset, protocol: Pr
     strata = strata_of(dataset, task)
     names = list(dataset.classes) if task != "regression" and dataset.labels is not None \
         else None
-    split = None if task == "clustering" else split_dataset(
-        strata, dataset.groups, seed=protocol.seed, class_names=names)
+    split = None
+    if task == "segmentation":
+        strata, split = _segmentation_split(dataset, strata, names, protocol.seed)
+    elif task != "clustering":
+        split = split_dataset(strata, dataset.groups, seed=protocol.seed, class_names=names)
     results: dict[str, dict] = {}
     timings: dict[str, dict] = {}
     for encoder in encoders:
@@ -108,6 +112,20 @@ def run_protocol(encoders: list[Encoder], dataset: ds.ImageDataset, protocol: Pr
         timings[encoder.label]["total_s"] = round(time.perf_counter() - start, 3)
     return {"data_hash": data_hash, "split": _describe_split(split, dataset, strata),
             "results": results, "timings": timings}
+
+
+def _segmentation_split(dataset: ds.ImageDataset, strata: np.ndarray,
+                        names: list[str] | None, seed: int) -> tuple[np.ndarray, Split]:
+    """Split stratified by image class where the classes allow it; the target is pixels, so
+    a class too rare to stratify falls back to an unstratified split (with a warning)."""
+    if dataset.labels is not None:
+        try:
+            return strata, split_dataset(strata, dataset.groups, seed=seed, class_names=names)
+        except ds.DatasetError as error:
+            warnings.warn(f"Segmentation split not stratified by class: {error}",
+                          stacklevel=3)
+    flat = np.zeros(len(dataset), dtype=np.int64)
+    return flat, split_dataset(flat, dataset.groups, seed=seed)
 
 
 def _run_one(encoder: Encoder, dataset: ds.ImageDataset, protocol: Protocol,
@@ -190,8 +208,13 @@ def _sweep(protocol: Protocol, encoder: Encoder, split: Split, strata: np.ndarra
             {"repeat": repeat, "seed": seed, "n_train": int(len(train_idx)),
              "train_sha256": _indices_hash(split.train[positions]), **result.to_json()})
     metric, higher = PRIMARY[objective]
-    return {"metric": metric, "higher_is_better": higher, "runs": runs,
-            "summary": {f: _summary(rs) for f, rs in runs.items()}}
+    result = {"metric": metric, "higher_is_better": higher, "runs": runs,
+              "summary": {f: _summary(rs) for f, rs in runs.items()}}
+    if objective == "regression":   # what a model that learned nothing scores
+        train_mean = float(targets[torch.from_numpy(split.train)].float().mean())
+        result["reference"] = {"l1_predicting_training_mean": float(
+            (parts["test"][1].float() - train_mean).abs().mean())}
+    return result
 
 
 def _summary(runs: list[dict]) -> dict:

@@ -159,9 +159,11 @@ def _task_table(task: str, grid, runs: list[dict]) -> list[str]:
     fractions = {headline(grid[(task, d)][label][0]["results"][label])[0]
                  for d in datasets for label in grid[(task, d)]}
     label_note = ", ".join(f"{float(f) * 100:g}%" for f in sorted(fractions, key=float))
-    lines = [f"## {TASK_TITLES[task]}", "",
-             f"Test {METRIC_TITLES.get(metric, metric)} with {label_note} of the training "
-             f"labels.", "",
+    caption = (f"Test {METRIC_TITLES.get(metric, metric)} with {label_note} of the training "
+               "labels." if task != "clustering" else
+               f"{METRIC_TITLES.get(metric, metric)} of k-means (k = number of classes) on "
+               "every image's features, against the labels; ± over k-means seeds.")
+    lines = [f"## {TASK_TITLES[task]}", "", caption, "",
              "| R | Pretraining | " + " | ".join(datasets) + " | Average |",
              "|---|---|" + "---|" * (len(datasets) + 1)]
     previous_arch = None
@@ -183,6 +185,13 @@ def _task_table(task: str, grid, runs: list[dict]) -> list[str]:
         r = arch.removeprefix("resnet") if arch != previous_arch else ""
         previous_arch = arch
         lines.append(f"| {r} | {name} | " + " | ".join(cells) + f" | {average} |")
+    for dataset in datasets:
+        references = [e[0]["results"][lab].get("reference", {}).get(
+            "l1_predicting_training_mean") for lab, e in grid[(task, dataset)].items()]
+        if any(r is not None for r in references):
+            value = next(r for r in references if r is not None)
+            lines.append(f"\n{dataset}: predicting the training mean for every test image "
+                         f"gives L1 {value:.1f}.")
     skipped = {s["spec"]: s["reason"] for run in runs if run["task"] == task
                for s in run.get("skipped", [])}
     for spec, reason in skipped.items():
