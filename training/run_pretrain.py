@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
     out = args.out or str(Path("runs") / config.name)
     losses = train(config, out, resume=args.resume, progress=not args.no_progress)
-    if losses:
+    if losses and int(os.environ.get("RANK", "0")) == 0:
         logging.getLogger("simclr").info("done: %d steps, last loss %.4f; checkpoint in %s",
                                          len(losses), losses[-1], out)
     return 0
