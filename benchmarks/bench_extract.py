@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -116,21 +115,52 @@ def worker_throughput(slide: str, repeats: int, batch_size: int) -> dict:
     return {"tuned": tuned, "patches": n, "threads": torch.get_num_threads(), **runs}
 
 
+def memory_mib(field: str) -> float:
+    """``VmHWM`` (peak) or ``VmRSS`` of this process from /proc, in MiB. (Not ru_maxrss:
+    a child inherits its parent's peak through fork.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def worker_rss(slide: str, batch_size: int) -> dict:
-    """In this process: extract every patch of ``slide``; peak RSS before and after."""
+    """In this process: extract every patch of ``slide``; peak RSS, and RSS at the end."""
     from histohub import load_pretrained
     from histohub.features import extract_slide
 
     model = load_pretrained("resnet18-ssl", pretrained=False)
     with tempfile.TemporaryDirectory() as tmp:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        before = memory_mib("VmRSS")
         start = time.perf_counter()
         result = extract_slide(model, slide, Path(tmp) / "x.h5", batch_size=batch_size,
                                min_foreground=0.0, progress=False)
         seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"patches": result.n_patches, "rss_before_mib": before / 1024,
-            "peak_rss_mib": peak / 1024, "patches_per_s": result.n_patches / seconds}
+    return {"patches": result.n_patches, "rss_before_mib": before,
+            "peak_rss_mib": memory_mib("VmHWM"), "rss_end_mib": memory_mib("VmRSS"),
+            "patches_per_s": result.n_patches / seconds}
+
+
+def worker_model(repeats: int, batch_size: int) -> dict:
+    """In this process: the model alone on 128 random patches, ``repeats`` times."""
+    import torch
+
+    from histohub import load_pretrained
+    from histohub.features import _Runner, tune_allocator
+    from histohub.transforms import normalize_batch
+
+    tuned = tune_allocator()
+    runner = _Runner(load_pretrained("resnet18-ssl", pretrained=False),
+                     device=torch.device("cpu"), amp=False, compile=False, batch_size=batch_size)
+    patches = torch.randint(0, 256, (128, 224, 224, 3), dtype=torch.uint8)
+    speeds = []
+    for r in range(repeats + 1):
+        start = time.perf_counter()
+        for i in range(0, 128, batch_size):
+            runner(normalize_batch(patches[i:i + batch_size].permute(0, 3, 1, 2), "resnet18-ssl"))
+        if r:  # the first pass warms up
+            speeds.append(128 / (time.perf_counter() - start))
+    return {"tuned": tuned, "B": speeds}
 
 
 def run_worker(args: list[str], env: dict[str, str] | None = None) -> dict:
@@ -162,6 +192,24 @@ def make_large_slide(cmu: Path, folder: Path) -> Path:
 
 # --------------------------------------------------------------------------- report
 
+def allocator_only(args: argparse.Namespace) -> None:
+    """Model alone, glibc default vs tune_allocator, in alternated processes."""
+    print(f"load average {os.getloadavg()[0]:.2f}; matmul probe before: {matmul_gflops():.0f} "
+          "GFLOP/s")
+    speeds: dict[str, list[float]] = {"0": [], "1": []}
+    for _ in range(args.rounds):
+        for flag in ("0", "1"):
+            result = run_worker(["--worker", "model", "--repeats", str(args.repeats),
+                                 "--batch-size", str(args.batch_size)], {"HISTOHUB_MALLOPT": flag})
+            speeds[flag].append(statistics.median(result["B"]))
+    ratios = [b / a for a, b in zip(speeds["0"], speeds["1"])]
+    print(f"model alone, batch {args.batch_size} (images/s per process): glibc default "
+          f"{[round(v, 1) for v in speeds['0']]}, tune_allocator "
+          f"{[round(v, 1) for v in speeds['1']]}; ratio per round {[round(r, 2) for r in ratios]}"
+          f", median x{statistics.median(ratios):.2f}")
+    print(f"matmul probe after: {matmul_gflops():.0f} GFLOP/s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -169,7 +217,10 @@ def main() -> None:
                         help="processes per allocator setting (alternated)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--skip-rss", action="store_true")
-    parser.add_argument("--worker", choices=("throughput", "rss"))
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--allocator-only", action="store_true",
+                        help="only the model alone, glibc default vs tune_allocator")
+    parser.add_argument("--worker", choices=("throughput", "rss", "model"))
     parser.add_argument("--slide")
     args = parser.parse_args()
     if args.worker == "throughput":
@@ -178,10 +229,23 @@ def main() -> None:
     if args.worker == "rss":
         print(json.dumps(worker_rss(args.slide, args.batch_size)))
         return
+    if args.worker == "model":
+        print(json.dumps(worker_model(args.repeats, args.batch_size)))
+        return
+    if args.allocator_only:
+        allocator_only(args)
+        return
 
     cmu = find_cmu()
     print(f"slide: {cmu.name}; batch {args.batch_size}; {os.cpu_count()} CPUs; load average "
           f"{os.getloadavg()[0]:.2f} (the machine is shared: compare ratios, not absolutes)")
+    if not args.skip_throughput:
+        throughput(args, cmu)
+    if not args.skip_rss:
+        rss(args, cmu)
+
+
+def throughput(args: argparse.Namespace, cmu: Path) -> None:
     print(f"matmul probe before: {matmul_gflops():.0f} GFLOP/s")
     runs: dict[str, dict[str, list[float]]] = {"glibc default": {}, "tune_allocator": {}}
     for _ in range(args.rounds):
@@ -206,8 +270,8 @@ def main() -> None:
     print(f"  tune_allocator vs glibc default, end to end: x{gain:.2f}")
     print(f"matmul probe after: {matmul_gflops():.0f} GFLOP/s")
 
-    if args.skip_rss:
-        return
+
+def rss(args: argparse.Namespace, cmu: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         large = make_large_slide(cmu, Path(tmp))
         for label, flag in (("glibc default", "0"), ("tune_allocator", "1")):
@@ -216,10 +280,10 @@ def main() -> None:
             big = run_worker(["--worker", "rss", "--slide", str(large), "--batch-size",
                               str(args.batch_size)], {"HISTOHUB_MALLOPT": flag})
             print(f"peak RSS ({label}): {small['patches']} patches {small['peak_rss_mib']:.0f} "
-                  f"MiB, {big['patches']} patches (x{big['patches'] / small['patches']:.1f}) "
-                  f"{big['peak_rss_mib']:.0f} MiB: ratio "
-                  f"{big['peak_rss_mib'] / small['peak_rss_mib']:.3f} "
-                  f"({big['patches_per_s']:.1f} patches/s on the large slide)")
+                  f"MiB (end {small['rss_end_mib']:.0f}), {big['patches']} patches "
+                  f"(x{big['patches'] / small['patches']:.1f}) {big['peak_rss_mib']:.0f} MiB "
+                  f"(end {big['rss_end_mib']:.0f}): ratio "
+                  f"{big['peak_rss_mib'] / small['peak_rss_mib']:.3f}")
 
 
 if __name__ == "__main__":
