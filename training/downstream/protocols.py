@@ -101,6 +101,8 @@ def run_protocol(encoders: list[Encoder], dataset: ds.ImageDataset, protocol: Pr
     split = None
     if task == "segmentation":
         strata, split = _segmentation_split(dataset, strata, names, protocol.seed)
+        if strata is not dataset.labels:   # fell back to one stratum
+            names = None
     elif task != "clustering":
         split = split_dataset(strata, dataset.groups, seed=protocol.seed, class_names=names)
     results: dict[str, dict] = {}
@@ -110,7 +112,7 @@ def run_protocol(encoders: list[Encoder], dataset: ds.ImageDataset, protocol: Pr
         results[encoder.label], timings[encoder.label] = _run_one(
             encoder, dataset, protocol, split, strata, data_hash)
         timings[encoder.label]["total_s"] = round(time.perf_counter() - start, 3)
-    return {"data_hash": data_hash, "split": _describe_split(split, dataset, strata),
+    return {"data_hash": data_hash, "split": _describe_split(split, dataset, names),
             "results": results, "timings": timings}
 
 
@@ -245,13 +247,15 @@ def _indices_hash(indices: np.ndarray) -> str:
     return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
-def _describe_split(split: Split | None, dataset: ds.ImageDataset, strata: np.ndarray) -> dict:
+def _describe_split(split: Split | None, dataset: ds.ImageDataset,
+                    names: list[str] | None) -> dict:
     if split is None:
         return {"kind": "none (clustering uses every image)", "sizes": {"all": len(dataset)}}
     described = {"kind": "grouped stratified" if dataset.groups is not None else "stratified",
                  "sizes": split.sizes(),
-                 "missing_classes": {k: [dataset.classes[c] if dataset.classes and
-                                         dataset.labels is not None else int(c) for c in v]
+                 "stratified_by": "class" if names else (
+                     "score quartile" if dataset.scores is not None else "nothing"),
+                 "missing_classes": {k: [names[c] if names else int(c) for c in v]
                                      for k, v in split.missing.items()},
                  "indices_sha256": {k: _indices_hash(getattr(split, k))
                                     for k in ("train", "val", "test")}}

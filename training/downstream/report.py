@@ -166,8 +166,22 @@ def _task_table(task: str, grid, runs: list[dict]) -> list[str]:
     lines = [f"## {TASK_TITLES[task]}", "", caption, "",
              "| R | Pretraining | " + " | ".join(datasets) + " | Average |",
              "|---|---|" + "---|" * (len(datasets) + 1)]
+    skipped = {s["spec"]: s["reason"] for run in runs if run["task"] == task
+               for s in run.get("skipped", [])}
+    run_labels = {label for _, _, label in rows}
+    for spec in skipped:   # a model that could not be had still gets its row
+        kind, _, arch = spec.partition(":")
+        if kind in KIND_ORDER and arch and f"{kind}-{arch}" not in run_labels:
+            rows.append((arch, kind, f"{kind}-{arch}"))
+    rows.sort(key=lambda r: (int(r[0].removeprefix("resnet")), KIND_ORDER.index(r[1]), r[2]))
     previous_arch = None
     for arch, kind, label in rows:
+        if label not in run_labels:
+            r = arch.removeprefix("resnet") if arch != previous_arch else ""
+            previous_arch = arch
+            lines.append(f"| {r} | {KIND_LABELS[kind]} | " + " | ".join(
+                ["n/a"] * len(datasets)) + " | n/a |")
+            continue
         cells, means = [], []
         for dataset in datasets:
             entry = grid[(task, dataset)].get(label)
@@ -192,10 +206,8 @@ def _task_table(task: str, grid, runs: list[dict]) -> list[str]:
             value = next(r for r in references if r is not None)
             lines.append(f"\n{dataset}: predicting the training mean for every test image "
                          f"gives L1 {value:.1f}.")
-    skipped = {s["spec"]: s["reason"] for run in runs if run["task"] == task
-               for s in run.get("skipped", [])}
     for spec, reason in skipped.items():
-        lines.append(f"\n`{spec}`: not run: {reason}")
+        lines.append(f"\nn/a: `{spec}` was not run: {reason}")
     return lines
 
 

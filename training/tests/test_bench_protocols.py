@@ -185,3 +185,30 @@ def test_record_manifest_writes_validated_metrics(tmp_path, checkpoint, capsys):
     assert read_manifest(manifest)["my-ssl"].preprocessing.mean == (0.5, 0.5, 0.5)
     with pytest.raises(Exception, match="no model 'absent'"):
         report.record_in_manifest(manifest, "absent", {})
+
+
+def test_table_lays_out_rows_per_architecture_with_unavailable_imagenet():
+    def result(mean):
+        stats = {"macro_f1": {"mean": mean, "std": 0.01, "n": 5}}
+        return {"metric": "macro_f1", "higher_is_better": True, "runs": {},
+                "summary": {"0.05": stats, "1": stats}}
+
+    def run(dataset, means):
+        models = [{"label": "random-resnet18", "kind": "random", "arch": "resnet18"},
+                  {"label": "ssl", "kind": "self-supervised", "arch": "resnet18"},
+                  {"label": "random-resnet50", "kind": "random", "arch": "resnet50"}]
+        return {"task": "linear", "dataset": {"name": dataset}, "models": models,
+                "results": {m["label"]: result(v) for m, v in zip(models, means)},
+                "skipped": [{"spec": "imagenet:resnet18", "reason": "offline"}],
+                "finished_utc": dataset}
+
+    table = report.markdown_tables([run("a", [0.5, 0.7, 0.4]), run("b", [0.3, 0.5, 0.2])])
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert rows[:5] == [
+        "| R | Pretraining | a | b | Average |",
+        "| 18 | Random | 50.0 ± 1.0 | 30.0 ± 1.0 | 40.0 |",
+        "|  | ImageNet | n/a | n/a | n/a |",
+        "|  | Self-supervised (ssl) | 70.0 ± 1.0 | 50.0 ± 1.0 | 60.0 |",
+        "| 50 | Random | 40.0 ± 1.0 | 20.0 ± 1.0 | 30.0 |"]
+    assert "`imagenet:resnet18` was not run: offline" in table
+    assert "| ssl | 70.0 ± 1.0 | 70.0 ± 1.0 |" in table     # by label fraction
