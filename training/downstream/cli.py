@@ -22,8 +22,6 @@ from .protocols import TASKS, Protocol, prepare, protocol_json, run_protocol
 from .report import (environment, load_runs, manifest_metrics, markdown_tables, plot_fractions,
                      record_in_manifest, write_json, write_text_atomic)
 
-logger = logging.getLogger("histohub.benchmark")
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

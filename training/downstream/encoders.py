@@ -9,7 +9,6 @@ and its preprocessing.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,6 @@ from torch import nn
 from histohub._manifest import Preprocessing, get_entry
 from histohub.models import FEATURE_DIMS, build_encoder
 
-logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -9,10 +9,9 @@ x repeats are drawn from its training part.
 
 from __future__ import annotations
 
-import logging
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,6 @@ from .selection import PRIMARY
 from .splits import PAPER_FRACTIONS, PAPER_REPEATS, Split, label_fractions, score_strata, \
     split_dataset
 
-logger = logging.getLogger(__name__)
 TASKS = ("linear", "finetune", "regression", "segmentation", "clustering")
 
 
@@ -53,7 +51,6 @@ class Protocol:
     feature_batch_size: int = 64
     progress: bool = True
     cache_dir: str | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def objective(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -123,7 +124,7 @@ def test_cli_linear_run_writes_json_table_plot_and_reuses_cached_features(tmp_pa
     (run_file,) = (out / "runs").glob("linear_tiles_*.json")
     run = json.loads(run_file.read_text())
     assert [m["label"] for m in run["models"]] == ["random-resnet18", "other-seed"]
-    assert run["models"][1]["sha256"] == __import__("hashlib").sha256(
+    assert run["models"][1]["sha256"] == hashlib.sha256(
         checkpoint.read_bytes()).hexdigest()
     assert run["models"][0]["identity"].startswith("random:resnet18:seed=0")
     assert len(run["data_hash"]) == 64 and run["split"]["kind"] == "grouped stratified"
@@ -212,3 +213,20 @@ def test_table_lays_out_rows_per_architecture_with_unavailable_imagenet():
         "| 50 | Random | 40.0 ± 1.0 | 20.0 ± 1.0 | 30.0 |"]
     assert "`imagenet:resnet18` was not run: offline" in table
     assert "| ssl | 70.0 ± 1.0 | 70.0 ± 1.0 |" in table     # by label fraction
+
+
+def test_imagenet_that_cannot_be_had_is_skipped_with_the_reason(monkeypatch):
+    from urllib.error import URLError
+
+    from torchvision.models._api import WeightsEnum
+
+    from training.downstream.encoders import resolve_encoders
+
+    def offline(self, *args, **kwargs):
+        raise URLError("no network here")
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", offline)
+    encoders, skipped = resolve_encoders(["random", "imagenet"], default_arch="resnet18")
+    assert [e.label for e in encoders] == ["random-resnet18"]
+    assert skipped[0].spec == "imagenet:resnet18"
+    assert "cannot be had here" in skipped[0].reason and "resnet18-f37072fd.pth" in skipped[0].reason
