@@ -24,22 +24,26 @@ from ._manifest import KeyMap
 from .errors import CheckpointError, KeyMappingError, UnsafeCheckpointError
 
 
-class AttributeDict(dict):
-    """Stand-in for Lightning's ``AttributeDict`` (a dict with attribute access)."""
-
-    def __getattr__(self, key):
-        try:
-            return self[key]
-        except KeyError as error:
-            raise AttributeError(key) from error
+class LightningCallback:
+    """Stand-in for a Lightning callback class. Lightning 1.0-1.4 keyed
+    ``checkpoint["callbacks"]`` by the class itself (pickled by reference, never called)."""
 
 
-# Classes Lightning checkpoints contain besides tensors and builtins, by their pickled path.
+def _callback_stand_in(path: str) -> tuple[type, str]:
+    name = path.rsplit(".", 1)[1]
+    return type(name, (LightningCallback,), {"__module__": __name__}), path
+
+
+# Lightning's AttributeDict is read as a plain dict: torch's weights_only unpickler fills
+# (SETITEMS) only exact dict, OrderedDict and Counter instances, never a subclass.
 _LIGHTNING_GLOBALS = [
-    (AttributeDict, "pytorch_lightning.utilities.parsing.AttributeDict"),
-    (AttributeDict, "lightning_fabric.utilities.data.AttributeDict"),
-    (AttributeDict, "lightning.fabric.utilities.data.AttributeDict"),
+    (dict, "pytorch_lightning.utilities.parsing.AttributeDict"),
+    (dict, "lightning_fabric.utilities.data.AttributeDict"),
+    (dict, "lightning.fabric.utilities.data.AttributeDict"),
     argparse.Namespace,
+    *(_callback_stand_in(f"pytorch_lightning.callbacks.{path}") for path in (
+        "model_checkpoint.ModelCheckpoint", "early_stopping.EarlyStopping",
+        "lr_monitor.LearningRateMonitor", "gpu_stats_monitor.GPUStatsMonitor")),
 ]
 
 #: The key map for local checkpoints of unknown origin: upstream, Lightning, DDP and

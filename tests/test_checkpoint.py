@@ -226,12 +226,8 @@ def test_native_release_layout_loads_exactly(native_ckpt, resnet18_state, batch)
     assert torch.equal(features(model, batch), features(reference_encoder(resnet18_state), batch))
 
 
-LIGHTNING_XFAIL = pytest.mark.xfail(strict=True, raises=CheckpointError, reason=(
-    "histohub._checkpoint maps AttributeDict to a dict subclass; torch's weights_only "
-    "unpickler allows SETITEMS only on dict/OrderedDict/Counter (map it to dict itself)"))
 
 
-@LIGHTNING_XFAIL
 @pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
 def test_lightning_layout_loads_without_pytorch_lightning(tmp_path, resnet18_state, batch,
                                                           zipped):
@@ -249,9 +245,6 @@ def test_lightning_layout_loads_without_pytorch_lightning(tmp_path, resnet18_sta
     assert torch.equal(features(model, batch), features(reference_encoder(resnet18_state), batch))
 
 
-@pytest.mark.xfail(strict=True, raises=UnsafeCheckpointError, reason=(
-    "Lightning 1.0-1.4 keys checkpoint['callbacks'] by the callback class "
-    "(pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint); no stand-in is allowed"))
 def test_lightning_callback_states_keyed_by_class(tmp_path, resnet18_state):
     path = tmp_path / "tenpercent_resnet18.ckpt"
     state = {k: v for k, v in resnet18_state.items()}

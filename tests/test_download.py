@@ -87,9 +87,6 @@ def test_fallback_file_in_legacy_format_when_first_file_is_missing(
     assert [r.path for r in file_server.gets()] == ["/missing/native.ckpt", "/1/_ckpt_epoch_9.ckpt"]
 
 
-@pytest.mark.xfail(strict=True, raises=CheckpointError, reason=(
-    "histohub._checkpoint maps AttributeDict to a dict subclass, and torch's weights_only "
-    "unpickler refuses SETITEMS on anything but dict/OrderedDict/Counter"))
 def test_lightning_file_with_attribute_dict_hyper_parameters(
         file_server, make_manifest, attribute_dict_ckpt, torchvision_features):
     data = attribute_dict_ckpt.read_bytes()

@@ -311,9 +311,6 @@ def test_cli_export_hf_and_push(tmp_path, monkeypatch, capsys, fake_hub, frontdo
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "histohub/weights_manifest.json is a symlink: GitHub's zip archive, extracted by "
-    "torch.hub with zipfile, turns it into a text file holding '../weights_manifest.json'"))
 def test_torch_hub_github_download_layout(tmp_path):
     """``torch.hub.load("<org>/histohub:main", ...)`` on the archive GitHub would serve
     (``git archive`` of HEAD), extracted the way torch.hub extracts it, in a fresh process

@@ -90,9 +90,6 @@ def test_packaged_and_root_manifests_have_identical_content():
     assert MANIFEST_PATH.read_bytes() == ROOT_MANIFEST.read_bytes()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "histohub/weights_manifest.json is the symlink; make it the real file (and the root "
-    "one the symlink, or drop the root one)"))
 def test_packaged_manifest_is_a_regular_file():
     """torch.hub fetches GitHub's zip archive and extracts it with zipfile, which writes a
     symlink as a text file holding the link's target (so do Windows checkouts without

@@ -14,7 +14,8 @@ import sys
 
 from ..errors import HistohubError
 
-COMMANDS = ["histohub.cli.models"]
+COMMANDS = ["histohub.cli.models", "histohub.cli.hub", "histohub.cli.extract",
+            "histohub.cli.cluster"]
 
 
 def build_parser() -> argparse.ArgumentParser:
