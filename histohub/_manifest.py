@@ -238,15 +238,21 @@ def parse_entry(name: str, data: Any, *, manifest_path: Path | None = None) -> M
     )
 
 
-def read_manifest(path: str | os.PathLike) -> dict[str, ModelEntry]:
-    """Read and validate one manifest file into ``{name: ModelEntry}``."""
+def read_manifest_json(path: str | os.PathLike) -> Any:
+    """A manifest file's raw JSON; ManifestError when it is missing or not JSON."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ManifestError(f"Manifest {path} does not exist (check HISTOHUB_MANIFEST)") from None
     except json.JSONDecodeError as error:
         raise ManifestError(f"Manifest {path} is not valid JSON: {error}") from None
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, ModelEntry]:
+    """Read and validate one manifest file into ``{name: ModelEntry}``."""
+    path = Path(path)
+    data = read_manifest_json(path)
     _check_fields(str(path), data, {"schema_version": int, "models": dict})
     if data["schema_version"] != SCHEMA_VERSION:
         raise ManifestError(f"{path}: schema_version {data['schema_version']} is not supported "

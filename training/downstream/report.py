@@ -319,15 +319,10 @@ def record_in_manifest(manifest: Path, name: str, metrics: dict) -> None:
     The new entry is validated (``histohub._manifest.parse_entry``) before the file is
     replaced atomically; other entries and fields are left as they were.
     """
-    from histohub._manifest import _load_all, parse_entry
+    from histohub._manifest import _load_all, parse_entry, read_manifest_json
 
     manifest = Path(manifest)
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ManifestError(f"Manifest {manifest} does not exist") from None
-    except json.JSONDecodeError as error:
-        raise ManifestError(f"Manifest {manifest} is not valid JSON: {error}") from None
+    data = read_manifest_json(manifest)
     models = data.get("models") if isinstance(data, dict) else None
     if not isinstance(models, dict) or name not in models:
         known = sorted(models) if isinstance(models, dict) else []
