@@ -4,7 +4,15 @@ Weights are data: every model histohub serves is one entry of ``weights_manifest
 (shipped inside the package), plus entries from the files named in ``HISTOHUB_MANIFEST``
 (``os.pathsep``-separated) for an organisation's own models. Unknown or missing fields
 are errors, checked when the manifest is read (as torchvision's
-``test_schema_meta_validation`` does for its weights).
+``test_schema_meta_validation`` does for its weights); so are duplicate keys in one object
+and nesting deeper than any manifest needs.
+
+Provenance of a weights file's numbers: ``sha256`` and ``size`` are *verified*: written by
+``histohub pin`` from a file histohub downloaded and hashed. ``reported`` holds numbers
+histohub has not checked itself (an independent user's sha256, a release page's size),
+with a ``note`` saying who reported them; they are enforced all the same until verified
+ones exist (see ``_download``). ``fingerprint`` is a post-load check of one tensor's L2
+norm, ``verified`` saying whether histohub measured it.
 """
 
 from __future__ import annotations
@@ -25,6 +33,11 @@ ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101")
 FORMATS = ("safetensors", "torch", "lightning")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _REVISION = re.compile(r"^[0-9a-f]{40}$")
+#: Longest weights file name (UTF-8 bytes): the cache adds suffixes such as ``.1a2b3c4d.part``
+#: and ``.json.<pid>.tmp``, and most file systems stop at 255 bytes.
+MAX_FILENAME_BYTES = 200
+#: Deepest nesting of objects and lists a manifest may have (the shipped one needs 7).
+MAX_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -56,8 +69,37 @@ class KeyMap:
 
 
 @dataclass(frozen=True)
+class Reported:
+    """Facts about a file that histohub has not verified itself, and who reported them."""
+
+    note: str
+    sha256: str | None = None
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Expected L2 norm of one tensor of the loaded encoder, within relative ``rtol``.
+
+    Catches a wrong file or a key map filling the wrong tensors at the cost of one norm
+    (e.g. the authors' ResNet18: ``conv1.weight`` about 12.58; torchvision's ImageNet
+    ResNet18: 29.24).
+    """
+
+    tensor: str
+    l2_norm: float
+    rtol: float
+    verified: bool
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class WeightsFile:
-    """One weights file: its identity (sha256, size), format, key mapping and sources."""
+    """One weights file: its identity (sha256, size), format, key mapping and sources.
+
+    ``sha256``/``size`` are verified by histohub (``histohub pin``); ``reported`` holds
+    unverified ones. ``expected_sha256``/``expected_size`` are what a download must match.
+    """
 
     filename: str
     format: str
@@ -65,6 +107,25 @@ class WeightsFile:
     size: int | None
     sources: tuple[Source, ...]
     key_map: KeyMap = field(default_factory=KeyMap)
+    reported: Reported | None = None
+    fingerprint: Fingerprint | None = None
+
+    @property
+    def expected_sha256(self) -> str | None:
+        """The verified sha256, else the reported one, else None (trusted on first use)."""
+        return self.sha256 or (self.reported.sha256 if self.reported else None)
+
+    @property
+    def expected_size(self) -> int | None:
+        """The verified size, else the reported one, else None."""
+        return self.size or (self.reported.size if self.reported else None)
+
+    @property
+    def sha256_provenance(self) -> str | None:
+        """``"verified"``, ``"reported"`` or None: where ``expected_sha256`` comes from."""
+        if self.sha256 is not None:
+            return "verified"
+        return "reported" if self.expected_sha256 is not None else None
 
 
 @dataclass(frozen=True)
@@ -115,7 +176,12 @@ _ENTRY_FIELDS = {
 _OPTIONAL_ENTRY_FIELDS = {"default": bool}
 _FILE_FIELDS = {"filename": str, "format": str, "sha256": (str, type(None)),
                 "size": (int, type(None)), "sources": list}
-_OPTIONAL_FILE_FIELDS = {"key_map": dict}
+_OPTIONAL_FILE_FIELDS = {"key_map": dict, "reported": dict, "fingerprint": dict}
+_REPORTED_FIELDS = {"note": str}
+_OPTIONAL_REPORTED_FIELDS = {"sha256": str, "size": int}
+_FINGERPRINT_FIELDS = {"tensor": str, "l2_norm": (int, float), "rtol": (int, float),
+                       "verified": bool}
+_OPTIONAL_FINGERPRINT_FIELDS = {"note": str}
 _SOURCE_FIELDS = {"url": str, "repo_id": str, "filename": str, "revision": str}
 _KEY_MAP_FIELDS = {"state_dict_key": (str, type(None)), "strip_prefixes": list, "drop": list}
 _PREPROCESSING_FIELDS = {"input_size": int, "mean": list, "std": list}
@@ -170,8 +236,7 @@ def _parse_file(where: str, data: Any) -> WeightsFile:
                             f"(or null when not yet pinned), got {data['sha256']!r}")
     if data["size"] is not None and data["size"] <= 0:
         raise ManifestError(f"{where}.size: must be positive, got {data['size']}")
-    if "/" in data["filename"] or data["filename"] in ("", ".", ".."):
-        raise ManifestError(f"{where}.filename: a plain file name, got {data['filename']!r}")
+    _check_filename(f"{where}.filename", data["filename"])
     if not data["sources"]:
         raise ManifestError(f"{where}.sources: list at least one source")
     sources = tuple(_parse_source(f"{where}.sources[{i}]", s)
@@ -189,7 +254,49 @@ def _parse_file(where: str, data: Any) -> WeightsFile:
         key_map=KeyMap(state_dict_key=key_map.get("state_dict_key"),
                        strip_prefixes=tuple(key_map.get("strip_prefixes", ())),
                        drop=tuple(key_map.get("drop", ()))),
+        reported=_parse_reported(f"{where}.reported", data["reported"])
+        if "reported" in data else None,
+        fingerprint=_parse_fingerprint(f"{where}.fingerprint", data["fingerprint"])
+        if "fingerprint" in data else None,
     )
+
+
+def _check_filename(where: str, name: str) -> None:
+    """A plain file name the cache can add suffixes to: no folders, no control characters."""
+    if name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise ManifestError(f"{where}: a plain file name, got {name!r}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ManifestError(f"{where}: contains a control character: {name!r}")
+    if len(name.encode("utf-8")) > MAX_FILENAME_BYTES:
+        raise ManifestError(f"{where}: at most {MAX_FILENAME_BYTES} bytes, got "
+                            f"{len(name.encode('utf-8'))} ({name[:40]!r}...)")
+
+
+def _parse_reported(where: str, data: Any) -> Reported:
+    _check_fields(where, data, _REPORTED_FIELDS, _OPTIONAL_REPORTED_FIELDS)
+    if "sha256" not in data and "size" not in data:
+        raise ManifestError(f"{where}: give 'sha256', 'size' or both (with the 'note' saying "
+                            "who reported them)")
+    if "sha256" in data and not _SHA256.match(data["sha256"]):
+        raise ManifestError(f"{where}.sha256: must be the full 64-hex lower-case sha256, got "
+                            f"{data['sha256']!r}")
+    if "size" in data and data["size"] <= 0:
+        raise ManifestError(f"{where}.size: must be positive, got {data['size']}")
+    if not data["note"].strip():
+        raise ManifestError(f"{where}.note: say who reported these numbers")
+    return Reported(note=data["note"], sha256=data.get("sha256"), size=data.get("size"))
+
+
+def _parse_fingerprint(where: str, data: Any) -> Fingerprint:
+    _check_fields(where, data, _FINGERPRINT_FIELDS, _OPTIONAL_FINGERPRINT_FIELDS)
+    if not data["l2_norm"] > 0:
+        raise ManifestError(f"{where}.l2_norm: must be positive, got {data['l2_norm']!r}")
+    if not 0 < data["rtol"] < 1:
+        raise ManifestError(f"{where}.rtol: a relative tolerance in (0, 1), got "
+                            f"{data['rtol']!r}")
+    return Fingerprint(tensor=data["tensor"], l2_norm=float(data["l2_norm"]),
+                       rtol=float(data["rtol"]), verified=data["verified"],
+                       note=data.get("note", ""))
 
 
 def _parse_preprocessing(where: str, data: Any) -> Preprocessing:
@@ -239,14 +346,60 @@ def parse_entry(name: str, data: Any, *, manifest_path: Path | None = None) -> M
 
 
 def read_manifest_json(path: str | os.PathLike) -> Any:
-    """A manifest file's raw JSON; ManifestError when it is missing or not JSON."""
+    """A manifest file's raw JSON; ManifestError when it is missing, unreadable, not JSON,
+    has a duplicate key in one object or is nested more than ``MAX_DEPTH`` levels."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ManifestError(f"Manifest {path} does not exist (check HISTOHUB_MANIFEST)") from None
+    except (OSError, ValueError) as error:  # a NUL in the path, a name too long, not UTF-8
+        raise ManifestError(f"Manifest {str(path)[:300]!r} cannot be read: "
+                            f"{type(error).__name__}: {error} (check HISTOHUB_MANIFEST)"
+                            ) from None
+    try:
+        data = json.loads(text, object_pairs_hook=_refuse_duplicates)
+    except _DuplicateKey as error:
+        raise ManifestError(f"Manifest {path}: duplicate key {error.args[0]!r} in one object; "
+                            "JSON would silently keep the last one, so remove one of them"
+                            ) from None
     except json.JSONDecodeError as error:
         raise ManifestError(f"Manifest {path} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ManifestError(f"Manifest {path} is nested too deeply to parse; a manifest is "
+                            f"nested at most {MAX_DEPTH} levels") from None
+    if _depth(data) > MAX_DEPTH:
+        raise ManifestError(f"Manifest {path} is nested more than {MAX_DEPTH} levels; no "
+                            "manifest field needs that")
+    return data
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+def _depth(data: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, level = stack.pop()
+        children = (value.values() if isinstance(value, dict)
+                    else value if isinstance(value, list) else None)
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if level <= MAX_DEPTH:
+            stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, ModelEntry]:

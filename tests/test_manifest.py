@@ -86,6 +86,35 @@ def test_shipped_entry_is_valid(name):
                 assert source["url"].startswith("https://"), f"{where}: {source['url']}"
 
 
+def test_upstream_facts_are_recorded_as_reported_not_verified():
+    """Issue 10, item 6: sizes, the independently reported sha256 and the conv1 norm are in
+    the manifest with their provenance; nothing in it claims histohub verified them."""
+    native, lightning = SHIPPED["models"]["resnet18-ssl"]["weights"]
+    assert (native["sha256"], native["size"]) == (None, None)  # not verified by histohub
+    assert native["reported"]["size"] == 46_104_139
+    assert native["reported"]["sha256"] == ("ae652d1a586c1be11b8ed7f4033094a98ac9c620"
+                                            "e43a28998c6c86d248e750ab")
+    assert "independent" in native["reported"]["note"]
+    assert native["fingerprint"] == {**native["fingerprint"], "tensor": "conv1.weight",
+                                     "l2_norm": 12.58, "verified": False}
+    assert 0 < native["fingerprint"]["rtol"] <= 0.05  # far from ImageNet's 29.24
+    assert lightning["reported"]["size"] == 92_148_628
+    entry = parse_entry("resnet18-ssl", SHIPPED["models"]["resnet18-ssl"])
+    assert entry.weights[0].expected_size == 46_104_139
+    assert entry.weights[0].expected_sha256 == native["reported"]["sha256"]
+    assert entry.weights[0].sha256_provenance == "reported"
+    assert entry.weights[1].expected_size == 92_148_628
+    assert entry.weights[1].expected_sha256 is None
+
+
+def test_verified_pin_takes_precedence_over_reported_values():
+    data = entry_data()
+    data["weights"][0].update(sha256="ab" * 32, size=1234)
+    file = parse_entry("resnet18-ssl", data).weights[0]
+    assert (file.expected_sha256, file.expected_size) == ("ab" * 32, 1234)
+    assert file.sha256_provenance == "verified"
+
+
 def test_packaged_and_root_manifests_have_identical_content():
     assert MANIFEST_PATH.read_bytes() == ROOT_MANIFEST.read_bytes()
 
@@ -195,6 +224,26 @@ BAD_ENTRIES = {
     "unknown interpolation": (_set("preprocessing.interpolation", "lanczos"),
                               r"preprocessing\.interpolation"),
     "recipe as string": (_set("recipe", "SimCLR"), r"\.recipe: wrong type"),
+    "filename with NUL": (_set("weights.0.filename", "model\x00.ckpt"),
+                          r"weights\[0\]\.filename.*control character"),
+    "filename of 300 characters": (_set("weights.0.filename", "m" * 296 + ".pth"),
+                                   r"weights\[0\]\.filename.*at most 200 bytes"),
+    "filename with backslash": (_set("weights.0.filename", "..\\x.ckpt"),
+                                r"weights\[0\]\.filename"),
+    "reported without note": (_set("weights.0.reported", {"size": 5}),
+                              r"reported.*missing.*note"),
+    "reported with nothing": (_set("weights.0.reported", {"note": "a user"}),
+                              r"reported: give 'sha256', 'size' or both"),
+    "reported sha256 prefix": (_set("weights.0.reported.sha256", "ae652d1a"),
+                               r"reported\.sha256"),
+    "reported size zero": (_set("weights.0.reported.size", 0), r"reported\.size"),
+    "fingerprint zero rtol": (_set("weights.0.fingerprint.rtol", 0), r"fingerprint\.rtol"),
+    "fingerprint negative norm": (_set("weights.0.fingerprint.l2_norm", -1.0),
+                                  r"fingerprint\.l2_norm"),
+    "fingerprint unknown field": (_set("weights.0.fingerprint.mean", 1.0),
+                                  r"fingerprint.*unknown.*mean"),
+    "fingerprint verified as text": (_set("weights.0.fingerprint.verified", "no"),
+                                     r"fingerprint\.verified: wrong type"),
 }
 
 
@@ -235,6 +284,38 @@ def test_malformed_manifest_file_is_refused(tmp_path, document, message):
     path.write_text(json.dumps(document), encoding="utf-8")
     with pytest.raises(ManifestError, match=message):
         read_manifest(path)
+
+
+def test_deeply_nested_manifest_is_a_manifest_error(tmp_path):
+    """Nesting deep enough for a RecursionError in the JSON parser broke every command."""
+    path = tmp_path / "deep.json"
+    path.write_text('{"schema_version": 1, "models": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                    encoding="utf-8")
+    with pytest.raises(ManifestError, match=r"deep\.json.*nested"):
+        read_manifest(path)
+    data = entry_data()
+    recipe: dict = data["recipe"]
+    for _ in range(100):  # parses, but nothing in a manifest is nested this deep
+        recipe["more"] = {}
+        recipe = recipe["more"]
+    write_manifest(path, {"org-model": data})
+    with pytest.raises(ManifestError, match=r"deep\.json.*nested more than 32"):
+        read_manifest(path)
+
+
+def test_duplicate_keys_are_refused_naming_the_key(tmp_path):
+    path = tmp_path / "dup.json"
+    text = json.dumps({"schema_version": 1, "models": {"org-model": entry_data()}}, indent=1)
+    path.write_text(text.replace('"arch": "resnet18",', '"arch": "resnet50", "arch": "resnet18",'),
+                    encoding="utf-8")
+    with pytest.raises(ManifestError, match=r"dup\.json.*duplicate key 'arch'"):
+        read_manifest(path)
+
+
+@pytest.mark.parametrize("name", ["bad\x00name.json", "m" * 300 + ".json"], ids=["nul", "long"])
+def test_unusable_manifest_path_is_a_manifest_error(tmp_path, name):
+    with pytest.raises(ManifestError, match="cannot be read"):
+        read_manifest(tmp_path / name)
 
 
 def test_invalid_json_names_the_file(tmp_path):
