@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cli_errors import run_reporting_errors  # noqa: E402
 from simclr.config import load_config  # noqa: E402
 from simclr.train import resume_config, train  # noqa: E402
 
@@ -41,16 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return run_reporting_errors(run, args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train as ``args`` say; returns the exit code."""
     if args.resume:
         if not args.out:
-            print("--resume needs --out (the run folder to continue)", file=sys.stderr)
-            return 2
+            raise ValueError("--resume needs --out (the run folder to continue)")
         config = resume_config(args.out, args.overrides)
     else:
         if not args.config:
-            print("give --config NAME (paper_resnet18, cpu_resnet18, smoke) or a JSON path",
-                  file=sys.stderr)
-            return 2
+            raise ValueError("give --config NAME (paper_resnet18, cpu_resnet18, smoke) or a "
+                             "JSON path")
         config = load_config(args.config, args.overrides)
     out = args.out or str(Path("runs") / config.name)
     losses = train(config, out, resume=args.resume, progress=not args.no_progress)

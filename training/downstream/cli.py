@@ -14,8 +14,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from histohub.errors import HistohubError
-
+from ..cli_errors import run_reporting_errors
 from . import datasets as ds
 from .encoders import resolve_encoders
 from .protocols import TASKS, Protocol, prepare, protocol_json, run_protocol
@@ -100,11 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return run(args, argv)
-    except (HistohubError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(run, args, argv)
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:

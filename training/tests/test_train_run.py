@@ -193,3 +193,24 @@ def test_config_overrides_and_resume_rules(tmp_path, tiles):
     (tmp_path / "checkpoint.pt").write_bytes(b"")
     with pytest.raises(FileExistsError, match="--resume"):
         train(_config(tiles), tmp_path, progress=False)
+
+
+def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, tiles, capsys):
+    """A careless user's input gets run_benchmark.py's answer: one line, exit code 2."""
+    run_pretrain = _load_script("run_pretrain")
+    missing = tmp_path / "no-such-folder"
+    argv = ["--config", "smoke", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert run_pretrain.main([*argv, f"data.datasets={json.dumps([str(missing)])}"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: Dataset folder {missing} does not exist\n"
+    assert run_pretrain.main(["--config", "no_such_config"]) == 2
+    assert capsys.readouterr().err.startswith("error: No config 'no_such_config'")
+    assert run_pretrain.main(["--config", "smoke", "optim.name=sgd"]) == 2
+    assert "choose lars, lamb or adam" in capsys.readouterr().err
+    assert run_pretrain.main(["--resume", "--out", str(missing)]) == 2
+    assert "a run folder?" in capsys.readouterr().err
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "checkpoint.pt").write_bytes(b"")
+    assert run_pretrain.main(["--config", "smoke", "--out", str(tmp_path / "done"),
+                              f"data.datasets={json.dumps([str(tiles)])}"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
