@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ._manifest import KeyMap
-from .errors import CheckpointError, KeyMappingError, UnsafeCheckpointError
+from .errors import CheckpointError, InputNotFoundError, KeyMappingError, UnsafeCheckpointError
 
 
 class LightningCallback:
@@ -55,11 +55,19 @@ DEFAULT_KEY_MAP = KeyMap(
     drop=(r"^fc\.", r"^projection_head\.", r"^head\."),
 )
 
+#: The dtypes an encoder's weights may have: they are cast to the model's on loading.
+FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: ... and BatchNorm's ``num_batches_tracked`` counters (int64 as torch writes them).
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
 
 def sniff_format(path: Path) -> str:
     """``"safetensors"`` or ``"torch"`` (zip or legacy pickle), from the file's first bytes."""
-    with open(path, "rb") as handle:
-        head = handle.read(9)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+    except OSError as error:  # no permission, an I/O error
+        raise CheckpointError(f"{path} cannot be read ({error.strerror or error})") from None
     # safetensors first: its 8-byte header length may itself start with 0x80 or "PK".
     if len(head) == 9 and head[8:9] == b"{":
         return "safetensors"
@@ -75,8 +83,11 @@ def read_checkpoint(path: str | os.PathLike, *, format: str | None = None) -> di
     ``format``: ``"safetensors"``, ``"torch"`` or ``"lightning"``; sniffed when None.
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputNotFoundError(f"{path} is a folder, not a checkpoint file; give the "
+                                 ".safetensors, .pt or .ckpt file inside it")
     if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint {path} does not exist")
+        raise InputNotFoundError(f"Checkpoint {path} does not exist")
     format = format or sniff_format(path)
     if format == "safetensors":
         from safetensors import SafetensorError
@@ -128,7 +139,8 @@ def map_state_dict(checkpoint: Mapping, key_map: KeyMap, expected: Mapping[str, 
     """Apply ``key_map`` and check the result fills ``expected`` exactly (names and shapes).
 
     Raises KeyMappingError naming missing, unexpected and mis-shaped keys: a partial load
-    (the upstream loader's silent failure) cannot happen. The one tolerance: BatchNorm's
+    (the upstream loader's silent failure) cannot happen; CheckpointError naming a tensor
+    whose dtype an encoder cannot hold (bool, integer, complex: see :func:`_check_dtypes`). The one tolerance: BatchNorm's
     ``num_batches_tracked`` counters, absent from very old checkpoints and unused at
     inference, are filled with zeros.
     """
@@ -158,7 +170,23 @@ def map_state_dict(checkpoint: Mapping, key_map: KeyMap, expected: Mapping[str, 
     if missing or unexpected or mis_shaped or not_tensors:
         raise KeyMappingError(_mapping_report(missing, unexpected, mis_shaped, not_tensors,
                                               len(expected)))
+    _check_dtypes(mapped)
     return mapped
+
+
+def _check_dtypes(state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse tensors an encoder cannot hold: :data:`FLOATING_DTYPES` only, and integers
+    also for BatchNorm's ``num_batches_tracked`` counters. Bool and integer weights would
+    otherwise fail inside ``load_state_dict``, and complex ones only at the first forward."""
+    for key, value in state.items():
+        allowed = FLOATING_DTYPES
+        if key.endswith("num_batches_tracked"):
+            allowed += INTEGER_DTYPES
+        if value.dtype not in allowed:
+            raise CheckpointError(
+                f"Checkpoint tensor {key!r} has dtype {value.dtype}; it must be one of "
+                f"{', '.join(str(d).removeprefix('torch.') for d in allowed)}. Nothing was "
+                "loaded: is this the right file?")
 
 
 def _mapping_report(missing, unexpected, mis_shaped, not_tensors, total) -> str:

@@ -83,3 +83,7 @@ def require(module: str, *, extra: str, purpose: str):
             f"{purpose} needs the optional dependency {module!r}. "
             f"Install it with: pip install 'histohub[{extra}]'"
         ) from error
+
+
+class InputNotFoundError(HistohubError, FileNotFoundError):
+    """A file given as input does not exist, or is a folder where a file is expected."""

@@ -14,6 +14,7 @@ import builtins
 import hashlib
 import os
 import pickle
+import re
 import sys
 import types
 from contextlib import contextmanager
@@ -27,7 +28,8 @@ from safetensors.torch import save_file
 import histohub
 from histohub._checkpoint import DEFAULT_KEY_MAP, map_state_dict, read_checkpoint
 from histohub._manifest import KeyMap, get_entry
-from histohub.errors import CheckpointError, KeyMappingError, UnsafeCheckpointError
+from histohub.errors import (CheckpointError, HistohubError, KeyMappingError,
+                             UnsafeCheckpointError)
 
 UPSTREAM_KEY_MAP = get_entry("resnet18-ssl").weights[0].key_map
 
@@ -445,3 +447,55 @@ def test_safetensors_whose_header_length_looks_like_a_pickle(tmp_path):
 def test_missing_file_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError):
         read_checkpoint(tmp_path / "absent.ckpt")
+
+
+@pytest.mark.parametrize("where", ["absent.ckpt", "."], ids=["missing", "folder"])
+def test_missing_file_or_folder_is_a_histohub_error(tmp_path, where):
+    """Caught by the CLI's handler (a one-line message), and still a FileNotFoundError."""
+    with pytest.raises(HistohubError, match="does not exist" if where != "." else "folder"
+                       ) as caught:
+        read_checkpoint(tmp_path / where)
+    assert isinstance(caught.value, FileNotFoundError)
+
+
+def test_unreadable_file_is_a_checkpoint_error(tmp_path):
+    path = tmp_path / "locked.pt"
+    torch.save({"x": torch.zeros(1)}, path)
+    path.chmod(0)
+    if os.access(path, os.R_OK):
+        pytest.skip("running as root: permissions are not enforced")
+    with pytest.raises(CheckpointError, match="locked.pt"):
+        read_checkpoint(path)
+
+
+# --------------------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.complex64, torch.int64, torch.uint8])
+@pytest.mark.parametrize("key", ["layer1.0.conv1.weight", "bn1.running_var"])
+def test_weights_that_are_not_floating_point_are_refused_at_load(resnet18_state, dtype, key):
+    """Before, bool or integer weights failed inside load_state_dict and complex ones only
+    at the first forward pass."""
+    state = dict(resnet18_state, **{key: resnet18_state[key].to(dtype)})
+    with pytest.raises(CheckpointError, match=rf"{re.escape(key)}.*{dtype}"):
+        map_state_dict(state, KeyMap(), shapes("resnet18"))
+
+
+def test_refused_dtype_through_load_pretrained(tmp_path, resnet18_state):
+    state = {k: v.to(torch.complex64) if k == "conv1.weight" else v
+             for k, v in resnet18_state.items()}
+    save_file(state, tmp_path / "complex.safetensors")
+    with pytest.raises(CheckpointError, match=r"conv1\.weight.*complex64"):
+        histohub.load_pretrained(tmp_path / "complex.safetensors", arch="resnet18")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_floating_weights_and_integer_batch_counts_are_accepted(resnet18_state, dtype):
+    state = {k: v.to(dtype) if v.is_floating_point() else v.to(torch.int32)
+             for k, v in resnet18_state.items()}
+    mapped = map_state_dict(state, KeyMap(), shapes("resnet18"))
+    assert mapped["conv1.weight"].dtype == dtype
+    assert mapped["bn1.num_batches_tracked"].dtype == torch.int32
+    bool_count = dict(resnet18_state, **{"bn1.num_batches_tracked": torch.tensor(True)})
+    with pytest.raises(CheckpointError, match="bn1.num_batches_tracked.*torch.bool"):
+        map_state_dict(bool_count, KeyMap(), shapes("resnet18"))
