@@ -7,17 +7,20 @@
         "import histohub; print(histohub.load_pretrained('my-resnet18-ssl'))"
 
 The projection head is dropped (it is not part of the encoder, paper section 3.1); the
-backbone keys are torchvision's, checked strictly against the architecture. The entry is
-validated with histohub's own manifest parser before anything is written, and every file
-is written to a temporary name and renamed.
+backbone keys are torchvision's, checked strictly against the architecture. Every input
+(the name, the folders, the manifest, the checkpoint) is checked and the entry is validated
+with histohub's own manifest parser before anything is written; every file is written to a
+temporary name and renamed. Nothing already there is replaced without ``--force``.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,17 +29,62 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from histohub._checkpoint import map_state_dict  # noqa: E402
-from histohub._download import sha256_file  # noqa: E402
+from cli_errors import run_reporting_errors  # noqa: E402
+from histohub._checkpoint import map_state_dict, read_checkpoint  # noqa: E402
 from histohub._manifest import MANIFEST_PATH, SCHEMA_VERSION, KeyMap, parse_entry  # noqa: E402
-from histohub._manifest import read_manifest  # noqa: E402
+from histohub._manifest import read_manifest, read_manifest_json  # noqa: E402
+from histohub.errors import CheckpointError  # noqa: E402
 from histohub.models import FEATURE_DIMS, build_encoder  # noqa: E402
-from simclr.checkpoint import load_checkpoint  # noqa: E402
+from simclr.checkpoint import FORMAT_VERSION  # noqa: E402
+from simclr.config import config_from_dict  # noqa: E402
 
 PAPER_CITATION = ("Ciga O, Xu T, Martel AL. Self supervised contrastive learning for digital "
                   "histopathology. Machine Learning with Applications 7:100198 (2022). "
                   "doi:10.1016/j.mlwa.2021.100198")
 BACKBONE_KEY_MAP = KeyMap(strip_prefixes=("backbone.",), drop=(r"^projection_head\.",))
+#: --name: histohub's rule for model names (lower-case letters, digits, '-' and '.', first a
+#: letter or digit), and no "..": the name becomes ``<out>/<name>.safetensors``.
+_NAME = re.compile(r"[a-z0-9][a-z0-9.\-]*")
+MAX_NAME_LENGTH = 64
+
+
+def check_name(name: str) -> str:
+    """``name``, if it is a safe model and file name; else ValueError saying what is."""
+    if not _NAME.fullmatch(name) or ".." in name or len(name) > MAX_NAME_LENGTH:
+        raise ValueError(f"--name {name[:80]!r}: use lower-case letters, digits, '-' and '.', "
+                         f"starting with a letter or digit, no '..', at most "
+                         f"{MAX_NAME_LENGTH} characters (e.g. my-resnet18-ssl)")
+    return name
+
+
+def check_folder(path: Path, option: str) -> None:
+    """Refuse a folder that could not be created or written: ``path`` or the nearest
+    existing folder above it is a file, or is not writable."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{option} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: no permission to write in {existing}")
+
+
+def read_training_checkpoint(path: Path) -> dict:
+    """A ``run_pretrain.py`` checkpoint, read as data (histohub's loader: nothing runs).
+
+    Raises FileNotFoundError for a missing path or a folder, CheckpointError for a file
+    that is not such a checkpoint, ValueError for a config histohub cannot export.
+    """
+    checkpoint = read_checkpoint(path, format="torch")
+    missing = {"format_version", "model", "config", "epoch", "global_step"} - set(checkpoint)
+    if missing or checkpoint["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} is not a training checkpoint of run_pretrain.py (format_version "
+            f"{checkpoint.get('format_version')!r}, missing {sorted(missing)}); give the "
+            "checkpoint.pt of a run folder")
+    arch = config_from_dict(checkpoint["config"]).model.arch  # validates the whole config
+    if arch not in FEATURE_DIMS:
+        raise ValueError(f"{path}: model.arch={arch!r} is not one histohub serves "
+                         f"({', '.join(FEATURE_DIMS)})")
+    return checkpoint
 
 
 def backbone_state(checkpoint: dict, arch: str) -> dict[str, torch.Tensor]:
@@ -47,22 +95,21 @@ def backbone_state(checkpoint: dict, arch: str) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def write_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
-                      ) -> None:
-    from safetensors.torch import save_file
-
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary name beside ``path``, then rename it onto ``path``."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        save_file(state, str(tmp), metadata=metadata)
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    _write_atomically(path, text.encode("utf-8"))
 
 
 def _last_loss(run_folder: Path, step: int) -> float | None:
@@ -137,18 +184,30 @@ def build_entry(checkpoint: dict, *, weights_path: Path, sha256: str, size: int,
     return entry
 
 
-def write_manifest(path: Path, name: str, entry: dict, *, force: bool) -> None:
-    """Add (or with ``force`` replace) ``name`` in the manifest at ``path``, atomically."""
-    packaged = read_manifest(MANIFEST_PATH)
-    if name in packaged:
+def manifest_data(path: Path, name: str, *, force: bool) -> dict[str, Any]:
+    """The JSON of the manifest at ``path`` to add ``name`` to (a new one if absent).
+
+    Refuses a name histohub ships, a name the manifest lists already (unless ``force``),
+    a manifest that is invalid or a folder, before anything is written.
+    """
+    if name in read_manifest(MANIFEST_PATH):
         raise ValueError(f"{name!r} is a model histohub ships; choose another --name")
-    data = {"schema_version": SCHEMA_VERSION, "models": {}}
-    if path.is_file():
-        read_manifest(path)  # refuse to extend a manifest that is already invalid
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if name in data["models"] and not force:
-            raise ValueError(f"{path} already lists {name!r}; pass --force to replace it")
+    if path.is_dir():
+        raise ValueError(f"--manifest {path} is a folder; give the JSON file to add to")
+    if not path.exists():
+        check_folder(path.parent, "--manifest")
+        return {"schema_version": SCHEMA_VERSION, "models": {}}
+    read_manifest(path)  # refuse to extend a manifest that is already invalid
+    data = read_manifest_json(path)
+    if name in data["models"] and not force:
+        raise ValueError(f"{path} already lists {name!r}; pass --force to replace it")
+    return data
+
+
+def write_manifest(path: Path, data: dict[str, Any], name: str, entry: dict) -> None:
+    """Add (or replace) ``name`` in ``data`` and write it to ``path``, atomically."""
     data["models"][name] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
     _write_text(path, json.dumps(data, indent=2) + "\n")
     read_manifest(path)
 
@@ -212,34 +271,53 @@ def export(checkpoint_path: str | os.PathLike, *, name: str, out: str | os.PathL
            manifest: str | os.PathLike | None = None, url: str | None = None,
            license: str = "unspecified", description: str | None = None,
            force: bool = False) -> dict[str, Any]:
-    """Export ``checkpoint_path``; returns the manifest entry written. See the module doc."""
+    """Export ``checkpoint_path``; returns the manifest entry written. See the module doc.
+
+    Every input is checked before the first byte is written: ValueError (or
+    FileNotFoundError, a histohub error) says which one is wrong.
+    """
+    check_name(name)
     checkpoint_path = Path(checkpoint_path)
-    checkpoint = load_checkpoint(checkpoint_path)
-    arch = checkpoint["config"]["model"]["arch"]
     out = Path(out) if out else checkpoint_path.parent / "export"
-    out.mkdir(parents=True, exist_ok=True)
+    check_folder(out, "--out")
     manifest_path = Path(manifest) if manifest else out / "manifest.json"
+    data = manifest_data(manifest_path, name, force=force)
+    weights_path, card_path = out / f"{name}.safetensors", out / f"{name}.md"
+    for path in (weights_path, card_path):
+        if path.exists() and not force:
+            raise ValueError(f"{path} exists already; pass --force to replace it")
+    checkpoint = read_training_checkpoint(checkpoint_path)
+    arch = checkpoint["config"]["model"]["arch"]
     state = backbone_state(checkpoint, arch)
+    weights = _serialize(state, {"arch": arch, "name": name, "epochs": str(checkpoint["epoch"])})
     parameters = sum(v.numel() for k, v in state.items()
                      if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
-    weights_path = out / f"{name}.safetensors"
-    write_safetensors(state, weights_path, {"arch": arch, "name": name,
-                                            "epochs": str(checkpoint["epoch"])})
-    final_loss = _last_loss(checkpoint_path.parent, checkpoint["global_step"])
     entry = build_entry(checkpoint, weights_path=weights_path,
-                        sha256=sha256_file(weights_path), size=weights_path.stat().st_size,
+                        sha256=hashlib.sha256(weights).hexdigest(), size=len(weights),
                         parameters=parameters, url=url, license=license,
-                        description=description, final_loss=final_loss)
-    parse_entry(name, entry)  # histohub's validation, before the manifest is touched
-    write_manifest(manifest_path, name, entry, force=force)
-    _write_text(out / f"{name}.md", model_card(name, entry, manifest_path))
+                        description=description,
+                        final_loss=_last_loss(checkpoint_path.parent, checkpoint["global_step"]))
+    parse_entry(name, entry)  # histohub's own validation, still before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomically(weights_path, weights)
+    write_manifest(manifest_path, data, name, entry)
+    _write_text(card_path, model_card(name, entry, manifest_path))
     return entry
+
+
+def _serialize(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors file of ``state``, in memory (to hash it before writing it)."""
+    from safetensors.torch import save
+
+    return save(state, metadata=metadata)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Export a training checkpoint for histohub.")
     parser.add_argument("checkpoint", help="checkpoint.pt of a run_pretrain.py run")
-    parser.add_argument("--name", required=True, help="model name (lower-case, digits, - and .)")
+    parser.add_argument("--name", required=True,
+                        help=f"model name: lower-case letters, digits, - and ., at most "
+                             f"{MAX_NAME_LENGTH} characters")
     parser.add_argument("--out", help="output folder (default: <run folder>/export)")
     parser.add_argument("--manifest", help="manifest JSON to add the entry to "
                                            "(default: <out>/manifest.json)")
@@ -248,8 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--license", default="unspecified",
                         help="licence of the weights (mind the training data's licences)")
     parser.add_argument("--description", help="one-line description for the manifest")
-    parser.add_argument("--force", action="store_true", help="replace an existing entry")
-    args = parser.parse_args(argv)
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing entry and its files")
+    return run_reporting_errors(run, parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export as ``args`` say and print how to use the result; returns the exit code."""
     entry = export(args.checkpoint, name=args.name, out=args.out, manifest=args.manifest,
                    url=args.url, license=args.license, description=args.description,
                    force=args.force)

@@ -130,13 +130,14 @@ def test_resume_repeats_the_uninterrupted_run_exactly(finished, tiles, tmp_path)
 def test_export_loads_through_the_manifest(finished, tmp_path, monkeypatch):
     import histohub
     from histohub import _manifest
+    from histohub._download import sha256_file
 
     out, _ = finished
     export = _load_script("export")
     entry = export.export(out / "checkpoint.pt", name="smoke-resnet18", out=tmp_path / "exp",
                           license="CC BY 4.0")
     weights = tmp_path / "exp" / "smoke-resnet18.safetensors"
-    assert entry["weights"][0]["sha256"] == histohub._download.sha256_file(weights)
+    assert entry["weights"][0]["sha256"] == sha256_file(weights)
     assert entry["recipe"]["backbone_parameters"] == 11_176_512
     assert "projection_head" not in json.dumps(list(
         __import__("safetensors.torch").torch.load_file(weights)))
