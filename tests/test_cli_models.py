@@ -205,3 +205,42 @@ def test_convert_with_wrong_arch_names_the_keys_and_writes_nothing(capsys, legac
     assert "missing" in err and "layer1.0.conv3.weight" in err
     assert not out.exists()
     assert run(capsys, "convert", str(legacy_ckpt), str(tmp_path / "x.pt"))[0] == 2
+
+
+def test_convert_careless_paths_are_one_line_errors(capsys, legacy_ckpt, tmp_path):
+    """Before, IN missing or a folder gave a FileNotFoundError traceback, and so did OUT
+    being a folder or lying under a file."""
+    out = tmp_path / "out.safetensors"
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "folder.safetensors").mkdir()
+    for argv, says in [
+        ((str(tmp_path / "missing.pt"), str(out)), "missing.pt does not exist"),
+        ((str(tmp_path), str(out)), "is a folder, not a checkpoint file"),
+        ((str(legacy_ckpt), str(tmp_path / "folder.safetensors")), "is a folder"),
+        ((str(legacy_ckpt), str(tmp_path / "a-file" / "x.safetensors")),
+         "a-file is a file, not a folder"),
+    ]:
+        code, _, err = run(capsys, "convert", *argv)
+        assert code == 2 and says in err and err.count("\n") == 1, err
+        assert err.startswith("histohub convert: error: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "folder.safetensors"]
+
+
+def test_convert_write_failure_is_one_line_and_leaves_nothing(capsys, legacy_ckpt, tmp_path,
+                                                              monkeypatch):
+    from safetensors import torch as safetensors_torch
+
+    def full_disk(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors_torch, "save_file", full_disk)
+    out = tmp_path / "out.safetensors"
+    code, _, err = run(capsys, "convert", str(legacy_ckpt), str(out))
+    assert code == 2 and "No space left on device" in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pin_with_a_folder_as_manifest_is_one_line(capsys, served_model, tmp_path):
+    code, _, err = run(capsys, "pin", "cli-unpinned", "--manifest", str(tmp_path))
+    assert code == 2 and str(tmp_path) in err and err.count("\n") == 1, err

@@ -213,15 +213,29 @@ def _write_text_atomically(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------- convert
 
 
+def _output_problem(output: Path) -> str | None:
+    """Why ``output`` cannot be written, or None: checked before any work is done."""
+    if output.suffix != ".safetensors":
+        return f"OUT must end in .safetensors, got {output}"
+    if output.is_dir():
+        return f"OUT {output} is a folder; give the file to write, e.g. {output}/model.safetensors"
+    existing = next(p for p in output.parents if p.exists())
+    if not existing.is_dir():
+        return f"cannot create {output}: {existing} is a file, not a folder"
+    return None
+
+
 def _convert(args: argparse.Namespace) -> int:
+    from safetensors import SafetensorError
+
     from .._checkpoint import DEFAULT_KEY_MAP, read_checkpoint
     from .._download import fetch_weights, sha256_file
     from .._manifest import load_manifest
 
     output: Path = args.output
-    if output.suffix != ".safetensors":
-        print(f"histohub convert: error: OUT must end in .safetensors, got {output}",
-              file=sys.stderr)
+    problem = _output_problem(output)
+    if problem:
+        print(f"histohub convert: error: {problem}", file=sys.stderr)
         return 2
     entries = load_manifest()
     if args.input in entries and not Path(args.input).exists():
@@ -239,7 +253,11 @@ def _convert(args: argparse.Namespace) -> int:
     arch, state = _fit(checkpoint, key_map, args.arch, archs)
     metadata = {"format": "pt", "histohub_arch": arch, "source_file": source.name,
                 "source_sha256": sha256_file(source)}
-    _save_safetensors(state, output, metadata)
+    try:
+        _save_safetensors(state, output, metadata)
+    except (OSError, SafetensorError) as error:  # a full disk, no permission
+        print(f"histohub convert: error: cannot write {output}: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {output}: {arch} backbone, {len(state)} tensors, sha256 {sha256_file(output)}")
     return 0
 
