@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import HistohubError, require
+from .errors import HistohubError, InputNotFoundError, require
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,9 @@ BLOCK_ROWS: int | None = None        # or a fixed number of rows (tests)
 MAX_OVERLAY_COLOURS = 20             # tab20: beyond this, colours stop being distinct
 DEFAULT_MONTAGE_ROWS = 32
 SMALL_STEP = 1 << 26                 # mini-batch steps below this many multiply-adds: 1 thread
+MAX_SEED = 2**32 - 1                 # scikit-learn's random_state range is [0, 2**32 - 1]
+MAX_MONTAGE_PX = 1 << 15             # montage canvas side; matplotlib's PNG limit is 2**16
+MONTAGE_PATCH_PX = 96                # side of each patch in the montage
 
 
 class ClusteringError(HistohubError, ValueError):
@@ -94,8 +97,11 @@ def _attr_str(attrs, name: str) -> str | None:
 
 def _read_one(path: Path) -> FeatureFile:
     h5py = require("h5py", extra="cluster", purpose="reading feature files")
+    if path.is_dir():
+        raise InputNotFoundError(f"{str(path)!r} is a folder; give the .h5 files in it (the "
+                                 "command line takes folders and globs).")
     if not path.is_file():
-        raise FileNotFoundError(f"Feature file {str(path)!r} does not exist.")
+        raise InputNotFoundError(f"Feature file {str(path)!r} does not exist.")
     try:
         handle = h5py.File(path, "r")
     except OSError as error:
@@ -111,9 +117,16 @@ def _read_one(path: Path) -> FeatureFile:
                 "CLAM/TRIDENT layout `histohub extract` writes: 'features' (N, D), "
                 "'coords' (N, 2).")
         features, coords = handle["features"], handle["coords"]
+        for name, item in (("features", features), ("coords", coords)):
+            if not isinstance(item, h5py.Dataset):
+                raise FeatureFileError(f"{str(path)!r}: {name!r} must be a dataset, got a "
+                                       f"{type(item).__name__}.")
         if features.ndim != 2:
             raise FeatureFileError(
                 f"{str(path)!r}: 'features' must be 2-D (N, D), got shape {features.shape}.")
+        if features.shape[1] == 0:
+            raise FeatureFileError(f"{str(path)!r}: 'features' has no features per patch "
+                                   f"(shape {features.shape}).")
         if coords.ndim != 2 or coords.shape[1] != 2 or coords.shape[0] != features.shape[0]:
             raise FeatureFileError(
                 f"{str(path)!r}: 'coords' must have shape ({features.shape[0]}, 2) to match "
@@ -121,6 +134,9 @@ def _read_one(path: Path) -> FeatureFile:
         if not np.issubdtype(features.dtype, np.floating):
             raise FeatureFileError(
                 f"{str(path)!r}: 'features' must be floating point, got {features.dtype}.")
+        if not np.issubdtype(coords.dtype, np.number):
+            raise FeatureFileError(
+                f"{str(path)!r}: 'coords' must be numbers (level-0 x, y), got {coords.dtype}.")
         if handle.attrs.get("completed") is not None and not handle.attrs["completed"]:
             logger.warning("%s is marked incomplete (an extraction still running or "
                            "killed?): clustering the patches it holds", path)
@@ -274,6 +290,23 @@ def _total_sum_of_squares(store: _FeatureStore) -> float:
 # --------------------------------------------------------------------------- k-means
 
 
+def _check_options(*, seed: int, batch_size: int, passes: int, max_memory_bytes: int,
+                   threads: int | None, min_explained: float | None = None) -> None:
+    """Refuse option values k-means cannot use, naming each and its allowed range."""
+    checks = [
+        ("seed", seed, 0 <= seed <= MAX_SEED, f"0 to {MAX_SEED}"),
+        ("batch_size", batch_size, batch_size >= 1, "at least 1"),
+        ("passes", passes, passes >= 1, "at least 1"),
+        ("max_memory_bytes", max_memory_bytes, max_memory_bytes >= 0, "at least 0"),
+        ("threads", threads, threads is None or threads >= 1, "at least 1, or None"),
+        ("min_explained", min_explained, min_explained is None or 0 < min_explained <= 1,
+         "a fraction in (0, 1]"),
+    ]
+    bad = [f"{name}={value!r} ({allowed})" for name, value, ok, allowed in checks if not ok]
+    if bad:
+        raise ClusteringError(f"Invalid value: {'; '.join(bad)}.")
+
+
 def _check_k(k: int, n: int) -> None:
     if not 1 <= k <= n:
         raise ClusteringError(f"k={k} clusters is impossible with {n} patches in total: choose "
@@ -417,6 +450,8 @@ def fit_kmeans(files, k: int, *, seed: int = 0, batch_size: int = DEFAULT_BATCH_
     ``threads`` caps BLAS/OpenMP threads (default: 1 for small problems, see
     :func:`_thread_limit`; else the libraries' defaults).
     """
+    _check_options(seed=seed, batch_size=batch_size, passes=passes,
+                   max_memory_bytes=max_memory_bytes, threads=threads)
     files = _as_files(files)
     store = _FeatureStore(files, max_memory_bytes=max_memory_bytes)
     _check_k(k, store.n)
@@ -473,6 +508,9 @@ def elbow(files, ks: Iterable[int], *, seed: int = 0, min_explained: float | Non
     explained variance reaches it (the paper reports 83.3% at its chosen k=3000). With
     ``keep`` the :class:`ClusterResult` of the chosen k is kept in ``results``.
     """
+    _check_options(seed=seed, batch_size=batch_size, passes=passes,
+                   max_memory_bytes=max_memory_bytes, threads=threads,
+                   min_explained=min_explained)
     files = _as_files(files)
     ks = tuple(sorted({int(k) for k in ks}))
     store = _FeatureStore(files, max_memory_bytes=max_memory_bytes)
@@ -740,7 +778,7 @@ class MontageLayout:
 
 
 def montage_canvas(result: ClusterResult, clusters: Sequence[int], *, n: int = 8,
-                   patch_px: int = 96, slide_dir: str | os.PathLike | None = None
+                   patch_px: int = MONTAGE_PATCH_PX, slide_dir: str | os.PathLike | None = None
                    ) -> tuple[np.ndarray, MontageLayout]:
     """The montage image, (H, W, 3) uint8: for each cluster a row of its ``n`` patches
     nearest the centre (closest first), read from the slides, after a bar in the cluster's
@@ -748,8 +786,9 @@ def montage_canvas(result: ClusterResult, clusters: Sequence[int], *, n: int = 8
     clusters = _check_clusters(result, clusters)
     if not clusters:
         raise ClusteringError("No cluster to show in the montage.")
-    colours = _colour_table(clusters[:MAX_OVERLAY_COLOURS])
+    check_montage_size(len(clusters), n, patch_px=patch_px)
     layout = MontageLayout(tuple(clusters), patch_px)
+    colours = _colour_table(clusters[:MAX_OVERLAY_COLOURS])
     canvas = np.full((layout.top(len(clusters)), layout.left(n) + layout.gap, 3), 255, np.uint8)
     slides: dict[int, object] = {}
     slide_dir = Path(slide_dir) if slide_dir else None
@@ -777,8 +816,27 @@ def montage_canvas(result: ClusterResult, clusters: Sequence[int], *, n: int = 8
     return canvas, layout
 
 
+def check_montage_size(rows: int, n: int, *, patch_px: int = MONTAGE_PATCH_PX) -> None:
+    """Refuse a montage of ``rows`` clusters x ``n`` patches that is empty or over
+    :data:`MAX_MONTAGE_PX` on a side, before any canvas is allocated."""
+    if n < 1 or patch_px < 1:
+        raise ClusteringError(f"A montage needs at least 1 patch of at least 1 px per row, "
+                              f"got n={n}, patch_px={patch_px}.")
+    layout = MontageLayout(tuple(range(rows)), patch_px)
+    height, width = layout.top(rows), layout.left(n) + layout.gap
+    if max(height, width) > MAX_MONTAGE_PX:
+        step = patch_px + layout.gap
+        raise ClusteringError(
+            f"A montage of {rows} clusters x {n} patches would be {width} x {height} px, "
+            f"over {MAX_MONTAGE_PX} px on a side: show at most "
+            f"{(MAX_MONTAGE_PX - layout.left(0) - layout.gap) // step} patches per cluster "
+            f"(--montage-size) and {(MAX_MONTAGE_PX - layout.gap) // step} clusters "
+            "(--clusters-to-show).")
+
+
 def write_montage(result: ClusterResult, path: str | os.PathLike, *,
-                  clusters: Sequence[int] | None = None, n: int = 8, patch_px: int = 96,
+                  clusters: Sequence[int] | None = None, n: int = 8,
+                  patch_px: int = MONTAGE_PATCH_PX,
                   slide_dir: str | os.PathLike | None = None) -> Path:
     """Paper Fig. 5: one row per cluster with the ``n`` patches nearest its centre.
 

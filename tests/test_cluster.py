@@ -395,3 +395,75 @@ def test_cli_errors(slide_features, tmp_path, capsys):
     assert run_cli([str(tmp_path / "nothing" / "*.h5"), "--k", "2", "--out", str(tmp_path)]) == 2
     assert "No feature files found" in capsys.readouterr().err
 
+
+
+def test_cli_careless_inputs_are_one_line_errors(tmp_path, capsys):
+    """Before, a missing file was a FileNotFoundError traceback, as were --max-memory
+    nan/inf, --seed -1, --out naming a file, and a huge --montage-size (after allocating
+    gigabytes); --slide-dir naming nothing and --min-explained 2 or -1 were accepted."""
+    x, _ = blobs(2, 20, 4, seed=0)
+    good = str(write_features(tmp_path / "good.h5", x))
+    (tmp_path / "notes.txt").write_text("not hdf5")
+    out = str(tmp_path / "out")
+    for argv, says in [
+        ([str(tmp_path / "missing.h5"), "--k", "2"], "missing.h5' does not exist"),
+        ([str(tmp_path / "notes.txt"), "--k", "2"], "is not an HDF5 file"),
+        ([good, "--k", "2", "--out", str(tmp_path / "notes.txt")], "notes.txt is a file"),
+        ([good, "--k", "2", "--out", str(tmp_path / "notes.txt" / "sub")], "is a file"),
+        ([good, "--k", "2", "--slide-dir", str(tmp_path / "nowhere")], "nowhere"),
+        ([good, "--k", "2", "--montage-size", "100000"], "--montage-size"),
+        ([good, "--k", "2", "--clusters-to-show", "1,2"], "ids [2] do not exist"),
+    ]:
+        code = run_cli([*argv, "--out", out] if "--out" not in argv else argv)
+        err = capsys.readouterr().err
+        assert code == 2 and says in err and err.count("\n") == 1, (argv, err)
+    for option, value in [("--max-memory", "nan"), ("--max-memory", "inf"),
+                          ("--max-memory", "-1"), ("--seed", "-1"), ("--seed", str(2 ** 32)),
+                          ("--min-explained", "nan"), ("--min-explained", "2"),
+                          ("--min-explained", "0"), ("--clusters-to-show", ","),
+                          ("--clusters-to-show", "-1")]:
+        k = ["--k-range", "2:4"] if option == "--min-explained" else ["--k", "2"]
+        with pytest.raises(SystemExit) as caught:
+            run_cli([good, *k, option, value, "--out", out])
+        err = capsys.readouterr().err
+        assert caught.value.code == 2 and f"argument {option}" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_feature_files_are_feature_file_errors(tmp_path):
+    group = tmp_path / "group.h5"
+    with h5py.File(group, "w") as handle:
+        handle.create_group("features")
+        handle["coords"] = np.zeros((3, 2), np.int64)
+    with pytest.raises(FeatureFileError, match="'features' must be a dataset"):
+        cluster.read_feature_files([group])
+    no_dim = write_features(tmp_path / "nodim.h5", np.zeros((3, 0)))
+    with pytest.raises(FeatureFileError, match="no features per patch"):
+        cluster.read_feature_files([no_dim])
+    text_coords = write_features(tmp_path / "text.h5", np.ones((3, 2)))
+    with h5py.File(text_coords, "a") as handle:
+        del handle["coords"]
+        handle["coords"] = np.array([["a", "b"]] * 3, dtype="S1")
+    with pytest.raises(FeatureFileError, match="'coords' must be numbers"):
+        cluster.read_feature_files([text_coords])
+    with pytest.raises(FileNotFoundError, match="is a folder"):
+        cluster.read_feature_files([tmp_path])
+
+
+def test_api_options_are_checked_before_any_work(two_files, tmp_path):
+    paths, _, _ = two_files
+    for options, says in [({"seed": -1}, "seed"), ({"batch_size": 0}, "batch_size"),
+                          ({"passes": 0}, "passes"), ({"max_memory_bytes": -1}, "max_memory"),
+                          ({"threads": 0}, "threads")]:
+        with pytest.raises(ClusteringError, match=says):
+            cluster.fit_kmeans(paths, 2, progress=False, **options)
+        with pytest.raises(ClusteringError, match=says):
+            cluster.elbow(paths, range(2, 5), progress=False, **options)
+    for value in (float("nan"), 0.0, 1.5):
+        with pytest.raises(ClusteringError, match="min_explained"):
+            cluster.elbow(paths, range(2, 5), min_explained=value, progress=False)
+    result = cluster.fit_kmeans(paths, 2, progress=False)
+    with pytest.raises(ClusteringError, match="at least 1"):
+        cluster.montage_canvas(result, [0], n=0)
+    with pytest.raises(ClusteringError, match="px"):
+        cluster.montage_canvas(result, [0], n=100_000)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import math
 from pathlib import Path
 
 
@@ -32,16 +33,43 @@ def _k_range(text: str) -> range:
 
 def _cluster_ids(text: str) -> list[int]:
     try:
-        return [int(p) for p in text.split(",") if p.strip()]
+        ids = [int(p) for p in text.split(",") if p.strip()]
     except ValueError:
+        ids = []
+    if not ids or min(ids) < 0:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of cluster ids, e.g. 1,3") from None
+            f"{text!r} is not a comma-separated list of cluster ids (0 or more), e.g. 1,3")
+    return ids
 
 
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    from ..cluster import MAX_SEED
+
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected 0 to {MAX_SEED}, got {text}")
+    return value
+
+
+def _gib(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a size in GiB >= 0 (0: always stream), "
+                                         f"got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], e.g. 0.8, got {text}")
     return value
 
 
@@ -59,7 +87,7 @@ def register(subparsers) -> None:
     which.add_argument("--k-range", type=_k_range, metavar="START:END[:STEP]",
                        help="fit every k in the range (END included) and pick one by the "
                             "elbow heuristic")
-    parser.add_argument("--min-explained", type=float, metavar="FRACTION",
+    parser.add_argument("--min-explained", type=_fraction, metavar="FRACTION",
                         help="with --k-range: pick the smallest k whose explained variance "
                              "reaches FRACTION (e.g. 0.8) instead of the kneedle elbow")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
@@ -69,12 +97,12 @@ def register(subparsers) -> None:
                              "else the largest)")
     parser.add_argument("--montage-size", type=_positive, default=8, metavar="N",
                         help="patches per cluster in the montage (default 8)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
     parser.add_argument("--batch-size", type=_positive, default=4096,
                         help="k-means mini-batch size (default 4096)")
     parser.add_argument("--passes", type=_positive, default=3,
                         help="passes over the data when streaming features (default 3)")
-    parser.add_argument("--max-memory", type=float, default=1.0, metavar="GIB",
+    parser.add_argument("--max-memory", type=_gib, default=1.0, metavar="GIB",
                         help="cluster in memory up to this many GiB of features, stream "
                              "beyond (default 1)")
     parser.add_argument("--threads", type=_positive,
@@ -102,12 +130,32 @@ def expand_inputs(items: list[str]) -> list[Path]:
     return list(dict.fromkeys(paths))
 
 
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Refuse, before any work, an --out that cannot be a folder, a --slide-dir that is not
+    one and --clusters-to-show ids that k cannot reach."""
+    from ..cluster import ClusteringError
+
+    existing = next(p for p in (args.out, *args.out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ClusteringError(f"--out {args.out}: {existing} is a file, not a folder.")
+    if args.slide_dir is not None and not args.slide_dir.is_dir():
+        raise ClusteringError(f"--slide-dir {args.slide_dir} is not a folder.")
+    k_max = args.k if args.k is not None else max(args.k_range)
+    too_large = [c for c in args.clusters_to_show or [] if c >= k_max]
+    if too_large:
+        raise ClusteringError(f"--clusters-to-show: cluster ids {too_large} do not exist with "
+                              f"k <= {k_max}: ids run from 0 to k - 1.")
+
+
 def run(args: argparse.Namespace) -> int:
     from .. import cluster
 
     if args.min_explained is not None and args.k_range is None:
         raise cluster.ClusteringError("--min-explained picks k from --k-range; it cannot be "
                                       "used with --k.")
+    _check_arguments(args)
+    if not args.no_figures:
+        cluster.check_montage_size(len(args.clusters_to_show or [0]), args.montage_size)
     paths = expand_inputs(args.features)
     if not paths:
         raise cluster.FeatureFileError(f"No feature files found in {' '.join(args.features)}.")
