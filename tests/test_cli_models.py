@@ -25,6 +25,11 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def _cached(name: str, index: int = 0):
+    """Where the cache keeps weights file ``index`` of model ``name``."""
+    return _download.cached_path(get_entry(name).weights[index])
+
+
 @pytest.fixture
 def served_model(file_server, make_manifest):
     """A pinned test model ``cli-model`` and an unpinned ``cli-unpinned``, both served."""
@@ -37,6 +42,11 @@ def served_model(file_server, make_manifest):
                                       [{"url": file_server.url + "/w/unpinned.bin"}])],
     })
     return path
+
+
+def _cached(name: str, index: int = 0):
+    """Where the cache keeps weights file ``index`` of model ``name``."""
+    return _download.cached_path(get_entry(name).weights[index])
 
 
 def _row(out: str, name: str) -> list[str]:
@@ -76,8 +86,8 @@ def test_unknown_name_suggests_close_names(capsys):
 def test_download_prefetches_into_the_cache(capsys, served_model, file_server):
     code, out, _ = run(capsys, "download", "-q", "cli-model", "cli-unpinned")
     assert code == 0
-    assert (_download.weights_dir() / "cli.bin").read_bytes() == PAYLOAD
-    assert (_download.weights_dir() / "unpinned.bin").read_bytes() == UNPINNED
+    assert _cached("cli-model").read_bytes() == PAYLOAD
+    assert _cached("cli-unpinned").read_bytes() == UNPINNED
     assert hashlib.sha256(PAYLOAD).hexdigest() in out
     requests = len(file_server.requests)
 
@@ -92,10 +102,10 @@ def test_download_all_files_fills_a_mirror_folder(capsys, file_server, make_mani
         weights_file("a.bin", [{"url": file_server.url + "/a.bin"}], data=PAYLOAD),
         weights_file("b.bin", [{"url": file_server.url + "/b.bin"}], data=UNPINNED)]})
     assert run(capsys, "download", "-q", "two-files")[0] == 0
-    assert not (_download.weights_dir() / "b.bin").exists()  # the first file is enough
+    assert not _cached("two-files", 1).exists()  # the first file is enough
 
     assert run(capsys, "download", "-q", "--all-files", "two-files")[0] == 0
-    assert (_download.weights_dir() / "b.bin").read_bytes() == UNPINNED
+    assert _cached("two-files", 1).read_bytes() == UNPINNED
     # The cache's weights/ folder works as HISTOHUB_MIRROR for an offline machine.
     mirror = _download.weights_dir()
     monkeypatch.setenv("HISTOHUB_HOME", str(mirror.parent.parent / "offline-machine"))
@@ -103,7 +113,7 @@ def test_download_all_files_fills_a_mirror_folder(capsys, file_server, make_mani
     monkeypatch.setenv("HISTOHUB_OFFLINE", "1")
     requests = len(file_server.requests)
     assert run(capsys, "download", "-q", "--all-files", "two-files")[0] == 0
-    assert (_download.weights_dir() / "b.bin").read_bytes() == UNPINNED
+    assert _cached("two-files", 1).read_bytes() == UNPINNED
     assert len(file_server.requests) == requests
 
 
@@ -137,7 +147,7 @@ def test_pin_writes_hash_and_size_into_the_manifest(capsys, served_model):
 
 def test_pin_refuses_a_file_whose_bytes_changed(capsys, served_model, file_server):
     assert run(capsys, "download", "-q", "cli-unpinned")[0] == 0
-    cached = _download.weights_dir() / "unpinned.bin"
+    cached = _cached("cli-unpinned")
     cached.write_bytes(b"tampered")  # and upstream changed too: nothing trustworthy left
     file_server.files["/w/unpinned.bin"] = b"changed upstream"
 
