@@ -85,5 +85,15 @@ def require(module: str, *, extra: str, purpose: str):
         ) from error
 
 
+class FingerprintError(HistohubError, ValueError):
+    """A loaded encoder fails its manifest fingerprint (a tensor's L2 norm is off): the
+    wrong file, or a key map that filled the wrong tensors."""
+
+
+class LockTimeoutError(HistohubError, TimeoutError):
+    """Another process held a download lock for longer than histohub waits; the message
+    names the holder (pid, host) and the setting that bounds the wait."""
+
+
 class InputNotFoundError(HistohubError, FileNotFoundError):
     """A file given as input does not exist, or is a folder where a file is expected."""

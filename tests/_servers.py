@@ -1,9 +1,10 @@
 """Loopback HTTP servers and manifest builders for the download tests (no internet).
 
 ``FileServer`` serves bytes by path, supports HTTP Range, and can misbehave on demand
-(drop the connection half-way, answer 5xx, ignore Range, serve slowly); it logs every
-request. ``HubServer`` answers the Hugging Face Hub's file endpoints
-(``HEAD``/``GET /{repo_id}/resolve/{revision}/{filename}``) with the headers
+(drop the connection half-way, answer 5xx, ignore Range, serve slowly or byte by byte,
+announce a wrong Content-Length or none); it logs every request and how many body bytes
+each GET got out before the client hung up. ``HubServer`` answers the Hugging Face Hub's
+file endpoints (``HEAD``/``GET /{repo_id}/resolve/{revision}/{filename}``) with the headers
 ``huggingface_hub.file_download.get_hf_file_metadata`` reads: ``X-Repo-Commit``,
 ``ETag`` and ``Content-Length``, plus ``X-Linked-Etag`` / ``X-Linked-Size`` for LFS files.
 """
@@ -39,7 +40,10 @@ class FileServer:
         self.files: dict[str, bytes] = dict(files or {})
         self.requests: list[Request] = []
         self.ranges = True  # honour Range headers (206); False answers 200 with everything
-        self.chunk_delay = 0.0  # seconds between 64 KiB chunks (to make downloads overlap)
+        self.chunk_delay = 0.0  # seconds between chunks (to make downloads overlap, or trickle)
+        self.step = 1 << 16  # body bytes per chunk
+        self.lengths: dict[str, int | None] = {}  # announced Content-Length by path; None: omit
+        self.sent: list[int] = []  # body bytes written per GET, in order
         self.faults = _Faults()
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -129,7 +133,9 @@ class FileServer:
                     data = data[start:]
                 else:
                     self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
+                length = server.lengths.get(self.path.split("?")[0], len(data))
+                if length is not None:
+                    self.send_header("Content-Length", str(length))
                 self.send_header("Accept-Ranges", "bytes" if server.ranges else "none")
                 for key, value in extra.items():
                     self.send_header(key, value)
@@ -139,11 +145,20 @@ class FileServer:
 
             def _body(self, data: bytes, drop_after: int | None) -> None:
                 limit = len(data) if drop_after is None else min(drop_after, len(data))
-                step = 1 << 16
-                for offset in range(0, limit, step):
-                    self.wfile.write(data[offset:min(offset + step, limit)])
-                    if server.chunk_delay:
-                        time.sleep(server.chunk_delay)
+                step, sent = server.step, 0
+                try:
+                    for offset in range(0, limit, step):
+                        self.wfile.write(data[offset:min(offset + step, limit)])
+                        self.wfile.flush()
+                        sent = min(offset + step, limit)
+                        if server.chunk_delay:
+                            time.sleep(server.chunk_delay)
+                except (BrokenPipeError, ConnectionResetError):  # the client hung up
+                    self.close_connection = True
+                    return
+                finally:
+                    with server._lock:
+                        server.sent.append(sent)
                 if drop_after is not None:
                     self.wfile.flush()
                     self.connection.shutdown(socket.SHUT_RDWR)
@@ -207,9 +222,11 @@ def fetch_in_subprocess(barrier, name: str, results) -> None:
 
 
 def weights_file(filename: str, sources: list[dict], *, data: bytes | None = None,
-                 format: str = "torch") -> dict:
-    """A manifest ``weights`` item; pinned (sha256 + size of ``data``) when data is given."""
-    return {
+                 format: str = "torch", reported: dict | None = None,
+                 fingerprint: dict | None = None) -> dict:
+    """A manifest ``weights`` item; pinned (sha256 + size of ``data``) when data is given;
+    ``reported`` and ``fingerprint`` are added as given."""
+    item = {
         "filename": filename, "format": format,
         "sha256": hashlib.sha256(data).hexdigest() if data is not None else None,
         "size": len(data) if data is not None else None,
@@ -218,6 +235,11 @@ def weights_file(filename: str, sources: list[dict], *, data: bytes | None = Non
                     "strip_prefixes": ["model.resnet.", "model.", "resnet."],
                     "drop": ["^fc\\."]},
     }
+    if reported is not None:
+        item["reported"] = reported
+    if fingerprint is not None:
+        item["fingerprint"] = fingerprint
+    return item
 
 
 def model_entry(files: list[dict]) -> dict:

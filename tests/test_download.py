@@ -7,6 +7,10 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,11 +20,17 @@ from _servers import fetch_in_subprocess, weights_file
 import histohub
 from histohub import _download
 from histohub._manifest import get_entry
-from histohub.errors import (CheckpointError, ChecksumError, DownloadError, OfflineError)
+from histohub.errors import (CheckpointError, ChecksumError, DownloadError, FingerprintError,
+                             LockTimeoutError, OfflineError)
 
 NAME = "test-model"
 # Stands in for a checkpoint where only the bytes matter (starts like a torch zip file).
 PAYLOAD = b"PK\x03\x04" + os.urandom(300_000)
+OTHER = PAYLOAD[:-10] + b"other file"  # same size, other bytes
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _entry_with(make_manifest, *files: dict, name: str = NAME):
@@ -29,8 +39,9 @@ def _entry_with(make_manifest, *files: dict, name: str = NAME):
 
 
 def _cache_files() -> list[str]:
+    """Names of every file anywhere under the weights cache."""
     folder = _download.weights_dir()
-    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    return sorted(p.name for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
 
 
 def _range_start(request) -> int:
@@ -51,8 +62,8 @@ def test_good_download_gives_torchvision_features(file_server, make_manifest, li
                                                   torchvision_features):
     data = lightning_ckpt.read_bytes()
     url = _served(file_server, "/tenpercent/tenpercent_resnet18.ckpt", data)
-    _entry_with(make_manifest, weights_file("tenpercent_resnet18.ckpt", [{"url": url}],
-                                            data=data, format="lightning"))
+    entry = _entry_with(make_manifest, weights_file("tenpercent_resnet18.ckpt", [{"url": url}],
+                                                    data=data, format="lightning"))
 
     model = histohub.load_pretrained(NAME, progress=False)
 
@@ -61,7 +72,8 @@ def test_good_download_gives_torchvision_features(file_server, make_manifest, li
         torch.testing.assert_close(model(x), torchvision_features(x), rtol=0, atol=0)
     assert not model.training
     assert model.histohub_info.sha256 == hashlib.sha256(data).hexdigest()
-    cached = _download.weights_dir() / "tenpercent_resnet18.ckpt"
+    cached = _download.cached_path(entry.weights[0])
+    assert cached.parent.parent == _download.weights_dir()
     assert Path(model.histohub_info.weights_path) == cached
     assert cached.read_bytes() == data
     assert len(file_server.gets()) == 1
@@ -161,9 +173,9 @@ def test_truncated_cached_checkpoint_is_fetched_again_when_pinned(
         file_server, make_manifest, lightning_ckpt, torchvision_features):
     data = lightning_ckpt.read_bytes()
     url = _served(file_server, "/t/tenpercent_resnet18.ckpt", data)
-    _entry_with(make_manifest, weights_file("tenpercent_resnet18.ckpt", [{"url": url}],
-                                            data=data, format="lightning"))
-    cached = _download.weights_dir() / "tenpercent_resnet18.ckpt"
+    entry = _entry_with(make_manifest, weights_file("tenpercent_resnet18.ckpt", [{"url": url}],
+                                                    data=data, format="lightning"))
+    cached = _download.cached_path(entry.weights[0])
     cached.parent.mkdir(parents=True)
     cached.write_bytes(data[: len(data) // 2])
 
@@ -401,7 +413,7 @@ def test_hugging_face_source_through_the_real_client(hub_server, make_manifest, 
 
     fetched = _download.fetch_weights(entry, progress=False)
 
-    assert fetched.path == _download.weights_dir() / "model.bin"
+    assert fetched.path == _download.cached_path(entry.weights[0])
     assert fetched.path.read_bytes() == PAYLOAD
     path = f"/histo/test-model/resolve/{REVISION}/model.bin"
     assert {(r.method, r.path) for r in hub_server.requests} == {("HEAD", path), ("GET", path)}
@@ -422,4 +434,346 @@ def test_hugging_face_file_with_wrong_hash_is_refused(hub_server, make_manifest,
 
     with pytest.raises(ChecksumError, match=hashlib.sha256(PAYLOAD).hexdigest()):
         _download.fetch_weights(entry, progress=False)
-    assert not (_download.weights_dir() / "model.bin").exists()
+    assert not _download.cached_path(entry.weights[0]).exists()
+
+
+# --------------------------------------------------------------------------- cache identity
+
+
+def test_an_extra_manifest_cannot_plant_weights_for_a_shipped_model(file_server, make_manifest,
+                                                                    monkeypatch):
+    """Issue 10, item 5: an entry reusing the shipped file name filled the shipped entry's
+    cache slot, and offline ``resnet18-ssl`` then loaded those weights."""
+    url = _served(file_server, "/planted/pytorchnative_tenpercent_resnet18.ckpt", PAYLOAD)
+    planted = _entry_with(make_manifest, weights_file(
+        "pytorchnative_tenpercent_resnet18.ckpt", [{"url": url}]))
+    assert _download.fetch_weights(planted, progress=False).path.read_bytes() == PAYLOAD
+    monkeypatch.setenv("HISTOHUB_OFFLINE", "1")
+
+    with pytest.raises(OfflineError):
+        _download.fetch_weights(get_entry("resnet18-ssl"), progress=False)
+
+
+@pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "unpinned"])
+def test_two_entries_with_the_same_file_name_keep_their_own_bytes(file_server, make_manifest,
+                                                                   monkeypatch, pinned):
+    a_url = _served(file_server, "/a/model.bin", PAYLOAD)
+    b_url = _served(file_server, "/b/model.bin", OTHER)
+    make_manifest({"org-a": [weights_file("model.bin", [{"url": a_url}],
+                                          data=PAYLOAD if pinned else None)],
+                   "org-b": [weights_file("model.bin", [{"url": b_url}],
+                                          data=OTHER if pinned else None)]})
+    a = _download.fetch_weights(get_entry("org-a"), progress=False)
+    b = _download.fetch_weights(get_entry("org-b"), progress=False)
+    assert a.path != b.path and a.path.name == b.path.name == "model.bin"
+
+    monkeypatch.setenv("HISTOHUB_OFFLINE", "1")
+    assert _download.fetch_weights(get_entry("org-a"), progress=False).path.read_bytes() == PAYLOAD
+    assert _download.fetch_weights(get_entry("org-b"), progress=False).path.read_bytes() == OTHER
+    assert len(file_server.gets()) == 2
+
+
+def _legacy(data: bytes, source: str | None) -> Path:
+    """A file in the flat cache layout of earlier versions (``weights/<filename>``)."""
+    path = _download.weights_dir() / "model.bin"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    if source is not None:
+        path.with_name("model.bin.json").write_text(json.dumps(
+            {"filename": "model.bin", "sha256": _sha(data), "size": len(data), "pinned": False,
+             "source": source, "verified": {}}))
+    return path
+
+
+def test_flat_cache_of_earlier_versions_is_moved_in_when_it_verifies(file_server,
+                                                                     make_manifest,
+                                                                     monkeypatch):
+    url = _served(file_server, "/w/model.bin", PAYLOAD)
+    monkeypatch.setenv("HISTOHUB_OFFLINE", "1")
+    pinned = _entry_with(make_manifest, weights_file("model.bin", [{"url": url}], data=PAYLOAD))
+    legacy = _legacy(PAYLOAD, source=None)
+
+    fetched = _download.fetch_weights(pinned, progress=False)  # the manifest's hash matches
+
+    assert fetched.path == _download.cached_path(pinned.weights[0]) != legacy
+    assert fetched.path.read_bytes() == PAYLOAD and not legacy.exists()
+
+    v_url = file_server.url + "/v/model.bin"
+    unpinned = _entry_with(make_manifest, weights_file("model.bin", [{"url": v_url}]),
+                           name="unpinned")
+    legacy = _legacy(OTHER, source=v_url)  # recorded as downloaded from this entry's source
+    assert _download.fetch_weights(unpinned, progress=False).path.read_bytes() == OTHER
+    assert not legacy.exists()
+
+    other = _entry_with(make_manifest, weights_file(
+        "model.bin", [{"url": file_server.url + "/elsewhere/model.bin"}]), name="other")
+    legacy = _legacy(OTHER, source=v_url)  # another entry's download: no evidence for this one
+    with pytest.raises(OfflineError):
+        _download.fetch_weights(other, progress=False)
+    assert legacy.read_bytes() == OTHER  # left for the entry it belongs to
+    assert file_server.requests == []
+
+
+# --------------------------------------------------------------------------- reported facts
+
+
+def test_reported_sha256_verifies_the_very_first_download(file_server, make_manifest,
+                                                          monkeypatch):
+    """Issue 10, item 6: the first answer used to be pinned, whatever it was."""
+    url = _served(file_server, "/w/model.bin", OTHER)
+    reported = {"sha256": _sha(PAYLOAD), "size": len(PAYLOAD), "note": "an independent user"}
+    entry = _entry_with(make_manifest, weights_file("model.bin", [{"url": url}],
+                                                    reported=reported))
+
+    with pytest.raises(ChecksumError) as caught:
+        _download.fetch_weights(entry, progress=False)
+
+    message = str(caught.value)
+    assert _sha(PAYLOAD) in message and "reported" in message
+    assert "not verified by histohub" in message and "an independent user" in message
+    assert f"HISTOHUB_ACCEPT_SHA256={_sha(OTHER)}" in message
+    assert [n for n in _cache_files() if not n.endswith((".lock", ".holder"))] == []
+
+    # A maintainer who checked the new file another way accepts exactly that hash.
+    monkeypatch.setenv("HISTOHUB_ACCEPT_SHA256", _sha(OTHER))
+    fetched = _download.fetch_weights(entry, progress=False)
+    assert fetched.path.read_bytes() == OTHER
+    record = json.loads(fetched.path.with_name("model.bin.json").read_text())
+    assert record["expected_from"] == "accepted"
+    monkeypatch.delenv("HISTOHUB_ACCEPT_SHA256")  # remembered by the cache record
+    assert _download.fetch_weights(entry, progress=False).path.read_bytes() == OTHER
+    assert len(file_server.gets()) == 2
+
+
+def test_reported_sha256_that_matches_is_recorded_as_reported(file_server, make_manifest):
+    url = _served(file_server, "/w/model.bin", PAYLOAD)
+    reported = {"sha256": _sha(PAYLOAD), "size": len(PAYLOAD), "note": "an independent user"}
+    entry = _entry_with(make_manifest, weights_file("model.bin", [{"url": url}],
+                                                    reported=reported))
+    fetched = _download.fetch_weights(entry, progress=False)
+    record = json.loads(fetched.path.with_name("model.bin.json").read_text())
+    assert (record["sha256"], record["expected_from"]) == (_sha(PAYLOAD), "reported")
+
+
+def test_fingerprint_catches_the_wrong_weights_after_loading(file_server, make_manifest,
+                                                             lightning_ckpt, backbone_state):
+    data = lightning_ckpt.read_bytes()
+    url = _served(file_server, "/t/tenpercent_resnet18.ckpt", data)
+    norm = float(torch.linalg.vector_norm(backbone_state["conv1.weight"]))
+    upstream = {"tensor": "conv1.weight", "l2_norm": 12.58, "rtol": 0.02, "verified": False}
+    _entry_with(make_manifest, weights_file("tenpercent_resnet18.ckpt", [{"url": url}],
+                                            data=data, format="lightning",
+                                            fingerprint=upstream))
+
+    with pytest.raises(FingerprintError) as caught:
+        histohub.load_pretrained(NAME, progress=False)
+
+    message = str(caught.value)
+    assert NAME in message and "conv1.weight" in message and "12.58" in message
+    assert f"{norm:.2f}" in message and "reported" in message
+
+    _entry_with(make_manifest, weights_file("tenpercent_resnet18.ckpt", [{"url": url}],
+                                            data=data, format="lightning",
+                                            fingerprint={**upstream, "l2_norm": norm}))
+    assert histohub.load_pretrained(NAME, progress=False).histohub_info.sha256 == _sha(data)
+
+
+# --------------------------------------------------------------------------- size limits
+
+
+def test_announced_length_over_the_size_is_refused_before_the_body(file_server,
+                                                                   make_manifest):
+    """Issue 10, item 7: a server announcing more than the pinned size was read in full."""
+    url = _served(file_server, "/w/model.bin", PAYLOAD + bytes(50_000_000))
+    entry = _entry_with(make_manifest, weights_file("model.bin", [{"url": url}], data=PAYLOAD))
+
+    with pytest.raises(DownloadError, match=rf"announces {len(PAYLOAD) + 50_000_000} bytes.*"
+                                            rf"{len(PAYLOAD)}"):
+        _download.fetch_weights(entry, progress=False)
+
+    assert file_server.sent and max(file_server.sent) < 25_000_000
+    assert [n for n in _cache_files() if n.endswith(".part")] == []
+
+
+def test_body_longer_than_the_size_stops_at_the_size(file_server, make_manifest):
+    url = _served(file_server, "/w/model.bin", PAYLOAD + bytes(50_000_000))
+    file_server.lengths["/w/model.bin"] = None  # no Content-Length: the body just goes on
+    entry = _entry_with(make_manifest, weights_file("model.bin", [{"url": url}], data=PAYLOAD))
+
+    with pytest.raises(DownloadError, match=rf"more than the expected {len(PAYLOAD)} bytes"):
+        _download.fetch_weights(entry, progress=False)
+
+    assert max(file_server.sent) < 25_000_000
+    assert [n for n in _cache_files() if n.endswith(".part")] == []
+
+
+def test_unknown_size_is_capped_and_nothing_is_recorded(file_server, make_manifest,
+                                                        monkeypatch):
+    url = _served(file_server, "/w/model.bin", PAYLOAD)
+    entry = _entry_with(make_manifest, weights_file("model.bin", [{"url": url}]))
+    monkeypatch.setenv("HISTOHUB_MAX_DOWNLOAD_BYTES", "100000")
+
+    with pytest.raises(DownloadError, match="HISTOHUB_MAX_DOWNLOAD_BYTES"):
+        _download.fetch_weights(entry, progress=False)
+    assert [n for n in _cache_files() if not n.endswith((".lock", ".holder"))] == []
+
+
+def test_oversized_file_in_a_mirror_folder_is_not_copied(make_manifest, monkeypatch,
+                                                         tmp_path, file_server):
+    entry = _entry_with(make_manifest, weights_file(
+        "model.bin", [{"url": file_server.url + "/w/model.bin"}], data=PAYLOAD))
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "model.bin").write_bytes(PAYLOAD + bytes(5_000_000))
+    monkeypatch.setenv("HISTOHUB_MIRROR", str(mirror))
+    monkeypatch.setenv("HISTOHUB_OFFLINE", "1")
+
+    with pytest.raises(OfflineError, match=r"more than the expected \d+ bytes; not copied"):
+        _download.fetch_weights(entry, progress=False)
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+def test_credentials_in_urls_are_never_written_or_printed(file_server, make_manifest, caplog,
+                                                          capsys):
+    """Issue 10, item 8: ``user:password@`` in a source URL reached the cache record and logs."""
+    base = file_server.url.replace("http://", "http://alice:s3cret@")
+    file_server.files["/w/model.bin"] = PAYLOAD
+    entry = _entry_with(make_manifest, weights_file("model.bin", [{"url": base + "/w/model.bin"}],
+                                                    data=PAYLOAD))
+    file_server.fail_next(503)  # the retry is logged with the URL
+
+    with caplog.at_level(logging.DEBUG, logger="histohub"):
+        fetched = _download.fetch_weights(entry, progress=True)
+        missing = _entry_with(make_manifest, weights_file(
+            "gone.bin", [{"url": base + "/gone.bin"}], data=PAYLOAD), name="gone")
+        with pytest.raises(DownloadError) as caught:
+            _download.fetch_weights(missing, progress=True)
+
+    record = fetched.path.with_name("model.bin.json").read_text()
+    out, err = capsys.readouterr()
+    assert "127.0.0.1" in record and "/gone.bin" in str(caught.value)
+    for text in (record, str(caught.value), caplog.text, out, err):
+        assert "s3cret" not in text and "alice" not in text
+    assert file_server.gets()[-1].headers.get("Authorization")  # still used to log in
+
+
+# --------------------------------------------------------------------------- deadlines, locks
+
+
+def test_a_trickling_server_ends_at_the_download_deadline(file_server, make_manifest,
+                                                          monkeypatch):
+    url = _served(file_server, "/w/model.bin", PAYLOAD)
+    entry = _entry_with(make_manifest, weights_file("model.bin", [{"url": url}], data=PAYLOAD))
+    file_server.step, file_server.chunk_delay = 100, 0.05  # 2 kB/s: 150 s for the file
+    monkeypatch.setenv("HISTOHUB_DOWNLOAD_TIMEOUT", "1")
+
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match="HISTOHUB_DOWNLOAD_TIMEOUT"):
+        _download.fetch_weights(entry, progress=False)
+    assert time.monotonic() - start < 10
+    assert [n for n in _cache_files() if n.endswith(".part")]  # kept, resumed next time
+
+
+def test_waiting_for_the_lock_is_bounded_and_names_the_holder(file_server, make_manifest,
+                                                              monkeypatch):
+    url = _served(file_server, "/w/model.bin", PAYLOAD)
+    entry = _entry_with(make_manifest, weights_file("model.bin", [{"url": url}], data=PAYLOAD))
+    monkeypatch.setenv("HISTOHUB_LOCK_TIMEOUT", "0.5")
+    path = _download.cached_path(entry.weights[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:  # another process, as far as the lock can tell
+        with _download._locked(path):
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert held.wait(30)
+        with pytest.raises(LockTimeoutError,
+                           match=rf"pid {os.getpid()} on {socket.gethostname()}.*"
+                                 "HISTOHUB_LOCK_TIMEOUT"):
+            _download.fetch_weights(entry, progress=False)
+    finally:
+        release.set()
+        thread.join()
+    assert file_server.requests == []
+    assert _download.fetch_weights(entry, progress=False).path.read_bytes() == PAYLOAD
+
+
+# --------------------------------------------------------------------------- plain http
+
+
+def test_plain_http_from_another_machine_needs_a_pinned_hash(make_manifest):
+    """Anyone on the path can change an http:// download; only a hash makes that harmless
+    (loopback addresses, as in these tests, never leave the machine)."""
+    entry = _entry_with(make_manifest, weights_file(
+        "model.bin", [{"url": "http://weights.example.invalid/model.bin"}]))
+    with pytest.raises(DownloadError, match=r"plain http.*https.*pin"):
+        _download.fetch_weights(entry, progress=False)
+
+
+# --------------------------------------------------------------------------- names and paths
+
+
+def test_a_local_file_named_like_a_model_means_the_file(file_server, make_manifest,
+                                                        lightning_ckpt, monkeypatch,
+                                                        tmp_path, caplog):
+    _entry_with(make_manifest, weights_file(
+        "model.bin", [{"url": file_server.url + "/w/model.bin"}], data=PAYLOAD))
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(lightning_ckpt, tmp_path / NAME)
+
+    with caplog.at_level(logging.WARNING, logger="histohub"):
+        model = histohub.load_pretrained(NAME, progress=False)
+
+    assert Path(model.histohub_info.weights_path).resolve() == (tmp_path / NAME).resolve()
+    assert "loading the file" in caplog.text and NAME in caplog.text
+    assert file_server.requests == []
+
+
+# --------------------------------------------------------------------------- offline Hub
+
+
+def test_offline_opens_no_connection_to_the_hugging_face_hub(hub_server, make_manifest,
+                                                             monkeypatch):
+    """Issue 10, item 9: HISTOHUB_OFFLINE=1 must switch huggingface_hub offline too."""
+    from huggingface_hub import constants
+
+    hub_server.add("histo/test-model", REVISION, "model.bin", PAYLOAD)
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
+    monkeypatch.setenv("HISTOHUB_OFFLINE", "1")
+    source = {"repo_id": "histo/test-model", "filename": "model.bin", "revision": REVISION}
+    entry = _entry_with(make_manifest, weights_file("model.bin", [source], data=PAYLOAD))
+    import huggingface_hub
+
+    real, seen = huggingface_hub.hf_hub_download, []
+
+    def spy(*args, **kwargs):
+        seen.append(constants.is_offline_mode())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", spy)
+
+    with pytest.raises(OfflineError):
+        _download.fetch_weights(entry, progress=False)
+
+    assert hub_server.requests == []
+    assert seen == [True] and constants.is_offline_mode() is False
+
+
+def test_hub_announcing_more_than_the_size_is_not_downloaded(hub_server, make_manifest,
+                                                             monkeypatch):
+    hub_server.add("histo/test-model", REVISION, "model.bin", PAYLOAD + bytes(5_000_000))
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
+    source = {"repo_id": "histo/test-model", "filename": "model.bin", "revision": REVISION}
+    entry = _entry_with(make_manifest, weights_file("model.bin", [source], data=PAYLOAD))
+
+    with pytest.raises(DownloadError, match=rf"announces {len(PAYLOAD) + 5_000_000} bytes"):
+        _download.fetch_weights(entry, progress=False)
+    assert hub_server.gets() == []  # the file itself was never requested

@@ -102,8 +102,13 @@ def frontdoor_model(tmp_path, monkeypatch, frontdoor_weights, frontdoor_server):
                           ["resnet18-ssl"])
     entry.update(description="Random-weight ResNet18 in the upstream layout (tests).",
                  default=False)
-    entry["weights"] = [{**entry["weights"][0], "sha256": sha256, "size": path.stat().st_size,
-                         "sources": [{"url": f"{frontdoor_server}/{path.name}"}]}]
+    # Not the upstream file: its own hash, size and fingerprint instead of the reported ones.
+    conv1 = float(torch.linalg.vector_norm(frontdoor_weights[0]["conv1.weight"]))
+    weights = {key: value for key, value in entry["weights"][0].items() if key != "reported"}
+    entry["weights"] = [{**weights, "sha256": sha256, "size": path.stat().st_size,
+                         "sources": [{"url": f"{frontdoor_server}/{path.name}"}],
+                         "fingerprint": {**weights["fingerprint"], "l2_norm": conv1,
+                                         "verified": True}}]
     manifest = tmp_path / "frontdoor.json"
     manifest.write_text(json.dumps({"schema_version": 1, "models": {NAME: entry}}))
     monkeypatch.setenv("HISTOHUB_MANIFEST", str(manifest))
