@@ -44,11 +44,6 @@ def served_model(file_server, make_manifest):
     return path
 
 
-def _cached(name: str, index: int = 0):
-    """Where the cache keeps weights file ``index`` of model ``name``."""
-    return _download.cached_path(get_entry(name).weights[index])
-
-
 def _row(out: str, name: str) -> list[str]:
     return next(line.split() for line in out.splitlines() if line.split()[:1] == [name])
 
