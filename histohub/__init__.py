@@ -26,6 +26,7 @@ _LAZY = {
     "extract_slide": "histohub.features",
     "open_slide": "histohub.wsi",
     "tissue_mask": "histohub.wsi",
+    "tune_allocator": "histohub.features",
 }
 
 __all__ = [

@@ -73,6 +73,8 @@ class DataConfig:
     slide_mpp: float = 0.5
     min_foreground: float = 0.5
     num_workers: int = 0
+    cache: bool = True  # decode the pool once into <run>/pool_cache.npy (simclr.cache)
+    cache_size: int | None = None  # side of the stored images; None: image_size
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
@@ -137,6 +139,9 @@ def validate(config: PretrainConfig) -> PretrainConfig:
         raise ValueError("batch_size >= 2, epochs >= 1 and image_size >= 8 are required")
     if not 0 < config.data.percent <= 100:
         raise ValueError(f"data.percent={config.data.percent}: a percentage in (0, 100]")
+    if config.data.cache_size is not None and config.data.cache_size < config.image_size:
+        raise ValueError(f"data.cache_size={config.data.cache_size}: at least image_size "
+                         f"({config.image_size}), so crops are not upsampled")
     if config.optim.temperature <= 0:
         raise ValueError(f"optim.temperature={config.optim.temperature}: must be positive")
     return config

@@ -15,6 +15,7 @@ reported.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ class DatasetSpec:
     mpp: float = 0.5
     min_foreground: float = 0.5
     mpp_override: float | None = None
+    pattern: str | None = None  # images only: keep files whose path under ``path`` matches
 
 
 def parse_datasets(entries: Sequence[Any], *, patches_per_slide: int = 100, mpp: float = 0.5,
@@ -75,13 +77,20 @@ def parse_datasets(entries: Sequence[Any], *, patches_per_slide: int = 100, mpp:
     return specs
 
 
-def list_images(root: str | os.PathLike) -> list[str]:
-    """Every image file under ``root`` (any nesting), sorted for determinism."""
+def list_images(root: str | os.PathLike, pattern: str | None = None) -> list[str]:
+    """Every image file under ``root`` (any nesting), sorted for determinism.
+
+    ``pattern``: a glob on the path relative to ``root`` (``*/image/*`` keeps EBHI-Seg's
+    images and leaves out its masks in ``*/label/*``).
+    """
     found = []
     for folder, dirs, files in os.walk(root, followlinks=True):
         dirs.sort()
         found.extend(os.path.join(folder, f) for f in sorted(files)
                      if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+    if pattern:
+        found = [f for f in found
+                 if fnmatch.fnmatch(Path(f).relative_to(root).as_posix(), pattern)]
     return found
 
 
@@ -189,7 +198,7 @@ def build_pool(specs: Sequence[DatasetSpec], *, patch_size: int, percent: float 
                 mpp_override=spec.mpp_override, seed=rng.randrange(2**31), progress=progress)
             skipped.extend(bad)
         else:
-            candidates, bad = list_images(spec.path), []
+            candidates, bad = list_images(spec.path, spec.pattern), []
         if not candidates:
             raise ValueError(f"Dataset {spec.name} ({spec.path}) has no usable "
                              f"{'slide patches' if spec.kind == 'slides' else 'images'}"

@@ -32,7 +32,10 @@ import numpy as np
 import torch
 from torch import nn
 
+import histohub
+
 from .augment import BatchAugment
+from .cache import CachedPool, load_or_build_cache
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import PretrainConfig, config_from_dict, to_dict
 from .data import Collate, EpochBatchSampler, Pool, PoolDataset, build_pool, parse_datasets
@@ -115,6 +118,10 @@ class Trainer:
                                   "--resume to continue it, or choose another --out")
         self.state = load_checkpoint(self.checkpoint_path) if resume else None
         seed_everything(config.seed + self.dist.rank)
+        if self.dist.device.type == "cpu":
+            histohub.tune_allocator()
+        self.stored_size = config.data.cache_size or config.image_size
+        self.skipped: dict[str, str] = {}
         self.pool = self._pool()
         self._build_model()
         self._build_data()
@@ -122,7 +129,6 @@ class Trainer:
         self.start_epoch, self.global_step = 0, 0
         if self.state is not None:
             self._restore(self.state)
-        self.skipped: dict[str, str] = {}
 
     # -- building ------------------------------------------------------------------------
 
@@ -133,7 +139,7 @@ class Trainer:
             data = self.config.data
             specs = parse_datasets(data.datasets, patches_per_slide=data.patches_per_slide,
                                    mpp=data.slide_mpp, min_foreground=data.min_foreground)
-            pool = build_pool(specs, patch_size=self.config.image_size, percent=data.percent,
+            pool = build_pool(specs, patch_size=self.stored_size, percent=data.percent,
                               min_per_dataset=data.min_per_dataset,
                               max_per_dataset=data.max_per_dataset, seed=self.config.seed,
                               progress=self.progress)
@@ -183,13 +189,27 @@ class Trainer:
                                          seed=cfg.seed)
         workers = cfg.data.num_workers
         self.loader = torch.utils.data.DataLoader(
-            PoolDataset(self.pool.items, cfg.image_size), batch_sampler=self.sampler,
+            self._dataset(), batch_sampler=self.sampler,
             collate_fn=Collate(None if self.augment_on_device else self.augment),
             num_workers=workers, pin_memory=dist.device.type == "cuda",
             persistent_workers=workers > 0)
         mean = torch.tensor(cfg.data.mean, device=dist.device).view(1, 3, 1, 1)
         std = torch.tensor(cfg.data.std, device=dist.device).view(1, 3, 1, 1)
         self.mean, self.std = mean, std
+
+    def _dataset(self) -> torch.utils.data.Dataset:
+        """The pool decoded once into memory (``data.cache``), else read file by file."""
+        if not self.config.data.cache:
+            return PoolDataset(self.pool.items, self.stored_size)
+        if self.dist.is_main:   # rank 0 builds the cache; the others map the same file
+            images, skipped = load_or_build_cache(self.pool, self.out / "pool.json",
+                                                  self.stored_size, progress=self.progress)
+            self.skipped.update(skipped)
+        self._barrier()
+        if not self.dist.is_main:
+            images, _ = load_or_build_cache(self.pool, self.out / "pool.json",
+                                            self.stored_size, progress=False)
+        return CachedPool(images)
 
     def _build_optimizer(self) -> None:
         cfg = self.config
