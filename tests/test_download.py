@@ -777,3 +777,26 @@ def test_hub_announcing_more_than_the_size_is_not_downloaded(hub_server, make_ma
     with pytest.raises(DownloadError, match=rf"announces {len(PAYLOAD) + 5_000_000} bytes"):
         _download.fetch_weights(entry, progress=False)
     assert hub_server.gets() == []  # the file itself was never requested
+
+
+def test_pin_after_accepting_another_file_records_it_as_verified(file_server, make_manifest,
+                                                                 monkeypatch, capsys):
+    """The maintainer's way out of a reported hash that no longer matches (module doc)."""
+    from histohub.cli import main
+
+    url = _served(file_server, "/w/model.bin", OTHER)
+    reported = {"sha256": _sha(PAYLOAD), "size": len(PAYLOAD), "note": "an independent user"}
+    manifest = make_manifest({NAME: [weights_file("model.bin", [{"url": url}],
+                                                  reported=reported)]})
+    assert main(["pin", "-q", NAME]) == 2  # refused: not the reported file
+    assert "HISTOHUB_ACCEPT_SHA256" in capsys.readouterr().err
+
+    monkeypatch.setenv("HISTOHUB_ACCEPT_SHA256", _sha(OTHER))
+    assert main(["pin", "-q", NAME]) == 0
+
+    pinned = json.loads(manifest.read_text())["models"][NAME]["weights"][0]
+    assert (pinned["sha256"], pinned["size"]) == (_sha(OTHER), len(OTHER))
+    assert pinned["reported"] == reported  # what was reported stays on record
+    monkeypatch.delenv("HISTOHUB_ACCEPT_SHA256")
+    assert get_entry(NAME).weights[0].sha256_provenance == "verified"
+    assert _download.fetch_weights(get_entry(NAME), progress=False).trust == "verified"
