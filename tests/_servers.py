@@ -60,6 +60,14 @@ class FileServer:
         """The GET requests received (for ``path`` only, when given)."""
         return [r for r in self.requests if r.method == "GET" and path in (None, r.path)]
 
+    def wait_sent(self, count: int = 1, timeout: float = 10.0) -> list[int]:
+        """``sent`` once ``count`` GETs have finished writing (a server thread notices a
+        client that hung up only when its next write fails)."""
+        end = time.monotonic() + timeout
+        while len(self.sent) < count and time.monotonic() < end:
+            time.sleep(0.01)
+        return list(self.sent)
+
     def fail_next(self, *statuses: int) -> None:
         """Answer the next requests with these HTTP statuses, in order."""
         self.faults.statuses.extend(statuses)
