@@ -40,18 +40,37 @@ MAX_FILENAME_BYTES = 200
 MAX_DEPTH = 32
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_FILE = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
+
+
 @dataclass(frozen=True)
 class Source:
-    """One place a weights file can be fetched from: a URL, or a pinned Hugging Face file."""
+    """One place a weights file can be had: a URL, a pinned Hugging Face file, or a file
+    shipped inside the histohub package (``package``: a path relative to it)."""
 
     url: str | None = None
     repo_id: str | None = None
     filename: str | None = None
     revision: str | None = None
+    package: str | None = None
 
     @property
     def is_hf(self) -> bool:
         return self.repo_id is not None
+
+    @property
+    def package_path(self) -> Path | None:
+        """Where a ``package`` source's file lies in this installation (else None)."""
+        return PACKAGE_DIR / self.package if self.package else None
+
+    def describe(self) -> str:
+        """One line for listings (no credentials are stored in sources' labels here)."""
+        if self.is_hf:
+            return f"huggingface {self.repo_id}@{self.revision} {self.filename}"
+        if self.package:
+            return f"the histohub package: {self.package}"
+        return self.url
 
 
 @dataclass(frozen=True)
@@ -182,7 +201,7 @@ _OPTIONAL_REPORTED_FIELDS = {"sha256": str, "size": int}
 _FINGERPRINT_FIELDS = {"tensor": str, "l2_norm": (int, float), "rtol": (int, float),
                        "verified": bool}
 _OPTIONAL_FINGERPRINT_FIELDS = {"note": str}
-_SOURCE_FIELDS = {"url": str, "repo_id": str, "filename": str, "revision": str}
+_SOURCE_FIELDS = {"url": str, "repo_id": str, "filename": str, "revision": str, "package": str}
 _KEY_MAP_FIELDS = {"state_dict_key": (str, type(None)), "strip_prefixes": list, "drop": list}
 _PREPROCESSING_FIELDS = {"input_size": int, "mean": list, "std": list}
 _OPTIONAL_PREPROCESSING_FIELDS = {"interpolation": str, "mpp": (int, float, type(None)),
@@ -212,6 +231,12 @@ def _check_fields(where: str, data: Any, required: dict, optional: dict | None =
 
 def _parse_source(where: str, data: Any) -> Source:
     _check_fields(where, data, {}, _SOURCE_FIELDS)
+    if "package" in data:
+        path = data["package"]
+        if set(data) != {"package"} or not _PACKAGE_FILE.match(path) or ".." in path.split("/"):
+            raise ManifestError(f"{where}: a package source is {{'package': 'weights/x.safetensors'}} "
+                                f"alone, a relative path inside histohub/ without '..', got {path!r}")
+        return Source(package=path)
     if ("url" in data) == ("repo_id" in data):
         raise ManifestError(f"{where}: give either 'url' or 'repo_id' (+ 'filename', 'revision')")
     if "url" in data:
@@ -241,6 +266,9 @@ def _parse_file(where: str, data: Any) -> WeightsFile:
         raise ManifestError(f"{where}.sources: list at least one source")
     sources = tuple(_parse_source(f"{where}.sources[{i}]", s)
                     for i, s in enumerate(data["sources"]))
+    if any(s.package for s in sources) and (data["sha256"] is None or data["size"] is None):
+        raise ManifestError(f"{where}: a file shipped in the package needs its verified "
+                            "'sha256' and 'size' (it is checked at every load)")
     key_map = data.get("key_map", {})
     _check_fields(f"{where}.key_map", key_map, {}, _KEY_MAP_FIELDS)
     for pattern in key_map.get("drop", []):

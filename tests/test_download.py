@@ -800,3 +800,59 @@ def test_pin_after_accepting_another_file_records_it_as_verified(file_server, ma
     monkeypatch.delenv("HISTOHUB_ACCEPT_SHA256")
     assert get_entry(NAME).weights[0].sha256_provenance == "verified"
     assert _download.fetch_weights(get_entry(NAME), progress=False).trust == "verified"
+
+
+# --------------------------------------------------------------------------- shipped in the package
+
+
+def test_a_file_shipped_in_the_package_loads_offline_without_copying(
+        make_manifest, monkeypatch, tmp_path, lightning_ckpt, torchvision_features):
+    from histohub import _manifest
+
+    data = lightning_ckpt.read_bytes()
+    (tmp_path / "pkg" / "weights").mkdir(parents=True)
+    (tmp_path / "pkg" / "weights" / "bundled.ckpt").write_bytes(data)
+    monkeypatch.setattr(_manifest, "PACKAGE_DIR", tmp_path / "pkg")
+    monkeypatch.setenv("HISTOHUB_OFFLINE", "1")
+    _entry_with(make_manifest, weights_file("bundled.ckpt", [{"package": "weights/bundled.ckpt"}],
+                                            data=data, format="lightning"))
+
+    model = histohub.load_pretrained(NAME, progress=False)
+
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), torchvision_features(x), rtol=0, atol=0)
+    assert Path(model.histohub_info.weights_path) == tmp_path / "pkg" / "weights" / "bundled.ckpt"
+    assert _cache_files() == []   # served where it lies: nothing copied into the cache
+
+
+def test_a_damaged_file_in_the_package_is_refused_and_a_missing_one_is_an_error(
+        make_manifest, monkeypatch, tmp_path, lightning_ckpt):
+    from histohub import _manifest
+
+    data = lightning_ckpt.read_bytes()
+    shipped = tmp_path / "weights" / "bundled.ckpt"
+    shipped.parent.mkdir()
+    monkeypatch.setattr(_manifest, "PACKAGE_DIR", tmp_path)
+    _entry_with(make_manifest, weights_file("bundled.ckpt", [{"package": "weights/bundled.ckpt"}],
+                                            data=data, format="lightning"))
+    with pytest.raises(DownloadError, match="missing from this installation"):
+        histohub.load_pretrained(NAME, progress=False)
+    shipped.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(ChecksumError, match="reinstall histohub"):
+        histohub.load_pretrained(NAME, progress=False)
+
+
+@pytest.mark.parametrize("source, pinned, message", [
+    ({"package": "../outside.ckpt"}, True, "without '..'"),
+    ({"package": "/abs/x.ckpt"}, True, "relative path"),
+    ({"package": "w/x.ckpt", "url": "https://example.org/x"}, True, "alone"),
+    ({"package": "w/x.ckpt"}, False, "verified 'sha256' and 'size'"),
+])
+def test_package_sources_are_checked_when_the_manifest_is_read(make_manifest, source, pinned,
+                                                               message):
+    from histohub.errors import ManifestError
+
+    with pytest.raises(ManifestError, match=message):
+        _entry_with(make_manifest, weights_file("x.ckpt", [source],
+                                                data=PAYLOAD if pinned else None))
