@@ -97,3 +97,56 @@ class LockTimeoutError(HistohubError, TimeoutError):
 
 class InputNotFoundError(HistohubError, FileNotFoundError):
     """A file given as input does not exist, or is a folder where a file is expected."""
+
+
+class OptionError(HistohubError, ValueError):
+    """An option's value is outside what it allows; the message names the option and the range."""
+
+
+class OutputExistsError(HistohubError, FileExistsError):
+    """An output file exists that this run must not replace: another tool's file, or histohub
+    features made for another request. ``overwrite=True`` (``--overwrite``) replaces it."""
+
+
+class DiskFullError(HistohubError, OSError):
+    """No space left on the device an output is written to."""
+
+
+def check_option(name: str, value: object, *, low: float | None = None,
+                 high: float | None = None, integer: bool = False, optional: bool = False,
+                 choices: tuple | None = None, flag: str | None = None) -> None:
+    """Raise ``OptionError`` unless ``value`` is allowed: one of ``choices``, or a finite
+    number (an integer when ``integer``) in ``[low, high]``; ``None`` too when ``optional``.
+
+    The message quotes the option as ``name=value`` (Python) or ``flag value`` (command line,
+    when ``flag`` is given) and says what is allowed, on one line:
+    ``--batch-size 0: must be an integer >= 1``.
+    """
+    import math
+    import numbers
+
+    if value is None and optional:
+        return
+    if choices is not None:
+        if value in choices and type(value) in {type(c) for c in choices}:
+            return
+        allowed = "one of " + ", ".join(repr(c) for c in choices)
+    else:
+        is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if is_number and (isinstance(value, numbers.Integral) or not integer) \
+                and math.isfinite(value) and (low is None or value >= low) \
+                and (high is None or value <= high):
+            return
+        kind = "an integer" if integer else "a number"
+        if high is None:
+            allowed = f"{kind} >= {low:g}"
+        else:
+            allowed = f"{kind} in [{low:g}, {high:g}]"
+    if optional:
+        allowed = f"None or {allowed}" if flag is None else f"omitted or {allowed}"
+    if isinstance(value, float):
+        shown = f"{value:g}"
+    else:
+        shown = str(value) if flag and isinstance(value, (int, str)) else repr(value)
+    label = f"{flag} {shown}" if flag else f"{name}={shown}"
+    raise OptionError(f"{label}: must be {allowed}")

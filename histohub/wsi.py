@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SlideError, require
+from .errors import SlideError, check_option, require
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,10 @@ MASK_MAX_SIDE = 4096
 #: Mask pixels per patch side aimed for (finer is not needed for a foreground fraction).
 MASK_PIXELS_PER_PATCH = 32
 #: Plausible microns per pixel; values outside are metadata defaults (e.g. 72 dpi), not scans.
-_MPP_RANGE = (0.05, 50.0)
+#: Also the range allowed for ``mpp`` and ``target_mpp`` options (0.25 at 40x, 0.5 at 20x).
+MPP_RANGE = (0.05, 50.0)
+#: Tissue detection methods of ``tissue_mask``.
+MASK_METHODS = ("hsv", "otsu")
 #: A level whose mpp exceeds the target by at most this fraction still counts as "<= target"
 #: (0.499 vs 0.5 um/px, or 0.2527 x 2 vs 0.5): resizing by 1% only blurs.
 _MPP_TOLERANCE = 0.02
@@ -170,7 +173,7 @@ def _read_mpp(properties: dict[str, str]) -> tuple[tuple[float, float] | None, s
     """
     try:
         mpp = (float(properties["openslide.mpp-x"]), float(properties["openslide.mpp-y"]))
-        if all(_MPP_RANGE[0] <= m <= _MPP_RANGE[1] for m in mpp):
+        if all(MPP_RANGE[0] <= m <= MPP_RANGE[1] for m in mpp):
             return mpp, "openslide.mpp"
     except (KeyError, ValueError):
         pass
@@ -183,7 +186,7 @@ def _read_mpp(properties: dict[str, str]) -> tuple[tuple[float, float] | None, s
     if microns_per_unit is None or min(res) <= 0:
         return None, None
     mpp = (microns_per_unit / res[0], microns_per_unit / res[1])
-    if all(_MPP_RANGE[0] <= m <= _MPP_RANGE[1] for m in mpp):
+    if all(MPP_RANGE[0] <= m <= MPP_RANGE[1] for m in mpp):
         return mpp, "tiff.resolution"
     return None, None
 
@@ -315,10 +318,13 @@ def tile_grid(slide: Slide, *, target_mpp: float, patch_size: int = 224,
     ``mpp_override`` replaces the slide's microns per pixel (needed when the file has none).
     Raises ``SlideError`` when the mpp is unknown.
     """
+    check_option("target_mpp", target_mpp, low=MPP_RANGE[0], high=MPP_RANGE[1])
+    check_option("patch_size", patch_size, integer=True, low=1)
+    check_option("min_foreground", min_foreground, low=0, high=1)
+    check_option("method", method, choices=MASK_METHODS)
+    check_option("mpp_override", mpp_override, low=MPP_RANGE[0], high=MPP_RANGE[1],
+                 optional=True)
     slide_mpp, source = _slide_mpp(slide, mpp_override)
-    if target_mpp <= 0 or patch_size <= 0 or not 0 <= min_foreground <= 1:
-        raise ValueError(f"target_mpp and patch_size must be > 0 and min_foreground in [0, 1]; "
-                         f"got {target_mpp}, {patch_size}, {min_foreground}")
     level = choose_level(slide, slide_mpp, target_mpp)
     level_ds = slide.level_downsamples[level]
     size0 = max(1, round(patch_size * target_mpp / slide_mpp))
@@ -342,9 +348,6 @@ def tile_grid(slide: Slide, *, target_mpp: float, patch_size: int = 224,
 
 def _slide_mpp(slide: Slide, mpp_override: float | None) -> tuple[float, str]:
     if mpp_override is not None:
-        if not _MPP_RANGE[0] <= mpp_override <= _MPP_RANGE[1]:
-            raise ValueError(f"mpp={mpp_override} is not a plausible microns per pixel "
-                             f"(expected {_MPP_RANGE[0]}-{_MPP_RANGE[1]}; 0.25 at 40x, 0.5 at 20x)")
         if slide.mpp is not None and abs(slide.mpp - mpp_override) > 0.1 * slide.mpp:
             log.warning("%s: using mpp=%.4f given by the user; the slide says %.4f",
                         slide.path.name, mpp_override, slide.mpp)
