@@ -22,27 +22,40 @@ Layout of ``<slide stem>.h5`` (one file per slide)::
         slide_mpp, mpp_source ("openslide.mpp", "tiff.resolution" or "user")
         target_mpp, patch_size (px fed to the model), level, level_downsample,
         read_size (px read at level), patch_size_level0
-        mask_method ("hsv" or "otsu"), min_foreground, n_grid (patches in the tissue grid),
+        mask_method ("hsv" or "otsu"), min_foreground, n_grid (patches in the grid written),
         grid_sha256 (of the grid's coords: identifies the grid for resuming)
+        n_tissue (patches with tissue), max_patches (0: no limit), truncated (n_grid < n_tissue)
+        model_fingerprint  sha256 of the model's weights (its state dict), whatever their source
+        norm_mean, norm_std, interpolation   the preprocessing
+        slide_size, slide_fingerprint        bytes, and sha256 of the size, first and last MiB
         n_patches, n_failed, n_nonfinite
         next_index         grid positions processed so far (the resume point)
 
 Writing goes to ``<name>.h5.partial``; each batch is appended (resizable, chunked datasets),
 the counters are updated, and the file is flushed. A killed run resumes from the counters
 of the last flushed batch (rows past them are cut off), so no patch is lost or written
-twice. On completion ``completed`` is set and the file is renamed to ``<name>.h5``.
+twice; a partial file that cannot be resumed (other settings, damaged) is started over. On
+completion ``completed`` is set and the file is renamed to ``<name>.h5``, never over a
+file histohub did not write.
+
+A full disk raises ``DiskFullError``: the partial file is deleted (after a failed write the
+HDF5 library cannot be trusted with it) and its space given back. Data bypass HDF5's chunk
+cache, so a write fails where it happens rather than at a later flush or close.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import require
+from .errors import DiskFullError, OutputExistsError, require
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +66,11 @@ PARTIAL_SUFFIX = ".partial"
 IDENTITY_ATTRS = ("format_version", "model_name", "model_sha256", "arch", "feature_dim",
                   "slide_width", "slide_height", "slide_mpp", "target_mpp", "patch_size",
                   "level", "read_size", "patch_size_level0", "mask_method", "min_foreground",
-                  "n_grid", "grid_sha256")
+                  "n_grid", "grid_sha256", "model_fingerprint", "norm_mean", "norm_std",
+                  "interpolation", "slide_size", "slide_fingerprint")
 _COORD_DATASETS = ("coords", "failed_coords", "nonfinite_coords")
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _h5py():
@@ -76,6 +92,69 @@ def is_complete(path: str | os.PathLike) -> bool:
             return bool(f.attrs.get("completed", False)) and f.attrs.get("format") == FORMAT
     except OSError:
         return False
+
+
+def read_attrs(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The root attributes of a histohub feature file, or None when ``path`` is anything
+    else (another tool's HDF5, not HDF5, unreadable)."""
+    try:
+        with _h5py().File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT:
+                return None
+            return {k: _plain(v) for k, v in f.attrs.items()}
+    except (OSError, RuntimeError):
+        return None
+
+
+def foreign(path: str | os.PathLike) -> bool:
+    """True when ``path`` exists and histohub did not write it, so it must not be replaced.
+
+    A final ``.h5`` counts as histohub's only when it carries histohub's attributes. A
+    ``.partial`` is histohub's unless it is a readable HDF5 file without them: one left
+    unreadable by a crash or a full disk is histohub's own, to be discarded.
+    """
+    path = Path(path)
+    if not path.exists():
+        return False
+    if read_attrs(path) is not None:
+        return False
+    if not path.name.endswith(PARTIAL_SUFFIX):
+        return True
+    try:
+        with _h5py().File(path, "r"):
+            return True  # readable, not ours
+    except (OSError, RuntimeError):
+        return False
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Attribute equality that also compares arrays (h5py returns arrays for sequences)."""
+    if isinstance(a, (np.ndarray, list, tuple)) or isinstance(b, (np.ndarray, list, tuple)):
+        if a is None or b is None:
+            return False
+        return np.asarray(a).shape == np.asarray(b).shape and bool(np.all(np.asarray(a) ==
+                                                                            np.asarray(b)))
+    return a == b
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True for "no space left on device" / "disk quota exceeded", also as HDF5 reports
+    them (a RuntimeError or an OSError whose message holds ``errno = 28``)."""
+    if getattr(error, "errno", None) in _DISK_FULL:
+        return True
+    text = str(error)
+    return any(f"errno = {number}," in text or os.strerror(number) in text
+               for number in _DISK_FULL)
+
+
+def disk_full_error(path: Path, error: BaseException) -> DiskFullError:
+    """A one-line ``DiskFullError`` for a write under ``path``'s folder that failed."""
+    message = (f"no space left on device at {path.parent} (writing {path.name}); its "
+               "unfinished file was removed. Free some space or choose another output folder, "
+               "then run again: finished slides are kept")
+    full = DiskFullError(message)
+    full.errno = getattr(error, "errno", None) or errno.ENOSPC
+    return full
 
 
 def read_features(path: str | os.PathLike) -> dict[str, Any]:
@@ -101,6 +180,8 @@ class FeatureWriter:
     ``attrs``: the root attributes (see the module docstring); must include the
     ``IDENTITY_ATTRS``. With ``resume=True`` a matching partial file is continued from its
     last flushed batch: ``next_index`` tells the caller which grid position to start at.
+    A write that fails for lack of space deletes the partial file and raises
+    ``DiskFullError``.
     """
 
     def __init__(self, path: str | os.PathLike, *, attrs: dict[str, Any], feature_dim: int,
@@ -113,19 +194,25 @@ class FeatureWriter:
         if resume and self.partial.exists():
             self._file = self._reopen(attrs)
         if self._file is None:
-            self._file = self._create(attrs, coords_attrs or {}, chunk_rows)
+            with self._writing():
+                self._create(attrs, coords_attrs or {}, chunk_rows)
 
     # -- opening
 
-    def _create(self, attrs: dict[str, Any], coords_attrs: dict[str, Any], chunk_rows: int):
-        h5py = _h5py()
+    def _open(self, mode: str):
+        # no chunk cache: data reach the file at each write, so a full disk fails that
+        # write instead of leaving unwritable data for flush() and close()
+        return _h5py().File(self.partial, mode, rdcc_nbytes=0)
+
+    def _create(self, attrs: dict[str, Any], coords_attrs: dict[str, Any], chunk_rows: int
+                ) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = h5py.File(self.partial, "w")
+        f = self._file = self._open("w")
         f.create_dataset("features", shape=(0, self.feature_dim), maxshape=(None, self.feature_dim),
                          dtype=np.float32, chunks=(chunk_rows, self.feature_dim))
         for name in _COORD_DATASETS:
             f.create_dataset(name, shape=(0, 2), maxshape=(None, 2), dtype=np.int64,
-                             chunks=(chunk_rows if name == "coords" else 64, 2))
+                             chunks=(chunk_rows if name == "coords" else min(chunk_rows, 64), 2))
         for key, value in coords_attrs.items():
             f["coords"].attrs[key] = value
         for key, value in {**attrs, "format": FORMAT, "format_version": FORMAT_VERSION,
@@ -135,31 +222,42 @@ class FeatureWriter:
         f.flush()
         self.next_index = 0
         self.resumed = False
-        return f
 
     def _reopen(self, attrs: dict[str, Any]):
-        """Open a partial file to continue it, or None (deleted) when it cannot be resumed."""
-        h5py = _h5py()
+        """Open a partial file to continue it, or None (deleted) when it cannot be resumed:
+        made with other settings, unreadable, or damaged (killed mid-write, full disk)."""
         try:
-            f = h5py.File(self.partial, "a")
-        except OSError as error:  # killed mid-write: the file is unreadable
-            log.warning("%s cannot be read (%s); starting this slide over", self.partial, error)
-            self.partial.unlink()
+            self._file = f = self._open("a")
+        except (OSError, RuntimeError) as error:
+            log.warning("%s cannot be resumed (%s); starting this slide over", self.partial,
+                        _first_line(error))
+            self._discard()
             return None
-        expected = {**attrs, "format_version": FORMAT_VERSION}
-        mismatched = [k for k in IDENTITY_ATTRS if _plain(f.attrs.get(k)) != expected.get(k)]
-        if mismatched or f.attrs.get("format") != FORMAT:
-            log.warning("%s was made with other settings (%s differ); starting over",
-                        self.partial, ", ".join(mismatched) or "format")
-            f.close()
-            self.partial.unlink()
+        try:
+            expected = {**attrs, "format_version": FORMAT_VERSION}
+            mismatched = [k for k in IDENTITY_ATTRS
+                          if not same_value(_plain(f.attrs.get(k)), expected.get(k))]
+            if mismatched or f.attrs.get("format") != FORMAT:
+                log.warning("%s was made with other settings (%s differ); starting over",
+                            self.partial, ", ".join(mismatched) or "format")
+                self._discard()
+                return None
+            counts = {"features": int(f.attrs["n_patches"]), "coords": int(f.attrs["n_patches"]),
+                      "failed_coords": int(f.attrs["n_failed"]),
+                      "nonfinite_coords": int(f.attrs["n_nonfinite"])}
+            _check_intact(f, os.path.getsize(self.partial))
+            for name, rows in counts.items():  # cut rows written after the last flush
+                if f[name].shape[0] != rows:
+                    f[name].resize(rows, axis=0)
+            f.flush()
+        except (OSError, RuntimeError, KeyError, ValueError) as error:
+            if is_disk_full(error):
+                self._discard()
+                raise disk_full_error(self.partial, error) from error
+            log.warning("%s cannot be resumed (%s); starting this slide over", self.partial,
+                        _first_line(error))
+            self._discard()
             return None
-        counts = {"features": int(f.attrs["n_patches"]), "coords": int(f.attrs["n_patches"]),
-                  "failed_coords": int(f.attrs["n_failed"]),
-                  "nonfinite_coords": int(f.attrs["n_nonfinite"])}
-        for name, rows in counts.items():  # cut rows written after the last flush
-            if f[name].shape[0] != rows:
-                f[name].resize(rows, axis=0)
         self.next_index = int(f.attrs["next_index"])
         self.resumed = True
         log.info("%s: resuming at patch %d (%d rows kept)", self.partial.name, self.next_index,
@@ -185,43 +283,134 @@ class FeatureWriter:
                nonfinite_coords: np.ndarray | None = None) -> None:
         """Append one batch: ``features`` float32 (b, D), ``coords`` int (b, 2); then record
         that grid positions up to ``next_index`` are done and flush."""
-        f = self._file
         if features.shape != (len(coords), self.feature_dim):
             raise ValueError(f"features {features.shape} do not match coords {coords.shape} "
                              f"and feature_dim {self.feature_dim}")
-        _extend(f["features"], np.asarray(features, np.float32))
-        _extend(f["coords"], np.asarray(coords, np.int64).reshape(-1, 2))
-        for name, rows in (("failed_coords", failed_coords),
-                           ("nonfinite_coords", nonfinite_coords)):
-            if rows is not None and len(rows):
-                _extend(f[name], np.asarray(rows, np.int64).reshape(-1, 2))
-        f.attrs["n_patches"] = f["features"].shape[0]
-        f.attrs["n_failed"] = f["failed_coords"].shape[0]
-        f.attrs["n_nonfinite"] = f["nonfinite_coords"].shape[0]
-        f.attrs["next_index"] = next_index
-        f.flush()
+        with self._writing():
+            f = self._file
+            _extend(f["features"], np.asarray(features, np.float32))
+            _extend(f["coords"], np.asarray(coords, np.int64).reshape(-1, 2))
+            for name, rows in (("failed_coords", failed_coords),
+                               ("nonfinite_coords", nonfinite_coords)):
+                if rows is not None and len(rows):
+                    _extend(f[name], np.asarray(rows, np.int64).reshape(-1, 2))
+            f.attrs["n_patches"] = f["features"].shape[0]
+            f.attrs["n_failed"] = f["failed_coords"].shape[0]
+            f.attrs["n_nonfinite"] = f["nonfinite_coords"].shape[0]
+            f.attrs["next_index"] = next_index
+            f.flush()
         self.next_index = next_index
 
-    def finish(self) -> Path:
-        """Mark the file complete, close it, and rename ``.partial`` to the final name."""
-        self._file.attrs["completed"] = True
-        self._file.flush()
-        self._file.close()
+    def finish(self, *, overwrite: bool = False) -> Path:
+        """Mark the file complete, close it, and rename ``.partial`` to the final name.
+
+        A file at the final name that histohub did not write is replaced only when
+        ``overwrite`` (it may have appeared while this one was written)."""
+        with self._writing():
+            self._file.attrs["completed"] = True
+            self._file.flush()
+            self._file.close()
         self._file = None
-        os.replace(self.partial, self.path)
+        if not overwrite and foreign(self.path):
+            raise OutputExistsError(
+                f"{self.path} appeared while it was being written and was not written by "
+                f"histohub; it is left as is (the features are in {self.partial}). Pass "
+                "--overwrite (overwrite=True) to replace it")
+        _rename_into(self.partial, self.path, replace=self.path.exists())
         return self.path
 
     def close(self) -> None:
         """Close without finishing (the partial file stays, to be resumed)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._file is None:
+            return
+        f, self._file = self._file, None
+        try:
+            f.close()
+        except (OSError, RuntimeError) as error:  # never hide the error that got us here
+            log.warning("%s could not be closed cleanly (%s)", self.partial, _first_line(error))
 
     def __enter__(self) -> FeatureWriter:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # -- failures
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Turn a full disk into ``DiskFullError``, deleting the partial file."""
+        try:
+            yield
+        except (OSError, RuntimeError) as error:
+            if not is_disk_full(error):
+                raise
+            self._discard()
+            raise disk_full_error(self.partial, error) from error
+
+    def _discard(self) -> None:
+        """Delete the partial file, also when HDF5 is left holding data it cannot write.
+
+        After a failed write, closing an HDF5 file retries the write and fails again, and a
+        file left open crashes the interpreter at exit. So the file's descriptor is first
+        pointed at an anonymous in-memory file (/dev/null where there is none), where HDF5's
+        last writes succeed; the space on disk is given back.
+        """
+        f, self._file = self._file, None
+        self.partial.unlink(missing_ok=True)
+        if f is None:
+            return
+        try:
+            if hasattr(os, "memfd_create"):
+                scratch = os.memfd_create("histohub-discarded")
+            else:
+                scratch = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(scratch, f.id.get_vfd_handle())
+            finally:
+                os.close(scratch)
+        except (OSError, RuntimeError, ValueError) as error:
+            log.debug("%s: descriptor not redirected (%s)", self.partial, error)
+        try:
+            f.close()
+        except (OSError, RuntimeError) as error:
+            log.debug("%s: closed with %s", self.partial, _first_line(error))
+
+
+def _check_intact(f, file_size: int) -> None:
+    """Raise ValueError when a dataset's chunk lies past the end of the file: what a write
+    that failed (full disk, kill -9) leaves, and what makes HDF5 fail later with
+    "addr overflow"."""
+    for name in ("features", *_COORD_DATASETS):
+        dataset = f[name]
+        for index in range(dataset.id.get_num_chunks()):
+            chunk = dataset.id.get_chunk_info(index)
+            if chunk.byte_offset + chunk.size > file_size:
+                raise ValueError(f"{name} chunk {index} ends at byte "
+                                 f"{chunk.byte_offset + chunk.size}, past the end of the file "
+                                 f"({file_size} bytes)")
+
+
+def _rename_into(source: Path, target: Path, *, replace: bool) -> None:
+    """Rename ``source`` to ``target``; unless ``replace``, never over a file that appears
+    at ``target`` meanwhile (a hard link fails if it exists; plain rename where links are
+    not supported)."""
+    if replace:
+        os.replace(source, target)
+        return
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise OutputExistsError(f"{target} appeared while it was being written; it is left "
+                                f"as is (the features are in {source})") from None
+    except OSError:  # no hard links on this file system
+        os.replace(source, target)
+        return
+    source.unlink()
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _extend(dataset, rows: np.ndarray) -> None:

@@ -183,3 +183,38 @@ def torchvision_features(backbone_state):
             return model(x)
 
     return features
+
+
+# --------------------------------------------------------------------------- a small disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``small_disk(size_bytes)``: a fresh tmpfs of that size mounted in ``tmp_path`` (a
+    disk that fills up), or skip when not root or when mounting fails. Its size can be
+    changed later with ``resize(path, size_bytes)``; everything is unmounted afterwards."""
+    import os
+    import subprocess
+
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted: list[Path] = []
+
+    def mount(size: int, *, options: str = "") -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs",
+                               str(folder)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    def resize(folder: Path, size: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(folder)], check=True)
+
+    mount.resize = resize
+    yield mount
+    for folder in reversed(mounted):
+        if subprocess.run(["umount", str(folder)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(folder)])

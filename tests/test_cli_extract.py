@@ -126,3 +126,93 @@ def test_wired_into_the_histohub_command(tmp_path, monkeypatch, caplog):
         monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, "histohub.cli.extract"])
     assert cli.main(["extract", str(tmp_path / "none.svs"), "--out", str(tmp_path)]) == 1
     assert "no such file" in caplog.text
+
+
+# --------------------------------------------------------------------------- nothing lost
+
+def histohub_main(argv: list[str], monkeypatch) -> int:
+    import histohub.cli as cli
+
+    if "histohub.cli.extract" not in cli.COMMANDS:
+        monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, "histohub.cli.extract"])
+    return cli.main(argv)
+
+
+@pytest.mark.parametrize(("option", "value", "allowed"), [
+    ("--batch-size", "0", "an integer >= 1"), ("--batch-size", "-1", "an integer >= 1"),
+    ("--max-patches", "-5", "an integer >= 1"), ("--workers", "-1", "an integer >= 0"),
+    ("--target-mpp", "0", "[0.05, 50]"), ("--target-mpp", "nan", "[0.05, 50]"),
+    ("--target-mpp", "inf", "[0.05, 50]"), ("--mpp", "0", "[0.05, 50]"),
+    ("--mpp", "-1", "[0.05, 50]"), ("--mpp", "nan", "[0.05, 50]"), ("--mpp", "inf", "[0.05, 50]"),
+    ("--min-foreground", "-0.1", "[0, 1]"), ("--min-foreground", "2", "[0, 1]")])
+def test_bad_numbers_are_one_line_errors_before_anything(slides, tmp_path, monkeypatch, capsys,
+                                                         option, value, allowed):
+    """The model name cannot load: the option error comes first; --out is not even made."""
+    out = tmp_path / "out"
+    code = histohub_main(["extract", str(slides / "a.tif"), "--model", "no-such-model",
+                          "--out", str(out), "--quiet", option, value], monkeypatch)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{option} {value}: must be" in err and allowed in err
+    assert not out.exists()
+
+
+def test_a_clam_file_in_out_is_kept_and_the_others_go_on(slides, checkpoint, tmp_path, capsys,
+                                                         caplog):
+    import h5py
+
+    out = tmp_path / "features"
+    out.mkdir()
+    with h5py.File(out / "a.h5", "w") as f:  # CLAM's layout
+        f["features"] = np.ones((3, 1024), np.float32)
+    before = (out / "a.h5").read_bytes()
+    argv = [str(slides / "a.tif"), str(slides / "nested" / "deeper" / "b.tif"), "--model",
+            str(checkpoint), "--out", str(out), "--batch-size", "4", "--quiet"]
+    assert run_cli(["extract", *argv]) == 1
+    assert f"{out / 'a.h5'}" in caplog.text and "--overwrite" in caplog.text
+    assert (out / "a.h5").read_bytes() == before
+    assert read_features(out / "b.h5")["features"].shape == (4, 512)
+    assert "1 extracted, 0 already done, 1 failed" in capsys.readouterr().out
+    assert run_cli(["extract", *argv, "--overwrite"]) == 0
+    assert read_features(out / "a.h5")["features"].shape == (6, 512)
+
+
+def test_a_trial_then_the_full_run(slides, checkpoint, tmp_path, capsys, caplog):
+    out = tmp_path / "o"
+    argv = [str(slides / "a.tif"), "--model", str(checkpoint), "--out", str(out), "--quiet"]
+    assert run_cli(["extract", *argv, "--max-patches", "2"]) == 0
+    assert run_cli(["extract", *argv]) == 0
+    assert read_features(out / "a.h5")["attrs"]["n_patches"] == 6
+    assert "2 of 6" in caplog.text
+    assert "slides: 1 extracted, 0 already done" in capsys.readouterr().out.splitlines()[-4]
+
+
+@pytest.mark.slow
+def test_disk_full_fails_that_slide_cleanly_and_a_rerun_works(slides, checkpoint, tmp_path,
+                                                              small_disk):
+    """In a subprocess, as a user runs it: one line per failure, no traceback, no crash."""
+    import subprocess
+    import sys
+
+    (tmp_path / "in").mkdir()
+    big = write_slide(tmp_path / "in" / "big.tif",
+                      tissue_image(1120, 1792, [(0, 0, 1792, 1120)], seed=5), levels=2)
+    small = slides / "nested" / "deeper" / "b.tif"
+    command = [sys.executable, "-m", "histohub", "extract", str(big), str(small), "--model",
+               str(checkpoint), "--batch-size", "8", "--quiet", "--out"]
+    roomy = tmp_path / "roomy"
+    assert subprocess.run([*command, str(roomy)], capture_output=True).returncode == 0
+    sizes = {p.name: p.stat().st_size for p in roomy.glob("*.h5")}
+    assert sizes["big.h5"] > 2 * sizes["b.h5"]  # 40 patches vs 4: one fits, the other not
+    disk = small_disk((sizes["big.h5"] + sizes["b.h5"]) // 2)
+    done = subprocess.run([*command, str(disk)], capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and "Segmentation" not in done.stderr
+    assert f"no space left on device at {disk}" in done.stderr + done.stdout
+    assert "1 extracted, 0 already done, 1 failed" in done.stdout
+    assert sorted(p.name for p in disk.iterdir() if not p.name.startswith(".")) == ["b.h5"]
+    small_disk.resize(disk, 4 * sum(sizes.values()))
+    again = subprocess.run([*command, str(disk)], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "1 extracted, 1 already done, 0 failed" in again.stdout
+    assert read_features(disk / "big.h5")["attrs"]["n_patches"] == 40

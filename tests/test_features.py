@@ -349,3 +349,222 @@ def test_missing_mpp_needs_the_user(tcga_slide, tmp_path):
                            preview=tmp_path / "t.png", progress=False)
     assert result.n_patches == 5 and (tmp_path / "t.png").is_file()
     assert read_features(result.output)["attrs"]["mpp_source"] == "user"
+
+
+# --------------------------------------------------------------------------- nothing lost
+
+def clam_file(path: Path) -> bytes:
+    """A feature file another tool wrote (CLAM's layout, no histohub attributes)."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f["features"] = np.ones((5, 1024), np.float32)
+        f["coords"] = np.zeros((5, 2), np.int64)
+    return path.read_bytes()
+
+
+def test_a_file_histohub_did_not_write_is_never_replaced(slide, tmp_path):
+    from histohub.errors import OutputExistsError
+
+    out = tmp_path / "s.h5"
+    before = clam_file(out)
+    with pytest.raises(OutputExistsError, match=r"not written by histohub.*--overwrite") as info:
+        extract_slide(Tiny(), slide, out, progress=False)
+    assert str(out) in str(info.value) and isinstance(info.value, FileExistsError)
+    assert out.read_bytes() == before and not partial_path(out).exists()
+
+    text = tmp_path / "t.h5"  # not even HDF5
+    text.write_text("my notes")
+    with pytest.raises(OutputExistsError, match="not written by histohub"):
+        extract_slide(Tiny(), slide, text, progress=False)
+    assert text.read_text() == "my notes"
+
+    clam_file(partial_path(tmp_path / "u.h5"))  # someone else's HDF5 under the partial name
+    with pytest.raises(OutputExistsError, match="not written by histohub"):
+        extract_slide(Tiny(), slide, tmp_path / "u.h5", progress=False)
+
+    replaced = extract_slide(Tiny(), slide, out, overwrite=True, progress=False)
+    assert replaced.n_patches == 30 and is_complete(out)
+
+
+def test_a_trial_run_is_not_taken_for_the_full_run(slide, tmp_path, caplog):
+    from histohub.errors import OutputExistsError
+
+    out = tmp_path / "s.h5"
+    trial = extract_slide(Tiny(), slide, out, max_patches=3, progress=False)
+    assert trial.n_patches == 3 and read_features(out)["attrs"]["truncated"]
+    full = extract_slide(Tiny(), slide, out, batch_size=8, progress=False)
+    assert not full.skipped and full.n_patches == 30 and "3 of 30" in caplog.text
+    attrs = read_features(out)["attrs"]
+    assert attrs["n_patches"] == 30 and not attrs["truncated"] and attrs["max_patches"] == 0
+
+    again = extract_slide(Tiny(), slide, out, max_patches=100, progress=False)
+    assert again.skipped and again.n_patches == 30  # asks for no fewer than the file holds
+    with pytest.raises(OutputExistsError, match="30 patches.*max_patches=3"):
+        extract_slide(Tiny(), slide, out, max_patches=3, progress=False)  # kept, not shrunk
+    assert read_features(out)["attrs"]["n_patches"] == 30
+
+
+def test_done_means_same_slide_same_weights_same_tiling(slide, tmp_path):
+    from histohub.errors import OutputExistsError
+
+    out = tmp_path / "s.h5"
+    extract_slide(Tiny(), slide, out, progress=False)
+    before = out.read_bytes()
+
+    moved = tmp_path / "elsewhere" / "s.tif"  # the same file, moved: still done
+    moved.parent.mkdir()
+    moved.write_bytes(slide.read_bytes())
+    assert extract_slide(Tiny(), moved, out, progress=False).skipped
+
+    (tmp_path / "other").mkdir()
+    other = write_slide(tmp_path / "other" / "s.tif",  # another slide, the same name
+                        tissue_image(1344, 1792, [(0, 0, 1792, 1344)], seed=9), levels=2)
+    with pytest.raises(OutputExistsError, match="slide_fingerprint"):
+        extract_slide(Tiny(), other, out, progress=False)
+    retrained = Tiny()
+    with torch.no_grad():
+        retrained.conv.bias += 1
+    with pytest.raises(OutputExistsError, match="model_fingerprint"):
+        extract_slide(retrained, slide, out, progress=False)
+    with pytest.raises(OutputExistsError, match="min_foreground"):
+        extract_slide(Tiny(), slide, out, min_foreground=0.2, progress=False)
+    with pytest.raises(OutputExistsError, match="mask_method"):
+        extract_slide(Tiny(), slide, out, mask="otsu", progress=False)
+    with pytest.raises(OutputExistsError, match="target_mpp"):
+        extract_slide(Tiny(), slide, out, target_mpp=1.0, progress=False)
+    assert out.read_bytes() == before  # nothing replaced
+
+    redone = extract_slide(Tiny(), other, out, overwrite=True, progress=False)
+    assert redone.n_patches == 48 and read_features(out)["attrs"]["slide_path"] == str(other)
+
+
+BAD_OPTIONS = [
+    ({"batch_size": 0}, "batch_size=0: must be an integer >= 1"),
+    ({"batch_size": -1}, "batch_size=-1"),
+    ({"batch_size": 2.5}, "batch_size=2.5"),
+    ({"max_patches": -5}, "max_patches=-5: must be None or an integer >= 1"),
+    ({"max_patches": 0}, "max_patches=0"),
+    ({"num_workers": -1}, "num_workers=-1: must be an integer >= 0"),
+    ({"target_mpp": 0.0}, r"target_mpp=0: must be None or a number in \[0.05, 50\]"),
+    ({"target_mpp": float("nan")}, "target_mpp=nan"),
+    ({"target_mpp": float("inf")}, "target_mpp=inf"),
+    ({"mpp": 0.0}, "mpp=0"),
+    ({"mpp": -1.0}, "mpp=-1"),
+    ({"mpp": float("nan")}, "mpp=nan"),
+    ({"mpp": float("inf")}, "mpp=inf"),
+    ({"min_foreground": 1.5}, r"min_foreground=1.5: must be a number in \[0, 1\]"),
+    ({"min_foreground": float("nan")}, "min_foreground=nan"),
+    ({"mask": "edges"}, "mask='edges': must be one of 'hsv', 'otsu'"),
+    ({"amp": "int8"}, "amp='int8'"),
+]
+
+
+@pytest.mark.parametrize(("options", "message"), BAD_OPTIONS)
+def test_bad_options_are_refused_before_anything_runs(slide, tmp_path, options, message):
+    """A name that cannot load: the option error must come first, and nothing is written."""
+    from histohub.errors import OptionError
+
+    with pytest.raises(OptionError, match=message) as info:
+        extract_slide("no-such-model", slide, tmp_path / "out" / "s.h5", progress=False,
+                      **options)
+    assert "\n" not in str(info.value) and isinstance(info.value, ValueError)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"batch_size": 0}, "batch_size=0"), ({"num_workers": -2}, "num_workers=-2"),
+    ({"amp": "int8"}, "amp='int8'")])
+def test_extract_features_checks_options_first(options, message):
+    from histohub.errors import OptionError
+
+    with pytest.raises(OptionError, match=message):
+        extract_features("no-such-model", torch.zeros(2, 3, 224, 224), progress=False,
+                         **options)
+
+
+def test_tile_grid_rejects_nan_and_inf(slide):
+    from histohub.errors import OptionError
+    from histohub.wsi import open_slide, tile_grid
+
+    with open_slide(slide) as opened:
+        for options in ({"target_mpp": float("nan")}, {"target_mpp": 0.5, "patch_size": 0},
+                        {"target_mpp": 0.5, "min_foreground": float("nan")},
+                        {"target_mpp": 0.5, "mpp_override": float("inf")}):
+            with pytest.raises(OptionError):
+                tile_grid(opened, **options)
+
+
+def test_resuming_with_other_weights_starts_over(slide, tmp_path, caplog):
+    """A partial file from model A is never completed with model B (same class, same name)."""
+    out = tmp_path / "s.h5"
+    with pytest.raises(RuntimeError, match="killed"):
+        extract_slide(Tiny(fail_at=5), slide, out, batch_size=4, progress=False)
+    other = Tiny()
+    with torch.no_grad():
+        other.conv.weight.mul_(-1)
+    resumed = extract_slide(other, slide, out, batch_size=4, progress=False)
+    assert resumed.resumed_at == 0 and "model_fingerprint" in caplog.text
+    clean = extract_slide(other, slide, tmp_path / "clean.h5", batch_size=4, progress=False)
+    np.testing.assert_array_equal(read_features(out)["features"],
+                                  read_features(clean.output)["features"])
+    assert read_features(out)["attrs"]["model_fingerprint"] == \
+        read_features(clean.output)["attrs"]["model_fingerprint"]
+
+
+def test_model_fingerprint_is_the_weights_not_the_layout():
+    from histohub.features import model_fingerprint
+
+    a, b = Tiny(), Tiny()
+    assert model_fingerprint(a) == model_fingerprint(b.to(memory_format=torch.channels_last))
+    with torch.no_grad():
+        b.conv.bias[0] += 1e-6
+    assert model_fingerprint(a) != model_fingerprint(b)
+    assert model_fingerprint(a) != model_fingerprint(Tiny().to(torch.float64))
+
+
+class Wide(Tiny):
+    """Tiny with 6000 features (24 kB a row): fills a small disk within a few batches."""
+
+    def forward(self, x):
+        return super().forward(x).repeat(1, 1000)
+
+
+def test_disk_full_is_one_clear_error_and_a_rerun_just_works(slide, tmp_path, small_disk,
+                                                              caplog):
+    from histohub.errors import DiskFullError
+
+    disk = small_disk(256 * 1024)
+    out = disk / "s.h5"
+    with pytest.raises(DiskFullError, match=f"no space left on device at {disk}") as info:
+        extract_slide(Wide(), slide, out, batch_size=4, progress=False)
+    assert isinstance(info.value, OSError) and "\n" not in str(info.value)
+    assert not out.exists() and not partial_path(out).exists()  # the space is given back
+    small_disk.resize(disk, 8 * 2**20)
+    done = extract_slide(Wide(), slide, out, batch_size=4, progress=False)
+    assert done.n_patches == 30 and is_complete(out)
+
+
+def test_a_partial_file_that_cannot_be_resumed_is_discarded(slide, tmp_path, caplog):
+    """What a full disk left behind before: chunks past the end of the file."""
+    import h5py
+
+    out = tmp_path / "s.h5"
+    with pytest.raises(RuntimeError, match="killed"):
+        extract_slide(Tiny(fail_at=5), slide, out, batch_size=4, progress=False)
+    partial = partial_path(out)
+    with h5py.File(partial, "r") as f:
+        chunk = f["features"].id.get_chunk_info(0)
+    with open(partial, "r+b") as f:  # cut the file where the chunk starts, as the full disk
+        f.truncate(chunk.byte_offset)  # did, and record that end in the superblock (v0:
+        assert f.read(9)[8] == 0       # end-of-file address at byte 40)
+        f.seek(40)
+        f.write(int(chunk.byte_offset).to_bytes(8, "little"))
+    result = extract_slide(Tiny(), slide, out, batch_size=4, progress=False)
+    assert result.resumed_at == 0 and result.n_patches == 30
+    assert "cannot be resumed" in caplog.text and str(partial) in caplog.text
+
+    broken = partial_path(tmp_path / "again.h5")  # killed while being created
+    broken.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
+    assert extract_slide(Tiny(), slide, tmp_path / "again.h5", progress=False).n_patches == 30
+    assert str(broken) in caplog.text

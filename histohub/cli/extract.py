@@ -3,9 +3,12 @@
     histohub extract slides/ extra.svs 'batch2/*.ndpi' list.csv --model resnet18-ssl --out feats/
 
 Inputs may be slide files, folders (searched at any depth), glob patterns, and CSV or
-text lists of paths. A slide that fails (not a slide, no mpp) is reported and the others
-go on; the exit code is 1 when any failed. Finished slides are skipped unless
-``--overwrite``; a killed run resumes where it stopped.
+text lists of paths. Options are checked before the model loads or anything is written
+(exit code 2). A slide that fails (not a slide, no mpp, a full disk, an output it must not
+replace) is reported and the others go on; the exit code is 1 when any failed. A slide
+whose output was made for the same request is skipped, a ``--max-patches`` trial is
+extended; an output histohub did not write, or made for another slide, model or tiling, is
+kept and reported unless ``--overwrite``. A killed run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -50,7 +53,9 @@ def register(subparsers) -> None:
                    help="tissue detection: the paper's HSV rule (default) or Otsu on saturation")
     p.add_argument("--min-foreground", type=float, default=0.5,
                    help="minimum tissue fraction of a patch (default 0.5, as in the paper)")
-    p.add_argument("--overwrite", action="store_true", help="redo slides already finished")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs: finished ones, ones made for another slide, "
+                        "model or tiling, and files histohub did not write")
     p.add_argument("--preview", action="store_true",
                    help="also write <out>/<slide>.png: thumbnail, tissue mask and patch grid")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -131,9 +136,12 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from ..errors import HistohubError
-    from ..features import extract_slide
+    from ..features import check_options, extract_slide
     from ..pretrained import load_pretrained
 
+    check_options(cli=True, batch_size=args.batch_size, num_workers=args.workers,
+                  max_patches=args.max_patches, mpp=args.mpp, target_mpp=args.target_mpp,
+                  min_foreground=args.min_foreground)
     slides, problems = find_slides(args.inputs)
     for problem in problems:
         log.error(problem)
@@ -158,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
                     overwrite=args.overwrite, max_patches=args.max_patches,
                     preview=args.out / f"{stem}.png" if args.preview else None,
                     progress=not args.quiet)
-            except HistohubError as error:  # not a slide, no mpp, busy: the others go on
+            except HistohubError as error:  # not a slide, no mpp, busy, disk full, kept
+                # output: the others go on
                 log.error("%s", error)
                 failed.append(f"{slide}: {error}")
                 continue
