@@ -238,7 +238,7 @@ class FeatureWriter:
             mismatched = [k for k in IDENTITY_ATTRS
                           if not same_value(_plain(f.attrs.get(k)), expected.get(k))]
             if mismatched or f.attrs.get("format") != FORMAT:
-                log.warning("%s was made with other settings (%s differ); starting over",
+                log.warning("%s was made with other settings (differing: %s); starting over",
                             self.partial, ", ".join(mismatched) or "format")
                 self._discard()
                 return None

@@ -659,11 +659,12 @@ def extract_slide(model_or_name: nn.Module | str | os.PathLike, slide_path: str 
     return result
 
 
+_MODEL_ATTRS = ("model_name", "arch", "model_fingerprint", "norm_mean", "norm_std",
+                "interpolation")
+_SLIDE_ATTRS = ("slide_size", "slide_fingerprint", "slide_width", "slide_height")
 #: What a complete feature file must share with a request to count as done for it.
-REQUEST_ATTRS = ("model_name", "arch", "model_fingerprint", "norm_mean", "norm_std",
-                 "interpolation", "slide_size", "slide_fingerprint", "slide_width",
-                 "slide_height", "slide_mpp", "target_mpp", "patch_size", "mask_method",
-                 "min_foreground")
+REQUEST_ATTRS = (*_MODEL_ATTRS, *_SLIDE_ATTRS, "slide_mpp", "target_mpp", "patch_size",
+                 "mask_method", "min_foreground")
 
 
 def _request(spec: _ModelSpec, model: nn.Module, slide, *, mpp: float | None,
@@ -716,10 +717,8 @@ def _done(out_h5: Path, request: dict[str, Any], *, max_patches: int | None
             f"record {', '.join(missing)}, so whether it matches this request is unknown; {keep}")
     differing = [k for k in REQUEST_ATTRS if not same_value(attrs[k], request[k])]
     if differing:
-        what = "; ".join(f"{k} {_short(attrs[k])} in the file, {_short(request[k])} now"
-                         for k in differing)
-        raise OutputExistsError(f"{out_h5} holds features made for another request ({what}); "
-                                f"{keep}")
+        raise OutputExistsError(f"{out_h5} holds features made for another request "
+                                f"({_differences(attrs, request, differing)}); {keep}")
     have, total = int(attrs["n_grid"]), int(attrs["n_tissue"])
     want = total if max_patches is None else min(max_patches, total)
     if want > have:
@@ -730,6 +729,20 @@ def _done(out_h5: Path, request: dict[str, Any], *, max_patches: int | None
         raise OutputExistsError(f"{out_h5} holds {have} patches of this slide, more than the "
                                 f"{want} asked for (max_patches={max_patches}); {keep}")
     return attrs
+
+
+def _differences(attrs: dict[str, Any], request: dict[str, Any], keys: list[str]) -> str:
+    """``another slide (slide_size, slide_fingerprint differ; the file's: /a/s.svs);
+    min_foreground 0.5 in the file, 0.2 now``."""
+    parts = []
+    for what, group, source in (("another slide", _SLIDE_ATTRS, "slide_path"),
+                                ("another model", _MODEL_ATTRS, "model_name")):
+        if differing := [k for k in keys if k in group]:
+            parts.append(f"{what} ({', '.join(differing)} differ; the file's: "
+                         f"{attrs.get(source)})")
+    parts += [f"{k} {_short(attrs[k])} in the file, {_short(request[k])} now" for k in keys
+              if k not in _SLIDE_ATTRS + _MODEL_ATTRS]
+    return "; ".join(parts)
 
 
 def _short(value: Any) -> str:
