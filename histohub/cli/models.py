@@ -109,9 +109,7 @@ def _info(args: argparse.Namespace) -> int:
         _field("weights" if index == 1 else "",
                f"{index}. {file.filename} ({file.format}); {pin}")
         for source in file.sources:
-            where = (f"huggingface {source.repo_id}@{source.revision} {source.filename}"
-                     if source.is_hf else source.url)
-            _field("", f"   from {where}", wrap=False)
+            _field("", f"   from {source.describe()}", wrap=False)
         _field("", f"   cached: {cached_path(file)} ({status})" if status else "   not cached",
                wrap=False)
     _field("licence", entry.license)
