@@ -41,11 +41,35 @@ from simclr.config import config_from_dict  # noqa: E402
 PAPER_CITATION = ("Ciga O, Xu T, Martel AL. Self supervised contrastive learning for digital "
                   "histopathology. Machine Learning with Applications 7:100198 (2022). "
                   "doi:10.1016/j.mlwa.2021.100198")
+#: Where ``--into-package`` puts histohub's own bundled weights.
+PACKAGE_WEIGHTS = MANIFEST_PATH.parent / "weights"
 BACKBONE_KEY_MAP = KeyMap(strip_prefixes=("backbone.",), drop=(r"^projection_head\.",))
 #: --name: histohub's rule for model names (lower-case letters, digits, '-' and '.', first a
 #: letter or digit), and no "..": the name becomes ``<out>/<name>.safetensors``.
 _NAME = re.compile(r"[a-z0-9][a-z0-9.\-]*")
 MAX_NAME_LENGTH = 64
+
+
+def _slide_datasets(data: dict) -> list[dict]:
+    return [d for d in data["datasets"] if isinstance(d, dict) and d.get("kind") == "slides"
+            or isinstance(d, str) and d.startswith("slides:")]
+
+
+def _slide_mpp(data: dict) -> float:
+    """The resolution slide patches were stored at: the slide datasets' own ``mpp`` where
+    they set one (all alike), else ``data.slide_mpp``."""
+    values = {d.get("mpp", data["slide_mpp"]) if isinstance(d, dict) else data["slide_mpp"]
+              for d in _slide_datasets(data)} or {data["slide_mpp"]}
+    if len(values) > 1:
+        raise ValueError(f"slide datasets stored at several resolutions {sorted(values)}: "
+                         "one model input scale cannot be stated")
+    return values.pop()
+
+
+def _per_slide(data: dict) -> int:
+    return max((d.get("patches_per_slide", data["patches_per_slide"]) if isinstance(d, dict)
+                else data["patches_per_slide"] for d in _slide_datasets(data)),
+               default=data["patches_per_slide"])
 
 
 def check_name(name: str) -> str:
@@ -123,7 +147,8 @@ def _last_loss(run_folder: Path, step: int) -> float | None:
 
 def build_entry(checkpoint: dict, *, weights_path: Path, sha256: str, size: int,
                 parameters: int, url: str | None, license: str, description: str | None,
-                final_loss: float | None) -> dict[str, Any]:
+                final_loss: float | None, data_note: str | None = None,
+                package: str | None = None) -> dict[str, Any]:
     """A manifest entry (histohub's schema) describing the exported backbone."""
     config = checkpoint["config"]
     arch = config["model"]["arch"]
@@ -133,6 +158,7 @@ def build_entry(checkpoint: dict, *, weights_path: Path, sha256: str, size: int,
     optim = config["optim"]
     augment = config["augment"]
     data = config["data"]
+    slide_mpp = _slide_mpp(data)
     lr = optim["lr"]
     recipe = {
         "method": f"SimCLR (NT-Xent, temperature {optim['temperature']}), histohub training/",
@@ -155,9 +181,13 @@ def build_entry(checkpoint: dict, *, weights_path: Path, sha256: str, size: int,
                                  f"{s['available']})" for s in summary)
                      + f". Draw: {data['percent']}% of each dataset, min "
                        f"{data['min_per_dataset']}, max {data['max_per_dataset']} per dataset"
-                     + (f"; at most {data['patches_per_slide']} patches per slide at "
-                        f"{data['slide_mpp']} um/px" if slides else "") + ".")
-    mpp = data["slide_mpp"] if slides else None
+                     + (f"; at most {_per_slide(data)} patches per slide at "
+                        f"{slide_mpp} um/px" if slides else "") + "."
+                     + (f" {data_note}" if data_note else ""))
+    # Slide patches were stored at slide_mpp in cache_size px and views resized to
+    # image_size: a whole stored patch reaches the model at slide_mpp * cache / image_size.
+    stored = data.get("cache_size") or config["image_size"]
+    mpp = round(slide_mpp * stored / config["image_size"], 3) if slides else None
     entry = {
         "description": description or (f"{arch} pretrained with SimCLR by histohub's training/ "
                                         f"({checkpoint['epoch']} epochs on {images} images). "
@@ -166,13 +196,17 @@ def build_entry(checkpoint: dict, *, weights_path: Path, sha256: str, size: int,
         "feature_dim": FEATURE_DIMS[arch],
         "weights": [{
             "filename": weights_path.name, "format": "safetensors", "sha256": sha256,
-            "size": size, "sources": [{"url": url or weights_path.resolve().as_uri()}],
+            "size": size,
+            "sources": [{"package": package} if package else
+                        {"url": url or weights_path.resolve().as_uri()}],
             "key_map": {"state_dict_key": None, "strip_prefixes": [], "drop": []},
         }],
         "preprocessing": {
             "input_size": config["image_size"], "mean": list(data["mean"]),
             "std": list(data["std"]), "interpolation": "bilinear", "mpp": mpp,
-            "mpp_note": ("Slide patches were cut at this resolution." if slides else
+            "mpp_note": (f"The scale the model saw: slide patches stored at "
+                         f"{slide_mpp} um/px in {stored} px, shown to it at "
+                         f"{config['image_size']} px." if slides else
                          "Trained on image files whose resolution was not recorded."),
         },
         "license": license,
@@ -184,13 +218,15 @@ def build_entry(checkpoint: dict, *, weights_path: Path, sha256: str, size: int,
     return entry
 
 
-def manifest_data(path: Path, name: str, *, force: bool) -> dict[str, Any]:
+def manifest_data(path: Path, name: str, *, force: bool, shipped_ok: bool = False
+                  ) -> dict[str, Any]:
     """The JSON of the manifest at ``path`` to add ``name`` to (a new one if absent).
 
-    Refuses a name histohub ships, a name the manifest lists already (unless ``force``),
-    a manifest that is invalid or a folder, before anything is written.
+    Refuses a name histohub ships (unless ``shipped_ok``: writing histohub's own manifest),
+    a name the manifest lists already (unless ``force``), a manifest that is invalid or a
+    folder, before anything is written.
     """
-    if name in read_manifest(MANIFEST_PATH):
+    if not shipped_ok and name in read_manifest(MANIFEST_PATH):
         raise ValueError(f"{name!r} is a model histohub ships; choose another --name")
     if path.is_dir():
         raise ValueError(f"--manifest {path} is a folder; give the JSON file to add to")
@@ -212,6 +248,12 @@ def write_manifest(path: Path, data: dict[str, Any], name: str, entry: dict) -> 
     read_manifest(path)
 
 
+def _manifest_setup(manifest: Path) -> str:
+    if manifest.resolve() == MANIFEST_PATH.resolve():
+        return "Bundled with histohub: no download, no setting, works offline.\n\n"
+    return f"```bash\nexport HISTOHUB_MANIFEST={manifest.resolve()}\n```\n"
+
+
 def model_card(name: str, entry: dict, manifest: Path) -> str:
     """A Markdown model card for the exported weights."""
     weights = entry["weights"][0]
@@ -224,10 +266,7 @@ def model_card(name: str, entry: dict, manifest: Path) -> str:
 
 ## Use
 
-```bash
-export HISTOHUB_MANIFEST={manifest.resolve()}
-```
-```python
+{_manifest_setup(manifest)}```python
 import histohub
 model = histohub.load_pretrained("{name}")          # eval mode, {entry['feature_dim']}-d features
 transform = histohub.get_transform("{name}")        # {pre['input_size']} px, mean {pre['mean']}, std {pre['std']}
@@ -270,18 +309,27 @@ Method: {entry['citation']}
 def export(checkpoint_path: str | os.PathLike, *, name: str, out: str | os.PathLike | None = None,
            manifest: str | os.PathLike | None = None, url: str | None = None,
            license: str = "unspecified", description: str | None = None,
-           force: bool = False) -> dict[str, Any]:
+           force: bool = False, half: bool = False, into_package: bool = False,
+           data_note: str | None = None) -> dict[str, Any]:
     """Export ``checkpoint_path``; returns the manifest entry written. See the module doc.
 
+    ``half``: store the weights as float16 (half the size; features agree with float32 to
+    about 1e-3 relative). ``into_package``: the maintainers' door for histohub's own bundled
+    model: the weights go to ``histohub/weights/`` and the entry, with a ``package``
+    source, into histohub's shipped manifest (``out`` and ``manifest`` are then fixed).
     Every input is checked before the first byte is written: ValueError (or
     FileNotFoundError, a histohub error) says which one is wrong.
     """
     check_name(name)
     checkpoint_path = Path(checkpoint_path)
+    if into_package:
+        if out or manifest or url:
+            raise ValueError("--into-package decides --out, --manifest and the source itself")
+        out, manifest = PACKAGE_WEIGHTS, MANIFEST_PATH
     out = Path(out) if out else checkpoint_path.parent / "export"
     check_folder(out, "--out")
     manifest_path = Path(manifest) if manifest else out / "manifest.json"
-    data = manifest_data(manifest_path, name, force=force)
+    data = manifest_data(manifest_path, name, force=force, shipped_ok=into_package)
     weights_path, card_path = out / f"{name}.safetensors", out / f"{name}.md"
     for path in (weights_path, card_path):
         if path.exists() and not force:
@@ -289,13 +337,17 @@ def export(checkpoint_path: str | os.PathLike, *, name: str, out: str | os.PathL
     checkpoint = read_training_checkpoint(checkpoint_path)
     arch = checkpoint["config"]["model"]["arch"]
     state = backbone_state(checkpoint, arch)
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     weights = _serialize(state, {"arch": arch, "name": name, "epochs": str(checkpoint["epoch"])})
     parameters = sum(v.numel() for k, v in state.items()
                      if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     entry = build_entry(checkpoint, weights_path=weights_path,
                         sha256=hashlib.sha256(weights).hexdigest(), size=len(weights),
                         parameters=parameters, url=url, license=license,
-                        description=description,
+                        description=description, data_note=data_note,
+                        package=(weights_path.relative_to(MANIFEST_PATH.parent).as_posix()
+                                 if into_package else None),
                         final_loss=_last_loss(checkpoint_path.parent, checkpoint["global_step"]))
     parse_entry(name, entry)  # histohub's own validation, still before anything is written
     out.mkdir(parents=True, exist_ok=True)
@@ -328,6 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--description", help="one-line description for the manifest")
     parser.add_argument("--force", action="store_true",
                         help="replace an existing entry and its files")
+    parser.add_argument("--half", action="store_true", help="store the weights as float16")
+    parser.add_argument("--into-package", action="store_true",
+                        help="maintainers: bundle the model inside histohub (histohub/weights/ "
+                             "and histohub's own manifest, with a 'package' source)")
+    parser.add_argument("--data-note", help="licences and citations of the training data, "
+                                            "appended to the entry's training_data")
     return run_reporting_errors(run, parser.parse_args(argv))
 
 
@@ -335,7 +393,8 @@ def run(args: argparse.Namespace) -> int:
     """Export as ``args`` say and print how to use the result; returns the exit code."""
     entry = export(args.checkpoint, name=args.name, out=args.out, manifest=args.manifest,
                    url=args.url, license=args.license, description=args.description,
-                   force=args.force)
+                   force=args.force, half=args.half, into_package=args.into_package,
+                   data_note=args.data_note)
     weights = entry["weights"][0]
     manifest = args.manifest or str(Path(args.out or Path(args.checkpoint).parent / "export")
                                     / "manifest.json")

@@ -131,3 +131,51 @@ def test_an_existing_export_is_kept_without_force(checkpoint, tmp_path, capsys):
              "--force")
     assert export.main([str(checkpoint), "--name", "m", "--out", str(out), "--force"]) == 0
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_half_export_into_the_package_states_the_scale_the_model_saw(tmp_path, monkeypatch):
+    """--into-package: fp16 weights under histohub/weights/, a 'package' source in
+    histohub's own manifest; the input mpp is what a whole stored patch becomes at
+    image_size (0.77 um/px stored in 96 px, shown at 64 px: 1.155 um/px)."""
+    import histohub
+    from histohub import _manifest
+
+    payload = _payload()
+    payload["config"]["image_size"] = 64
+    payload["config"]["data"]["cache_size"] = 96
+    payload["config"]["data"]["datasets"] = [
+        {"path": "/data/tiles"}, {"path": "/data/wsis", "kind": "slides", "mpp": 0.77}]
+    payload["pool_summary"].append({"name": "wsis", "kind": "slides", "path": "/data/wsis",
+                                    "selected": 5, "available": 5})
+    save_checkpoint(tmp_path / "checkpoint.pt", payload)
+    package = tmp_path / "histohub"
+    package.mkdir()
+    manifest = package / "weights_manifest.json"
+    manifest.write_text(_manifest.MANIFEST_PATH.read_text())
+    monkeypatch.setattr(export, "MANIFEST_PATH", manifest)
+    monkeypatch.setattr(export, "PACKAGE_WEIGHTS", package / "weights")
+    monkeypatch.setattr(_manifest, "PACKAGE_DIR", package)
+
+    entry = export.export(tmp_path / "checkpoint.pt", name="tiny-ssl", half=True,
+                          into_package=True, data_note="Tiles: CC0.")
+
+    weights = package / "weights" / "tiny-ssl.safetensors"
+    assert entry["weights"][0]["sources"] == [{"package": "weights/tiny-ssl.safetensors"}]
+    assert entry["weights"][0]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert entry["preprocessing"]["input_size"] == 64 and entry["preprocessing"]["mpp"] == 1.155
+    assert entry["training_data"].endswith("Tiles: CC0.")
+    assert "tiny-ssl" in json.loads(manifest.read_text())["models"]
+    monkeypatch.setenv("HISTOHUB_MANIFEST", "")
+    monkeypatch.setattr(_manifest, "MANIFEST_PATH", manifest)
+    _manifest._load_all.cache_clear()
+    monkeypatch.setenv("HISTOHUB_OFFLINE", "1")
+    model = histohub.load_pretrained("tiny-ssl")
+    expected = {k[len("backbone."):]: v for k, v in payload["model"].items()
+                if k.startswith("backbone.")}
+    for key, value in model.state_dict().items():   # fp16 on disk, fp32 in the model
+        assert value.dtype == expected[key].dtype
+        torch.testing.assert_close(value, expected[key].half().to(value.dtype))
+    _manifest._load_all.cache_clear()
+    with pytest.raises(ValueError, match="decides --out"):
+        export.export(tmp_path / "checkpoint.pt", name="tiny-ssl", into_package=True,
+                      out=tmp_path / "elsewhere")
