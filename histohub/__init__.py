@@ -4,8 +4,18 @@
 >>> model = histohub.load_pretrained("resnet18-ssl")     # eval mode, 512-d features
 >>> transform = histohub.get_transform("resnet18-ssl")   # mean = std = 0.5, 224 px
 
-Heavier parts (slides, feature extraction, clustering) are imported on first use, so
-``import histohub`` costs little beyond ``import torch, torchvision``.
+The public API is this module's ``__all__``. Names that need torch, torchvision or the
+slide libraries are imported on first use, so ``import histohub`` (and ``histohub list``)
+reads the manifest without loading torch.
+
+Manifests: :func:`list_models`, :func:`get_entry`, :func:`load_manifest` and
+:func:`reload_manifests` read the manifests in use (``MANIFEST_PATH`` plus
+``HISTOHUB_MANIFEST``); :func:`read_manifest`, :func:`read_manifest_json` and
+:func:`parse_entry` read and validate one file or entry; :func:`write_manifest_entry`,
+:func:`record_metrics` and :func:`pin_weights` are the only writers.
+Weights: :func:`read_checkpoint` reads a checkpoint as data, :func:`map_state_dict` maps it
+strictly onto :func:`build_encoder`'s keys (``FEATURE_DIMS``: the architectures), and
+:func:`sha256_file` hashes a file in chunks.
 """
 
 from __future__ import annotations
@@ -13,25 +23,37 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._manifest import ModelEntry, get_entry, list_models
+from ._manifest import (MANIFEST_PATH, SCHEMA_VERSION, KeyMap, ModelEntry, Preprocessing,
+                        get_entry, list_models, load_manifest, parse_entry, read_manifest,
+                        read_manifest_json, reload_manifests)
+from ._manifest_writer import pin_weights, record_metrics, write_manifest_entry
+from ._version import __version__
 from .errors import HistohubError
-from .pretrained import DEFAULT_MODEL, ModelInfo, load_pretrained
-from .transforms import get_transform
 
-__version__ = "0.1.0"
-
-# Public names served lazily: name -> module that defines it.
+# Public names served lazily (they import torch, torchvision or slide libraries):
+# name -> module that defines it.
 _LAZY = {
+    "DEFAULT_MODEL": "histohub.pretrained",
+    "FEATURE_DIMS": "histohub.models",
+    "ModelInfo": "histohub.pretrained",
+    "build_encoder": "histohub.models",
     "extract_features": "histohub.features",
     "extract_slide": "histohub.features",
+    "get_transform": "histohub.transforms",
+    "load_pretrained": "histohub.pretrained",
+    "map_state_dict": "histohub._checkpoint",
     "open_slide": "histohub.wsi",
+    "read_checkpoint": "histohub._checkpoint",
+    "sha256_file": "histohub._download",
     "tissue_mask": "histohub.wsi",
     "tune_allocator": "histohub.features",
 }
 
 __all__ = [
-    "DEFAULT_MODEL", "HistohubError", "ModelEntry", "ModelInfo", "__version__", "get_entry",
-    "get_transform", "list_models", "load_pretrained", *_LAZY,
+    "HistohubError", "KeyMap", "MANIFEST_PATH", "ModelEntry", "Preprocessing",
+    "SCHEMA_VERSION", "__version__", "get_entry", "list_models", "load_manifest",
+    "parse_entry", "pin_weights", "read_manifest", "read_manifest_json", "record_metrics",
+    "reload_manifests", "write_manifest_entry", *_LAZY,
 ]
 
 

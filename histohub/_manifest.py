@@ -434,12 +434,18 @@ def read_manifest(path: str | os.PathLike) -> dict[str, ModelEntry]:
     """Read and validate one manifest file into ``{name: ModelEntry}``."""
     path = Path(path)
     data = read_manifest_json(path)
+    check_manifest_header(path, data)
+    return {name: parse_entry(name, entry, manifest_path=path)
+            for name, entry in data["models"].items()}
+
+
+def check_manifest_header(path: str | os.PathLike, data: Any) -> None:
+    """Check a manifest's top level: exactly ``schema_version`` (this histohub's) and
+    ``models`` (an object); the entries themselves are :func:`parse_entry`'s job."""
     _check_fields(str(path), data, {"schema_version": int, "models": dict})
     if data["schema_version"] != SCHEMA_VERSION:
         raise ManifestError(f"{path}: schema_version {data['schema_version']} is not supported "
                             f"by this histohub (expects {SCHEMA_VERSION}); upgrade histohub")
-    return {name: parse_entry(name, entry, manifest_path=path)
-            for name, entry in data["models"].items()}
 
 
 def manifest_paths() -> list[Path]:
@@ -458,6 +464,12 @@ def _load_all(paths: tuple[Path, ...]) -> dict[str, ModelEntry]:
                                     f"{entries[name].manifest_path}; choose another name")
             entries[name] = entry
     return entries
+
+
+def reload_manifests() -> None:
+    """Forget the manifests read so far: the next lookup reads the files again (call it
+    after changing a manifest file; ``HISTOHUB_MANIFEST`` changes are noticed anyway)."""
+    _load_all.cache_clear()
 
 
 def load_manifest() -> dict[str, ModelEntry]:

@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """SimCLR training throughput: histohub's training/ against lightly, in the same run.
 
+Run from the repository root with ``training/`` on the import path (as the tests have it):
+
+    export PYTHONPATH=training
     python training/benchmarks/bench_train.py                 # 96 px, batch 32, CPU
     python training/benchmarks/bench_train.py --size 224 --steps 3
     python training/benchmarks/bench_train.py --gpu-only      # ResNet18, 224 px, 512, bf16
@@ -31,15 +34,12 @@ import numpy as np
 import torch
 from torch import nn
 
-TRAINING = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TRAINING))
+from simclr.augment import BatchAugment
+from simclr.loss import nt_xent_loss
+from simclr.model import SimCLRModel
+from simclr.optim import build_optimizer
 
-from simclr.augment import BatchAugment  # noqa: E402
-from simclr.loss import nt_xent_loss  # noqa: E402
-from simclr.model import SimCLRModel  # noqa: E402
-from simclr.optim import build_optimizer  # noqa: E402
-
-KATHER = TRAINING.parent.parent / "shared" / "data" / "kather2016-tiles"
+KATHER = Path(__file__).resolve().parents[3] / "shared" / "data" / "kather2016-tiles"
 
 
 def have_lightly() -> bool:

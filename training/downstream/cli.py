@@ -14,7 +14,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..cli_errors import run_reporting_errors
+from cli_errors import run_reporting_errors
 from . import datasets as ds
 from .encoders import resolve_encoders
 from .protocols import TASKS, Protocol, prepare, protocol_json, run_protocol
