@@ -25,18 +25,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-
-from cli_errors import run_reporting_errors  # noqa: E402
-from histohub._checkpoint import map_state_dict, read_checkpoint  # noqa: E402
-from histohub._manifest import MANIFEST_PATH, SCHEMA_VERSION, KeyMap, parse_entry  # noqa: E402
-from histohub._manifest import read_manifest, read_manifest_json  # noqa: E402
-from histohub.errors import CheckpointError  # noqa: E402
-from histohub.models import FEATURE_DIMS, build_encoder  # noqa: E402
-from simclr.checkpoint import FORMAT_VERSION  # noqa: E402
-from simclr.config import config_from_dict  # noqa: E402
+from cli_errors import run_reporting_errors
+from histohub._checkpoint import map_state_dict, read_checkpoint
+from histohub._manifest import MANIFEST_PATH, SCHEMA_VERSION, KeyMap, parse_entry
+from histohub._manifest import read_manifest, read_manifest_json
+from histohub.errors import CheckpointError
+from histohub.models import FEATURE_DIMS, build_encoder
+from simclr.checkpoint import FORMAT_VERSION
+from simclr.config import config_from_dict
 
 PAPER_CITATION = ("Ciga O, Xu T, Martel AL. Self supervised contrastive learning for digital "
                   "histopathology. Machine Learning with Applications 7:100198 (2022). "

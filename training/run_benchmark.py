@@ -9,11 +9,8 @@ clustering. See ``training/docs/benchmarks.md``.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from training.downstream.cli import main  # noqa: E402
+from downstream.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,11 +18,9 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from cli_errors import run_reporting_errors  # noqa: E402
-from simclr.config import load_config  # noqa: E402
-from simclr.train import resume_config, train  # noqa: E402
+from cli_errors import run_reporting_errors
+from simclr.config import load_config
+from simclr.train import resume_config, train
 
 
 def build_parser() -> argparse.ArgumentParser:

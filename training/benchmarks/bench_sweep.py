@@ -1,6 +1,6 @@
 """Time the full linear-probe sweep (5 fractions x 5 repeats): cold cache vs warm cache.
 
-    python -m training.downstream.bench_sweep --data kather2016 --model random --rounds 2
+    python training/benchmarks/bench_sweep.py --data kather2016 --model random --rounds 2
 
 Each round runs ``run_benchmark.py`` twice in fresh processes, interleaved (cold, warm,
 cold, warm, ...): cold with an empty feature cache (features computed once per model),

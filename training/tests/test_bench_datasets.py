@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from training.downstream import datasets as ds  # noqa: E402
-from training.downstream.images import load_images, load_masks  # noqa: E402
+from downstream import datasets as ds
+from downstream.images import load_images, load_masks
 
 Image = pytest.importorskip("PIL.Image")
 

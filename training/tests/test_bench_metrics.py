@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from training.downstream import metrics  # noqa: E402
+from downstream import metrics
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 

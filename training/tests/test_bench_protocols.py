@@ -5,20 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from training.downstream import report  # noqa: E402
-from training.downstream.cli import main  # noqa: E402
-from training.downstream.encoders import random_encoder  # noqa: E402
-from training.downstream.finetune import finetune  # noqa: E402
-from training.downstream.linear import paper_weight_decay, train_linear  # noqa: E402
+from downstream import report
+from downstream.cli import main
+from downstream.encoders import random_encoder
+from downstream.finetune import finetune
+from downstream.linear import paper_weight_decay, train_linear
 
 pytest.importorskip("sklearn")
 Image = pytest.importorskip("PIL.Image")
@@ -77,7 +74,7 @@ def test_finetune_trains_every_layer_and_selects_on_validation():
 
 def test_unet_encoder_holds_the_pretrained_weights_exactly():
     pytest.importorskip("segmentation_models_pytorch")
-    from training.downstream.segmentation import build_unet
+    from downstream.segmentation import build_unet
 
     encoder = random_encoder("resnet18", seed=3)
     unet = build_unet(encoder)[1]
@@ -220,7 +217,7 @@ def test_imagenet_that_cannot_be_had_is_skipped_with_the_reason(monkeypatch):
 
     from torchvision.models._api import WeightsEnum
 
-    from training.downstream.encoders import resolve_encoders
+    from downstream.encoders import resolve_encoders
 
     def offline(self, *args, **kwargs):
         raise URLError("no network here")

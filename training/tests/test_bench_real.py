@@ -8,18 +8,15 @@ and a few epochs keep them small; the numbers are not the point, the pipeline is
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from training.downstream import datasets as ds  # noqa: E402
-from training.downstream.cli import main  # noqa: E402
-from training.downstream.encoders import random_encoder  # noqa: E402
-from training.downstream.splits import split_dataset  # noqa: E402
+from downstream import datasets as ds
+from downstream.cli import main
+from downstream.encoders import random_encoder
+from downstream.splits import split_dataset
 
 pytest.importorskip("sklearn")
 

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from training.downstream.datasets import DatasetError  # noqa: E402
-from training.downstream.splits import (label_fractions, score_strata,  # noqa: E402
-                                        split_dataset)
+from downstream.datasets import DatasetError
+from downstream.splits import label_fractions, score_strata, split_dataset
 
 pytest.importorskip("sklearn")
 

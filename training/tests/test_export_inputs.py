@@ -5,30 +5,16 @@ manifest that already lists the name. Each mistake is one line on stderr, exit c
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-TRAINING = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TRAINING))
-
-from simclr.checkpoint import save_checkpoint  # noqa: E402
-from simclr.config import load_config, to_dict  # noqa: E402
-from simclr.model import SimCLRModel  # noqa: E402
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"training_{name}", TRAINING / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-export = _load_script("export")
+import export
+from simclr.checkpoint import save_checkpoint
+from simclr.config import load_config, to_dict
+from simclr.model import SimCLRModel
 
 
 def _payload(arch: str = "resnet18") -> dict:

@@ -1,16 +1,12 @@
 """Batched Appendix C augmentations: shapes, ranges, each option off, per-image parity
 with torchvision's functional ops, reproducibility."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from simclr.augment import (JITTER_STRENGTHS, BatchAugment, adjust_brightness,  # noqa: E402
+from simclr.augment import (JITTER_STRENGTHS, BatchAugment, adjust_brightness,
                             adjust_contrast, adjust_hue, adjust_saturation, blur_kernel_size,
                             gaussian_blur, jitter_strength)
 

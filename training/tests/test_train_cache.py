@@ -3,7 +3,6 @@ matches its pool, rebuilt when it does not, never left half-written; dataset pat
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from simclr.cache import CACHE_NAME, CachedPool, load_or_build_cache  # noqa: E402
-from simclr.data import Pool, PoolDataset, build_pool, list_images, parse_datasets  # noqa: E402
+from simclr.cache import CACHE_NAME, CachedPool, load_or_build_cache
+from simclr.data import Pool, PoolDataset, build_pool, list_images, parse_datasets
 
 
 def _pool(tmp_path: Path, count: int = 6) -> tuple[Pool, Path]:

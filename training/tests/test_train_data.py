@@ -1,7 +1,6 @@
 """Dataset pool: per-dataset caps (section 5.4), any folder nesting, slide patches through
 histohub.wsi, unreadable images skipped and reported, rank slices of global batches."""
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from simclr.data import (Collate, EpochBatchSampler, PoolDataset, build_pool,  # noqa: E402
+from simclr.data import (Collate, EpochBatchSampler, PoolDataset, build_pool,
                          capped_count, list_images, parse_datasets, sample_slide_patches)
 
 

@@ -1,16 +1,12 @@
 """Two gloo processes with batch B give the loss and gradients of one process with 2 x B."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from simclr.loss import nt_xent_loss  # noqa: E402
+from simclr.loss import nt_xent_loss
 
 BATCH, DIM, WORLD = 6, 12, 2
 

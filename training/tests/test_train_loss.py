@@ -1,16 +1,12 @@
 """NT-Xent against a plain NumPy transcription of the paper's equation (1)."""
 
 import itertools
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from simclr.loss import NTXentLoss, nt_xent_loss  # noqa: E402
+from simclr.loss import NTXentLoss, nt_xent_loss
 
 
 def numpy_nt_xent(z1: np.ndarray, z2: np.ndarray, temperature: float) -> float:

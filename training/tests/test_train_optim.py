@@ -2,16 +2,12 @@
 learning rates and the warm-up + cosine schedule."""
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from simclr.optim import (WarmupCosine, build_optimizer, build_scheduler, paper_lr,  # noqa: E402
+from simclr.optim import (WarmupCosine, build_optimizer, build_scheduler, paper_lr,
                           split_parameters)
 
 LR, WD, TRUST = 0.5, 0.1, 0.001

@@ -2,9 +2,7 @@
 repeats the uninterrupted run exactly, and the export loads through a manifest."""
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,22 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-TRAINING = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TRAINING))
-
-from simclr.augment import BatchAugment  # noqa: E402
-from simclr.config import load_config  # noqa: E402
-from simclr.data import Pool, PoolDataset  # noqa: E402
-from simclr.loss import nt_xent_loss  # noqa: E402
-from simclr.model import SimCLRModel  # noqa: E402
-from simclr.train import resolve_precision, resume_config, train  # noqa: E402
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"training_{name}", TRAINING / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import export
+import run_pretrain
+from simclr.augment import BatchAugment
+from simclr.config import load_config
+from simclr.data import Pool, PoolDataset
+from simclr.loss import nt_xent_loss
+from simclr.model import SimCLRModel
+from simclr.train import resolve_precision, resume_config, train
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -116,8 +106,7 @@ def test_resume_repeats_the_uninterrupted_run_exactly(finished, tiles, tmp_path)
     with pytest.raises(Interrupt):
         train(_config(tiles), out, progress=False, on_step=stop_in_second_epoch)
     assert json.loads((out / "config.json").read_text())["epochs"] == 2
-    assert _load_script("run_pretrain").main(["--resume", "--out", str(out),
-                                              "--no-progress"]) == 0
+    assert run_pretrain.main(["--resume", "--out", str(out), "--no-progress"]) == 0
     assert _log_losses(out) == _log_losses(reference)  # bit for bit, as written by repr
     resumed = torch.load(out / "checkpoint.pt", weights_only=True)
     expected = torch.load(reference / "checkpoint.pt", weights_only=True)
@@ -133,7 +122,6 @@ def test_export_loads_through_the_manifest(finished, tmp_path, monkeypatch):
     from histohub._download import sha256_file
 
     out, _ = finished
-    export = _load_script("export")
     entry = export.export(out / "checkpoint.pt", name="smoke-resnet18", out=tmp_path / "exp",
                           license="CC BY 4.0")
     weights = tmp_path / "exp" / "smoke-resnet18.safetensors"
@@ -198,7 +186,6 @@ def test_config_overrides_and_resume_rules(tmp_path, tiles):
 
 def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, tiles, capsys):
     """A careless user's input gets run_benchmark.py's answer: one line, exit code 2."""
-    run_pretrain = _load_script("run_pretrain")
     missing = tmp_path / "no-such-folder"
     argv = ["--config", "smoke", "--out", str(tmp_path / "run"), "--no-progress"]
     assert run_pretrain.main([*argv, f"data.datasets={json.dumps([str(missing)])}"]) == 2
