@@ -17,9 +17,10 @@ dependencies = ["torch", "torchvision", "safetensors", "requests", "filelock", "
 # Underscored names: torch.hub.list() shows every public callable as an entry point.
 import textwrap as _textwrap  # noqa: E402
 
+from histohub import get_entry as _get_entry  # noqa: E402
 from histohub import get_transform  # noqa: E402,F401  (an entry point too)
+from histohub import list_models as _list_models  # noqa: E402
 from histohub import load_pretrained as _load_pretrained  # noqa: E402
-from histohub._manifest import load_manifest as _load_manifest  # noqa: E402
 from histohub.errors import ManifestError as _ManifestError  # noqa: E402
 
 
@@ -70,7 +71,7 @@ def _entry_point(entry):
     return entry_point
 
 
-for _entry in _load_manifest().values():
+for _entry in map(_get_entry, _list_models()):
     if _entry.hub_name in globals():
         raise _ManifestError(
             f"Model {_entry.name!r} ({_entry.manifest_path}) would be the torch.hub entry "

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ManifestError, UnknownModelError
+from .models import FEATURE_DIMS
 
 SCHEMA_VERSION = 1
 MANIFEST_PATH = Path(__file__).with_name("weights_manifest.json")
-ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101")
 FORMATS = ("safetensors", "torch", "lightning")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _REVISION = re.compile(r"^[0-9a-f]{40}$")
@@ -355,8 +355,9 @@ def parse_entry(name: str, data: Any, *, manifest_path: Path | None = None) -> M
     if not re.match(r"^[a-z0-9][a-z0-9.\-]*$", name):
         raise ManifestError(f"{where}: model names are lower-case letters, digits, '-' and '.'")
     _check_fields(where, data, _ENTRY_FIELDS, _OPTIONAL_ENTRY_FIELDS)
-    if data["arch"] not in ARCHITECTURES:
-        raise ManifestError(f"{where}.arch: {data['arch']!r} is not one of {ARCHITECTURES}")
+    if data["arch"] not in FEATURE_DIMS:
+        raise ManifestError(f"{where}.arch: {data['arch']!r} is not one of "
+                            f"{tuple(FEATURE_DIMS)}")
     if data["feature_dim"] <= 0:
         raise ManifestError(f"{where}.feature_dim: must be positive")
     if not data["weights"]:
@@ -488,3 +489,13 @@ def get_entry(name: str) -> ModelEntry:
 def list_models() -> list[str]:
     """Names of every model in the manifests in use, sorted."""
     return sorted(load_manifest())
+
+
+def default_model() -> str:
+    """The model the packaged manifest marks ``"default": true`` (what ``load_pretrained()``
+    and ``get_transform()`` use when no model is named)."""
+    defaults = [name for name, entry in _load_all((MANIFEST_PATH,)).items() if entry.default]
+    if len(defaults) != 1:
+        raise ManifestError(f"{MANIFEST_PATH} must mark exactly one model \"default\": true, "
+                            f"it marks {defaults or 'none'}; reinstall histohub")
+    return defaults[0]

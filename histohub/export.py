@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._manifest import ModelEntry, Preprocessing, load_manifest
+from ._version import __version__
 from .errors import require
 
 if TYPE_CHECKING:
@@ -124,8 +125,6 @@ def timm_config(described: _Described) -> dict[str, Any]:
     metadata (microns per pixel, source checksum) sits under a separate ``histohub`` key,
     which timm ignores.
     """
-    from . import __version__
-
     pre = described.preprocessing
     entry = described.entry
     pretrained_cfg: dict[str, Any] = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,13 +17,16 @@ import torch
 from torch import nn
 
 from ._checkpoint import DEFAULT_KEY_MAP, map_state_dict, read_checkpoint
-from ._manifest import KeyMap, ModelEntry, Preprocessing, WeightsFile, get_entry, load_manifest
+from ._download import fetch_weights, sha256_file
+from ._manifest import (KeyMap, ModelEntry, Preprocessing, WeightsFile, default_model,
+                        get_entry, load_manifest)
 from .errors import FingerprintError, KeyMappingError, UnknownModelError
-from .models import FEATURE_DIMS, build_encoder
+from .models import FEATURE_DIMS, build_encoder, encoder_shapes
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "resnet18-ssl"
+#: The model the packaged manifest marks ``"default": true``.
+DEFAULT_MODEL = default_model()
 
 
 @dataclass(frozen=True)
@@ -76,11 +80,10 @@ def _from_entry(entry: ModelEntry, *, pretrained: bool, progress: bool):
         info = ModelInfo(entry.name, entry.arch, entry.feature_dim, None, None,
                          entry.preprocessing)
         return build_encoder(entry.arch), info
-    from ._download import fetch_weights
-
     fetched = fetch_weights(entry, progress=progress)
     checkpoint = read_checkpoint(fetched.path, format=fetched.file.format)
-    encoder = _assemble(entry.arch, checkpoint, fetched.file.key_map)
+    _, state = fit_architecture(checkpoint, key_map=fetched.file.key_map, archs=[entry.arch])
+    encoder = _assemble(entry.arch, state)
     _check_fingerprint(entry.name, fetched.file, encoder)
     info = ModelInfo(entry.name, entry.arch, entry.feature_dim, fetched.sha256,
                      str(fetched.path), entry.preprocessing)
@@ -92,31 +95,44 @@ def _from_path(path: Path, *, arch: str | None, pretrained: bool):
         raise ValueError("pretrained=False with a checkpoint path makes no sense; pass a "
                          "model name or an architecture name instead")
     checkpoint = read_checkpoint(path)
-    archs = [arch] if arch else list(FEATURE_DIMS)
+    arch, state = fit_architecture(checkpoint, archs=[arch] if arch else None, what=str(path))
+    info = ModelInfo(path.stem, arch, FEATURE_DIMS[arch], sha256_file(path), str(path),
+                     _default_preprocessing())
+    return _assemble(arch, state), info
+
+
+def fit_architecture(checkpoint: Mapping, *, key_map: KeyMap = DEFAULT_KEY_MAP,
+                     archs: Sequence[str] | None = None, what: str = "The checkpoint"
+                     ) -> tuple[str, dict[str, torch.Tensor]]:
+    """The first of ``archs`` (default: every architecture in ``FEATURE_DIMS``) whose
+    ``state_dict`` ``checkpoint`` fills exactly under ``key_map``, and the mapped tensors.
+
+    One candidate: its KeyMappingError (naming missing, unexpected and mis-shaped keys) is
+    raised as it is. Several, none fitting: KeyMappingError saying to name the one expected
+    (``what`` names the checkpoint in that message).
+    """
+    candidates = list(archs) if archs else list(FEATURE_DIMS)
+    unknown = [a for a in candidates if a not in FEATURE_DIMS]
+    if unknown:
+        raise KeyMappingError(f"Unknown architecture {unknown[0]!r}; choose one of "
+                              f"{sorted(FEATURE_DIMS)}")
     errors = {}
-    for candidate in archs:
+    for candidate in candidates:
         try:
-            encoder = _assemble(candidate, checkpoint, DEFAULT_KEY_MAP)
+            return candidate, map_state_dict(checkpoint, key_map, encoder_shapes(candidate))
         except KeyMappingError as error:
             errors[candidate] = error
-            continue
-        from ._download import sha256_file
-
-        info = ModelInfo(path.stem, candidate, FEATURE_DIMS[candidate], sha256_file(path),
-                         str(path), _default_preprocessing())
-        return encoder, info
-    if arch:
-        raise errors[arch]
-    raise KeyMappingError(f"{path} fits none of {archs}; pass arch= to see which keys are "
-                          "missing or unexpected for the architecture you expect")
+    if len(candidates) == 1:
+        raise errors[candidates[0]]
+    raise KeyMappingError(f"{what} fits none of {candidates}; name the architecture you "
+                          "expect (arch=, or --arch) to see which keys are missing or "
+                          "unexpected for it")
 
 
-def _assemble(arch: str, checkpoint: dict, key_map: KeyMap) -> nn.Module:
+def _assemble(arch: str, state: Mapping[str, torch.Tensor]) -> nn.Module:
     """Build ``arch`` on the meta device and assign the mapped tensors (no random init)."""
     with torch.device("meta"):
         encoder = build_encoder(arch)
-    expected = {k: v.shape for k, v in encoder.state_dict().items()}
-    state = map_state_dict(checkpoint, key_map, expected)
     state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
     encoder.load_state_dict(state, strict=True, assign=True)
     return encoder

@@ -1,35 +1,32 @@
 """Preprocessing built from a manifest entry, so nobody guesses normalization constants.
 
-The paper's authors normalised with mean = std = 0.5 per channel (see ANCHORS: the most
-asked question about the original release); the manifest records it per model.
+The paper's authors normalised with mean = std = 0.5 per channel (the most asked question
+about the original release); the manifest records it per model.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from ._manifest import ModelEntry, Preprocessing
+from ._manifest import ModelEntry, Preprocessing, default_model, get_entry
 
 
-def _preprocessing(model: str | ModelEntry | Preprocessing) -> Preprocessing:
-    from ._manifest import ModelEntry, Preprocessing, get_entry
-
+def _preprocessing(model: str | ModelEntry | Preprocessing | None) -> Preprocessing:
     if isinstance(model, Preprocessing):
         return model
     if isinstance(model, ModelEntry):
         return model.preprocessing
-    return get_entry(model).preprocessing
+    return get_entry(default_model() if model is None else model).preprocessing
 
 
-def get_transform(model: str | ModelEntry | Preprocessing = "resnet18-ssl", *,
+def get_transform(model: str | ModelEntry | Preprocessing | None = None, *,
                   resize: bool = True):
     """PIL image (or uint8 ``(3, H, W)`` tensor) -> normalised float ``(3, S, S)`` tensor.
 
-    ``S`` is the entry's ``input_size`` (224 for the paper's models). With ``resize=False``
-    the image keeps its size (for patches already tiled at the right size and mpp).
+    ``model``: a model name, entry or preprocessing; None: the default model
+    (``histohub list`` marks it). ``S`` is the entry's ``input_size`` (224 for the paper's
+    models). With ``resize=False`` the image keeps its size (for patches already tiled at
+    the right size and mpp).
     """
     from torchvision.transforms import v2
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..export import export_hf, push
+
 
 def register(subparsers) -> None:
     """Add the ``export-hf`` and ``push`` sub-commands."""
@@ -43,8 +45,6 @@ def register(subparsers) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ..export import export_hf
-
     try:
         out = export_hf(args.model, args.out_dir, arch=args.arch, repo_id=args.repo_id,
                         overwrite=args.overwrite)
@@ -56,8 +56,6 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from ..export import push
-
     try:
         commit = push(args.model, args.repo_id, private=args.private, token=args.token,
                       arch=args.arch, commit_message=args.message)

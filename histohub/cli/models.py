@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import textwrap
 from pathlib import Path
 
+from .._download import cache_status, cached_path, fetch_file, fetch_weights, sha256_file
+from .._files import atomic_path
+from .._manifest import get_entry, load_manifest, read_manifest
+from .._manifest_writer import pin_weights
 from ..errors import HistohubError, KeyMappingError, ManifestError
 
 
@@ -60,8 +63,6 @@ def register(subparsers) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from .._manifest import load_manifest
-
     rows = [("NAME", "ARCH", "DIM", "PINNED", "CACHED", "LICENCE")]
     for name, entry in sorted(load_manifest().items()):
         rows.append((name + (" *" if entry.default else ""), entry.arch,
@@ -80,8 +81,6 @@ def _pinned(entry) -> str:
 
 
 def _cached(entry) -> str:
-    from .._download import cache_status
-
     statuses = [cache_status(f) for f in entry.weights]
     if "verified" in statuses:
         return "yes"
@@ -89,9 +88,6 @@ def _cached(entry) -> str:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .._download import cache_status, cached_path
-    from .._manifest import get_entry
-
     entry = get_entry(args.name)
     pre = entry.preprocessing
     print(entry.name + (" (default)" if entry.default else ""))
@@ -136,9 +132,6 @@ def _field(label: str, text: str, *, width: int = 100, wrap: bool = True) -> Non
 
 
 def _download(args: argparse.Namespace) -> int:
-    from .._download import fetch_file, fetch_weights
-    from .._manifest import get_entry
-
     failed = 0
     for name in args.names:
         try:
@@ -158,22 +151,16 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _pin(args: argparse.Namespace) -> int:
-    from .. import _manifest
-    from .._download import fetch_file
-
     if args.manifest is not None:
         manifest = args.manifest.resolve()
-        entries = _manifest.read_manifest(manifest)
+        entries = read_manifest(manifest)
         if args.name not in entries:
             raise ManifestError(f"{args.name!r} is not defined in {manifest}")
         entry = entries[args.name]
     else:
-        entry = _manifest.get_entry(args.name)
+        entry = get_entry(args.name)
         manifest = Path(entry.manifest_path).resolve()  # the real file, not a symlink to it
-    text = manifest.read_text(encoding="utf-8")
-    data = json.loads(text)
-    files = {f["filename"]: f for f in data["models"][args.name]["weights"]}
-    failed = changed = 0
+    failed, verified = 0, {}
     for file in entry.weights:
         try:
             fetched = fetch_file(file, progress=not args.quiet, name=args.name, rehash=True)
@@ -182,30 +169,15 @@ def _pin(args: argparse.Namespace) -> int:
             failed += 1
             continue
         size = fetched.path.stat().st_size
-        was = (files[file.filename]["sha256"], files[file.filename]["size"])
-        files[file.filename]["sha256"], files[file.filename]["size"] = fetched.sha256, size
-        changed += was != (fetched.sha256, size)
-        state = "pinned" if was != (fetched.sha256, size) else "already pinned"
+        new = (file.sha256, file.size) != (fetched.sha256, size)
+        if new:
+            verified[file.filename] = (fetched.sha256, size)
+        state = "pinned" if new else "already pinned"
         print(f"{args.name}: {file.filename}: {state} sha256 {fetched.sha256}, {size} bytes")
-    if changed:
-        _write_text_atomically(manifest, json.dumps(data, indent=2,
-                                                    ensure_ascii=text.isascii()) + "\n")
-        _manifest._load_all.cache_clear()
+    if verified:
+        pin_weights(manifest, args.name, verified)
         print(f"updated {manifest}")
     return 2 if failed else 0
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, path.stat().st_mode & 0o7777)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- convert
@@ -226,9 +198,8 @@ def _output_problem(output: Path) -> str | None:
 def _convert(args: argparse.Namespace) -> int:
     from safetensors import SafetensorError
 
-    from .._checkpoint import DEFAULT_KEY_MAP, read_checkpoint
-    from .._download import fetch_weights, sha256_file
-    from .._manifest import load_manifest
+    from .._checkpoint import read_checkpoint
+    from ..pretrained import fit_architecture
 
     output: Path = args.output
     problem = _output_problem(output)
@@ -238,17 +209,20 @@ def _convert(args: argparse.Namespace) -> int:
     entries = load_manifest()
     if args.input in entries and not Path(args.input).exists():
         entry = entries[args.input]
+        if args.arch is not None and args.arch != entry.arch:
+            raise KeyMappingError(f"This model is a {entry.arch}; drop --arch {args.arch}")
         fetched = fetch_weights(entry)
-        source, key_map, archs = fetched.path, fetched.file.key_map, [entry.arch]
+        source = fetched.path
         checkpoint = read_checkpoint(source, format=fetched.file.format)
+        arch, state = fit_architecture(checkpoint, key_map=fetched.file.key_map,
+                                       archs=[entry.arch])
     else:
-        source, key_map = Path(args.input).expanduser(), DEFAULT_KEY_MAP
+        source = Path(args.input).expanduser()
         if source.resolve() == output.resolve():
             print("histohub convert: error: IN and OUT are the same file", file=sys.stderr)
             return 2
         checkpoint = read_checkpoint(source)
-        archs = None
-    arch, state = _fit(checkpoint, key_map, args.arch, archs)
+        arch, state = fit_architecture(checkpoint, archs=[args.arch] if args.arch else None)
     metadata = {"format": "pt", "histohub_arch": arch, "source_file": source.name,
                 "source_sha256": sha256_file(source)}
     try:
@@ -260,44 +234,10 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fit(checkpoint: dict, key_map, arch: str | None, archs: list[str] | None):
-    """(arch, mapped backbone state) for the requested or the first fitting architecture."""
-    import torch
-
-    from .._checkpoint import map_state_dict
-    from ..models import FEATURE_DIMS, build_encoder
-
-    if arch is not None and archs is not None and arch not in archs:
-        raise KeyMappingError(f"This model is a {archs[0]}; drop --arch {arch}")
-    candidates = [arch] if arch else (archs or list(FEATURE_DIMS))
-    errors = {}
-    for candidate in candidates:
-        if candidate not in FEATURE_DIMS:
-            raise KeyMappingError(f"Unknown architecture {candidate!r}; choose one of "
-                                  f"{sorted(FEATURE_DIMS)}")
-        with torch.device("meta"):
-            expected = {k: v.shape for k, v in build_encoder(candidate).state_dict().items()}
-        try:
-            return candidate, map_state_dict(checkpoint, key_map, expected)
-        except KeyMappingError as error:
-            errors[candidate] = error
-    if len(candidates) == 1:
-        raise errors[candidates[0]]
-    raise KeyMappingError(f"The checkpoint fits none of {candidates}; pass --arch to see "
-                          "which keys are missing or unexpected for the one you expect")
-
-
 def _save_safetensors(state: dict, output: Path, metadata: dict[str, str]) -> None:
-    """Write ``state`` to ``output`` through a temporary file and an atomic rename."""
+    """Write ``state`` to ``output`` atomically (a temporary file renamed into place)."""
     from safetensors.torch import save_file
 
     tensors = {key: value.detach().contiguous().clone() for key, value in state.items()}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(output) as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, output)
-    finally:
-        temporary.unlink(missing_ok=True)

@@ -15,11 +15,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cli_errors import run_reporting_errors
+from histohub import record_metrics
+
 from . import datasets as ds
 from .encoders import resolve_encoders
 from .protocols import TASKS, Protocol, prepare, protocol_json, run_protocol
 from .report import (environment, load_runs, manifest_metrics, markdown_tables, plot_fractions,
-                     record_in_manifest, write_json, write_text_atomic)
+                     write_json, write_text_atomic)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,7 +205,7 @@ def _record(args: argparse.Namespace, record: dict, encoders) -> None:
                              f"{labels})")
         label = trained[0]
     name = args.record_name or label
-    record_in_manifest(args.record_manifest, name, manifest_metrics(record, label))
+    record_metrics(args.record_manifest, name, manifest_metrics(record, label))
     print(f"recorded {record['task']}/{record['dataset']['name']} of {label} in "
           f"{args.record_manifest} [{name}]")
 

@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from histohub._manifest import Preprocessing, get_entry
-from histohub.models import FEATURE_DIMS, build_encoder
-
+from histohub import (FEATURE_DIMS, Preprocessing, build_encoder, get_entry, list_models,
+                      load_pretrained, sha256_file)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -137,8 +136,6 @@ def imagenet_encoder(arch: str, *, progress: bool = True) -> Encoder | Skipped:
     import torchvision
     from urllib.error import URLError
 
-    from histohub._download import sha256_file
-
     weights = torchvision.models.get_model_weights(arch).DEFAULT
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     try:
@@ -155,18 +152,10 @@ def imagenet_encoder(arch: str, *, progress: bool = True) -> Encoder | Skipped:
                    state_dict=state)
 
 
-def _manifest_names() -> set[str]:
-    from histohub._manifest import load_manifest
-
-    return set(load_manifest())
-
-
 def _from_pretrained(spec: str, *, progress: bool) -> Encoder:
-    import histohub
-
-    model = histohub.load_pretrained(spec, progress=progress)
+    model = load_pretrained(spec, progress=progress)
     info = model.histohub_info
-    is_file = spec not in _manifest_names()   # load_pretrained reads names first
+    is_file = spec not in list_models()   # load_pretrained reads names first
     label = Path(spec).stem if is_file else spec
     return Encoder(label=label, kind="checkpoint" if is_file else "self-supervised",
                    arch=info.arch,

@@ -20,8 +20,6 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from histohub.errors import ManifestError
-
 from .encoders import KIND_LABELS
 
 KIND_ORDER = ("random", "imagenet", "self-supervised", "checkpoint")
@@ -311,26 +309,3 @@ def manifest_metrics(run: dict, label: str) -> dict:
         "run": run.get("_file") or run.get("file"), "date_utc": run["finished_utc"],
         "command": "training/run_benchmark.py " + " ".join(run["argv"]),
     }}
-
-
-def record_in_manifest(manifest: Path, name: str, metrics: dict) -> None:
-    """Merge ``metrics`` into entry ``name`` of the manifest JSON at ``manifest``.
-
-    The new entry is validated (``histohub._manifest.parse_entry``) before the file is
-    replaced atomically; other entries and fields are left as they were.
-    """
-    from histohub._manifest import _load_all, parse_entry, read_manifest_json
-
-    manifest = Path(manifest)
-    data = read_manifest_json(manifest)
-    models = data.get("models") if isinstance(data, dict) else None
-    if not isinstance(models, dict) or name not in models:
-        known = sorted(models) if isinstance(models, dict) else []
-        raise ManifestError(f"{manifest} has no model {name!r} to record metrics for; "
-                            f"its models: {known}")
-    entry = dict(models[name])
-    entry["metrics"] = {**entry.get("metrics", {}), **metrics}
-    parse_entry(name, entry, manifest_path=manifest)
-    models[name] = entry
-    write_text_atomic(manifest, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    _load_all.cache_clear()
