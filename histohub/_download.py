@@ -77,6 +77,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from ._files import fsync_dir, write_text_atomic
 from ._manifest import ModelEntry, Source, WeightsFile
 from .errors import (ChecksumError, DownloadError, HistohubError, LockTimeoutError,
                      OfflineError, require)
@@ -342,31 +343,11 @@ def _write_record(path: Path, file: WeightsFile, sha256: str, *, source: str,
               "source": redact(source), "identity": sorted(map(_source_id, file.sources)),
               "verified": _signature(stat)}
     target = _record_path(path)
-    temporary = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(record, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
+        write_text_atomic(target, json.dumps(record, indent=2) + "\n", mkdir=False)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
         logger.debug("Could not write cache record %s (%s); the file will be re-hashed "
                      "on each load", target, error)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot fsync a directory; the rename is still atomic
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- cache hits
@@ -436,7 +417,7 @@ def _adopt_legacy(file: WeightsFile) -> FetchedFile | None:
         logger.debug("Could not move %s into %s (%s)", legacy, target, error)
         return None
     _record_path(legacy).unlink(missing_ok=True)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     trust = expected.trust(digest)
     source = (record or {}).get("source", "cache of an earlier histohub")
     _write_record(target, file, digest, source=source, trust=trust)
@@ -673,7 +654,7 @@ def _install(file: WeightsFile, label: str, fetch: Fetcher, expected: _Expected,
     if expected.sha256 is None and digest not in expected.accepted:
         _check_looks_like(file, part, label)  # before trusting it on first use
     os.replace(part, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     trust = expected.trust(digest)
     _write_record(path, file, digest, source=label, trust=trust)
     return FetchedFile(path, file, digest, trust)

@@ -34,7 +34,8 @@ FORMATS = ("safetensors", "torch", "lightning")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _REVISION = re.compile(r"^[0-9a-f]{40}$")
 #: Longest weights file name (UTF-8 bytes): the cache adds suffixes such as ``.1a2b3c4d.part``
-#: and ``.json.<pid>.tmp``, and most file systems stop at 255 bytes.
+#: and ``.json`` (plus ``_files``' temporary-name affixes, under 30 bytes), and most file
+#: systems stop at 255 bytes.
 MAX_FILENAME_BYTES = 200
 #: Deepest nesting of objects and lists a manifest may have (the shipped one needs 7).
 MAX_DEPTH = 32
