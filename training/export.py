@@ -28,11 +28,10 @@ from typing import Any
 import torch
 
 from cli_errors import run_reporting_errors
-from histohub._checkpoint import map_state_dict, read_checkpoint
-from histohub._manifest import MANIFEST_PATH, SCHEMA_VERSION, KeyMap, parse_entry
-from histohub._manifest import read_manifest, read_manifest_json
+from histohub import (FEATURE_DIMS, MANIFEST_PATH, KeyMap, build_encoder, map_state_dict,
+                      parse_entry, read_checkpoint, read_manifest, read_manifest_json,
+                      write_manifest_entry)
 from histohub.errors import CheckpointError
-from histohub.models import FEATURE_DIMS, build_encoder
 from simclr.checkpoint import FORMAT_VERSION
 from simclr.config import config_from_dict
 
@@ -216,13 +215,12 @@ def build_entry(checkpoint: dict, *, weights_path: Path, sha256: str, size: int,
     return entry
 
 
-def manifest_data(path: Path, name: str, *, force: bool, shipped_ok: bool = False
-                  ) -> dict[str, Any]:
-    """The JSON of the manifest at ``path`` to add ``name`` to (a new one if absent).
-
-    Refuses a name histohub ships (unless ``shipped_ok``: writing histohub's own manifest),
-    a name the manifest lists already (unless ``force``), a manifest that is invalid or a
-    folder, before anything is written.
+def check_manifest(path: Path, name: str, *, force: bool, shipped_ok: bool = False) -> None:
+    """Refuse, before anything is written, to add ``name`` to the manifest at ``path`` (a
+    new one if absent) when it is a name histohub ships (unless ``shipped_ok``: writing
+    histohub's own manifest), a name the manifest lists already (unless ``force``), or the
+    manifest is invalid or a folder. The entry is written by histohub's one manifest writer,
+    :func:`histohub.write_manifest_entry`.
     """
     if not shipped_ok and name in read_manifest(MANIFEST_PATH):
         raise ValueError(f"{name!r} is a model histohub ships; choose another --name")
@@ -230,20 +228,10 @@ def manifest_data(path: Path, name: str, *, force: bool, shipped_ok: bool = Fals
         raise ValueError(f"--manifest {path} is a folder; give the JSON file to add to")
     if not path.exists():
         check_folder(path.parent, "--manifest")
-        return {"schema_version": SCHEMA_VERSION, "models": {}}
+        return
     read_manifest(path)  # refuse to extend a manifest that is already invalid
-    data = read_manifest_json(path)
-    if name in data["models"] and not force:
+    if name in read_manifest_json(path)["models"] and not force:
         raise ValueError(f"{path} already lists {name!r}; pass --force to replace it")
-    return data
-
-
-def write_manifest(path: Path, data: dict[str, Any], name: str, entry: dict) -> None:
-    """Add (or replace) ``name`` in ``data`` and write it to ``path``, atomically."""
-    data["models"][name] = entry
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_text(path, json.dumps(data, indent=2) + "\n")
-    read_manifest(path)
 
 
 def _manifest_setup(manifest: Path) -> str:
@@ -327,7 +315,7 @@ def export(checkpoint_path: str | os.PathLike, *, name: str, out: str | os.PathL
     out = Path(out) if out else checkpoint_path.parent / "export"
     check_folder(out, "--out")
     manifest_path = Path(manifest) if manifest else out / "manifest.json"
-    data = manifest_data(manifest_path, name, force=force, shipped_ok=into_package)
+    check_manifest(manifest_path, name, force=force, shipped_ok=into_package)
     weights_path, card_path = out / f"{name}.safetensors", out / f"{name}.md"
     for path in (weights_path, card_path):
         if path.exists() and not force:
@@ -350,7 +338,7 @@ def export(checkpoint_path: str | os.PathLike, *, name: str, out: str | os.PathL
     parse_entry(name, entry)  # histohub's own validation, still before anything is written
     out.mkdir(parents=True, exist_ok=True)
     _write_atomically(weights_path, weights)
-    write_manifest(manifest_path, data, name, entry)
+    write_manifest_entry(manifest_path, name, entry, replace=force)
     _write_text(card_path, model_card(name, entry, manifest_path))
     return entry
 

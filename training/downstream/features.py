@@ -89,7 +89,7 @@ def extract(encoder: Encoder, dataset: ImageDataset, *, input_size: int, device:
     decoding in a thread beside the model); non-finite features raise here rather than
     pass into a probe.
     """
-    from histohub.features import extract_features
+    from histohub import extract_features
 
     pre = encoder.preprocessing
     images = PreprocessedImages(dataset.paths, input_size, pre.mean, pre.std)

@@ -118,21 +118,19 @@ def test_resume_repeats_the_uninterrupted_run_exactly(finished, tiles, tmp_path)
 @pytest.mark.slow
 def test_export_loads_through_the_manifest(finished, tmp_path, monkeypatch):
     import histohub
-    from histohub import _manifest
-    from histohub._download import sha256_file
 
     out, _ = finished
     entry = export.export(out / "checkpoint.pt", name="smoke-resnet18", out=tmp_path / "exp",
                           license="CC BY 4.0")
     weights = tmp_path / "exp" / "smoke-resnet18.safetensors"
-    assert entry["weights"][0]["sha256"] == sha256_file(weights)
+    assert entry["weights"][0]["sha256"] == histohub.sha256_file(weights)
     assert entry["recipe"]["backbone_parameters"] == 11_176_512
     assert "projection_head" not in json.dumps(list(
         __import__("safetensors.torch").torch.load_file(weights)))
     assert (tmp_path / "exp" / "smoke-resnet18.md").read_text().count(entry["weights"][0]["sha256"])
 
     monkeypatch.setenv("HISTOHUB_MANIFEST", str(tmp_path / "exp" / "manifest.json"))
-    _manifest._load_all.cache_clear()
+    histohub.reload_manifests()
     model = histohub.load_pretrained("smoke-resnet18", progress=False)
     assert model.histohub_info.preprocessing.input_size == 32
     trained = SimCLRModel("resnet18", projection_dim=32)

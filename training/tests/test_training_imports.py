@@ -1,0 +1,79 @@
+"""The contract between training/ and histohub: training imports histohub only through its
+public names (``histohub.__all__`` and its public modules, never a ``_private`` one), and
+nothing under training/ edits ``sys.path``: scripts run as ``python training/<script>.py``
+import ``simclr``, ``downstream`` and ``cli_errors`` from their own folder, the tests get
+the same root from pytest's ``pythonpath``. A refactor inside histohub cannot break training
+silently, and there is one way to import each training module."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import histohub
+
+TRAINING = Path(__file__).resolve().parents[1]
+SOURCES = sorted(p for p in TRAINING.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def _histohub_imports(tree: ast.AST) -> list[tuple[int, str, list[str]]]:
+    """``(line, module, names)`` of every import of histohub or one of its modules."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name, []) for a in node.names
+                      if a.name.split(".")[0] == "histohub"]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                and node.module.split(".")[0] == "histohub":
+            found.append((node.lineno, node.module, [a.name for a in node.names]))
+    return found
+
+
+def _private_uses(source: str, label: str) -> list[str]:
+    problems = []
+    for line, module, names in _histohub_imports(ast.parse(source, label)):
+        where = f"{label}:{line}"
+        if any(part.startswith("_") for part in module.split(".")):
+            problems.append(f"{where} imports the private module {module}")
+        if module == "histohub":
+            problems += [f"{where} imports histohub.{n}, which is not in histohub.__all__"
+                         for n in names if n not in histohub.__all__]
+        else:
+            problems += [f"{where} imports the private name {module}.{n}"
+                         for n in names if n.startswith("_")]
+    return problems
+
+
+def _sys_path_uses(source: str, label: str) -> list[str]:
+    return [f"{label}:{node.lineno}" for node in ast.walk(ast.parse(source, label))
+            if isinstance(node, ast.Attribute) and node.attr == "path"
+            and isinstance(node.value, ast.Name) and node.value.id == "sys"]
+
+
+def _sources() -> list[tuple[str, str]]:
+    """``(text, path relative to the repository)`` of every Python file under training/."""
+    return [(p.read_text(encoding="utf-8"), str(p.relative_to(TRAINING.parent)))
+            for p in SOURCES]
+
+
+def test_training_uses_only_public_histohub_names():
+    assert SOURCES, TRAINING
+    assert [p for source in _sources() for p in _private_uses(*source)] == []
+
+
+def test_no_sys_path_edits_under_training():
+    assert [p for source in _sources() for p in _sys_path_uses(*source)] == []
+
+
+@pytest.mark.parametrize("source, problem", [
+    ("from histohub._manifest import parse_entry", "private module histohub._manifest"),
+    ("import histohub._download", "private module histohub._download"),
+    ("from histohub import _manifest", "not in histohub.__all__"),
+    ("from histohub.wsi import _level_for", "private name histohub.wsi._level_for"),
+])
+def test_the_checks_catch_what_they_forbid(source, problem):
+    assert problem in " ".join(_private_uses(f"def f():\n    {source}\n", "x.py"))
+    assert _sys_path_uses("import sys\nsys.path.insert(0, 'x')\n", "x.py") == ["x.py:2"]
+    assert _private_uses("from histohub import read_checkpoint\n", "x.py") == []
