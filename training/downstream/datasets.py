@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from histohub.constants import IMAGE_EXTENSIONS
 from histohub.errors import HistohubError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 IMAGE_DIRS = ("image", "images", "img")
 MASK_DIRS = ("label", "labels", "mask", "masks")
 MASK_THRESHOLD = 128
@@ -189,13 +189,13 @@ def scan_folder(root: str | os.PathLike, *, name: str | None = None, label_from:
         stems = _by_stem(mask_dir) if mask_dir else {}
         for filename in sorted(filenames):
             path = folder_path / filename
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
             images.append(path)
             if mask_dir is not None:
                 masks[path] = stems.get(path.stem)
     if not images:
-        raise DatasetError(f"No images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
+        raise DatasetError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
     images.sort(key=lambda p: _relative(p, root))
     label_names = [_label_of(p, root, label_from) for p in images]
     classes, labels = _encode(label_names) if any(label_names) else ((), None)
@@ -221,7 +221,7 @@ def _sibling(folder: Path, names: Sequence[str]) -> Path | None:
 
 def _by_stem(folder: Path) -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.iterdir())
-            if p.suffix.lower() in IMAGE_SUFFIXES}
+            if p.suffix.lower() in IMAGE_EXTENSIONS}
 
 
 def _label_of(path: Path, root: Path, label_from: str) -> str:

@@ -28,9 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from histohub.constants import IMAGE_EXTENSIONS
+from histohub.errors import SlideError
+
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 _MAX_REPLACEMENTS = 16
 
 
@@ -118,7 +120,6 @@ def sample_slide_patches(slides: Sequence[str], *, patch_size: int, mpp: float,
     """
     from tqdm.auto import tqdm
 
-    from histohub.errors import SlideError
     from histohub.wsi import open_slide, tile_grid
 
     rng = random.Random(seed)
