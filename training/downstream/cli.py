@@ -14,14 +14,16 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from atomic_write import write_text
 from cli_errors import run_reporting_errors
 from histohub import record_metrics
 
 from . import datasets as ds
 from .encoders import resolve_encoders
+from .linear import PROBES
 from .protocols import TASKS, Protocol, prepare, protocol_json, run_protocol
 from .report import (environment, load_runs, manifest_metrics, markdown_tables, plot_fractions,
-                     write_json, write_text_atomic)
+                     write_json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,15 +57,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fractions", default="5,10,20,50,100",
                         help="label fractions in percent (default: the paper's 5,10,20,50,100)")
     parser.add_argument("--repeats", type=int, default=5, help="runs per fraction (default 5)")
-    parser.add_argument("--epochs", type=int, default=100, help="default 100 (paper)")
+    parser.add_argument("--probe", choices=PROBES, default="converged",
+                        help="how linear / frozen regression train their linear layer: "
+                             "'converged' (default): logistic regression (scikit-learn's "
+                             "C = 1) by L-BFGS to convergence, ridge regression with its L2 "
+                             "chosen on validation; 'paper': Adam, batch 128, 100 epochs, "
+                             "weight decay 1e-5/1e-4, the best validation epoch")
+    parser.add_argument("--epochs", type=int, default=100,
+                        help="default 100 (paper); not used by the converged probe")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="default 128 (paper); 16 for segmentation")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+                        help="default 128 (paper); 16 for segmentation; not used by the "
+                             "converged probe")
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="Adam learning rate; not used by the converged probe")
     parser.add_argument("--weight-decay", type=float, default=None,
-                        help="default: 1e-5 for ResNet18, 1e-4 otherwise (paper)")
+                        help="default: 1e-5 for ResNet18, 1e-4 otherwise (paper); not used "
+                             "by the converged probe")
     parser.add_argument("--input-size", type=int, default=None,
-                        help="resize every image to this many px (default: the model's, 224)")
+                        help="resize every image to this many px (default: each model's; "
+                             "random and imagenet take the other models')")
     parser.add_argument("--finetune", action="store_true",
                         help="regression: train all layers instead of a linear layer")
     parser.add_argument("--augment", action="store_true",
@@ -110,7 +123,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     protocol = Protocol(
         task=args.task, fractions=parse_fractions(args.fractions) if args.task != "clustering"
         else (1.0,), repeats=args.repeats, epochs=args.epochs, seed=args.seed,
-        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        probe=args.probe, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         input_size=args.input_size, finetune=args.finetune, augment=args.augment,
         device=args.device, progress=not args.quiet,
         cache_dir=str(args.cache_dir or args.out / "features"))
@@ -147,7 +160,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     record["file"] = path.name
     write_json(path, record)
     runs = load_runs(args.out)
-    write_text_atomic(args.out / "tables.md", markdown_tables(runs))
+    write_text(args.out / "tables.md", markdown_tables(runs))
     plots = plot_fractions(runs, args.out)
     if args.record_manifest:
         _record(args, record, encoders)

@@ -3,8 +3,9 @@
 ``linear`` (frozen features, Table 2 / D.8, Fig. 4), ``finetune`` (all layers, Table 1 /
 D.7, Fig. 3), ``regression`` (L1 on a 0-100 score; frozen by default, all layers with
 ``finetune=True``), ``segmentation`` (UNet, Table 1 / D.7) and ``clustering`` (k-means on
-the frozen features, section 5.3). The split is the same for every model; label fractions
-x repeats are drawn from its training part.
+the frozen features, section 5.3). A linear layer on frozen features is trained by
+``probe``: ``converged`` (default) or ``paper`` (see :mod:`.linear`). The split is the
+same for every model; label fractions x repeats are drawn from its training part.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .encoders import Encoder
 from .features import cached_features
 from .finetune import finetune
 from .images import load_images, load_masks
-from .linear import paper_weight_decay, train_linear
+from .linear import PROBES, paper_weight_decay, train_linear, train_linear_converged
 from .metrics import clustering_metrics, kmeans_labels, summarize
 from .segmentation import train_segmentation
 from .selection import PRIMARY
@@ -30,6 +31,15 @@ from .splits import PAPER_FRACTIONS, PAPER_REPEATS, Split, label_fractions, scor
     split_dataset
 
 TASKS = ("linear", "finetune", "regression", "segmentation", "clustering")
+CONVERGED = {   # how the converged probe trains, as recorded
+    "classification": {
+        "optimizer": "L-BFGS, full batch, to a gradient below 1e-6: multinomial logistic "
+                     "regression, L2 1 / n_train (scikit-learn's C = 1)",
+        "selection": "none: the converged fit's test metrics"},
+    "regression": {
+        "optimizer": "exact ridge regression (SVD) for each L2 strength of a grid",
+        "selection": "test metrics at the L2 strength with the best validation L1"},
+}
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,7 @@ class Protocol:
     repeats: int = PAPER_REPEATS
     epochs: int = 100
     seed: int = 0
+    probe: str = "converged"          # frozen linear / regression: "converged" or "paper"
     batch_size: int | None = None     # None: 128 (paper); 16 for segmentation on CPU memory
     lr: float = 1e-3
     weight_decay: float | None = None  # None: 1e-5 for ResNet18, 1e-4 otherwise (paper)
@@ -51,6 +62,15 @@ class Protocol:
     feature_batch_size: int = 64
     progress: bool = True
     cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.probe not in PROBES:
+            raise ValueError(f"Unknown probe {self.probe!r}; choose one of {PROBES}")
+
+    @property
+    def frozen(self) -> bool:
+        """A linear layer on frozen features (trained by ``probe``)."""
+        return self.task in ("linear", "regression") and not self.finetune
 
     @property
     def objective(self) -> str:
@@ -130,8 +150,7 @@ def _segmentation_split(dataset: ds.ImageDataset, strata: np.ndarray,
 def _run_one(encoder: Encoder, dataset: ds.ImageDataset, protocol: Protocol,
              split: Split | None, strata: np.ndarray, data_hash: str) -> tuple[dict, dict]:
     timing: dict = {}
-    if protocol.task == "clustering" or (protocol.task in ("linear", "regression")
-                                         and not protocol.finetune):
+    if protocol.task == "clustering" or protocol.frozen:
         start = time.perf_counter()
         cache = None if protocol.cache_dir is None else Path(protocol.cache_dir)
         features, feature_info = cached_features(
@@ -192,7 +211,10 @@ def _sweep(protocol: Protocol, encoder: Encoder, split: Split, strata: np.ndarra
         seed = protocol.seed * 1000 + repeat
         common = dict(weight_decay=protocol.decay(encoder.arch), epochs=protocol.epochs,
                       batch_size=protocol.batch(), lr=protocol.lr, seed=seed)
-        if trainer == "linear":
+        if trainer == "linear" and protocol.probe == "converged":
+            result = train_linear_converged(train, parts["val"], parts["test"],
+                                            objective=objective, num_classes=num_classes)
+        elif trainer == "linear":
             result = train_linear(train, parts["val"], parts["test"], objective=objective,
                                   num_classes=num_classes, **common)
         elif trainer == "finetune":
@@ -263,10 +285,17 @@ def _describe_split(split: Split | None, dataset: ds.ImageDataset,
 
 
 def protocol_json(protocol: Protocol) -> dict:
-    """The protocol as recorded in a run's JSON."""
+    """The protocol as recorded in a run's JSON: ``probe`` is None where no linear layer is
+    trained on frozen features; settings a converged probe does not use are None."""
     record = asdict(protocol)
     record["fractions"] = list(protocol.fractions)
     record["batch_size"] = protocol.batch()
     record["optimizer"] = "Adam"
     record["selection"] = "test metrics at the best validation epoch"
+    if not protocol.frozen:
+        record["probe"] = None
+    elif protocol.probe == "converged":
+        record.update(epochs=None, batch_size=None, lr=None, weight_decay=None,
+                      **CONVERGED[protocol.objective])
     return record
+

@@ -16,9 +16,10 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
+
+from atomic_write import atomic_path, write_text
 
 from .encoders import KIND_LABELS
 
@@ -31,27 +32,20 @@ TASK_TITLES = {
     "segmentation": "Segmentation, UNet with the pretrained encoder (Table 1 / D.7, Seg.)",
     "clustering": "k-means clustering of frozen features (section 5.3)",
 }
+PROBE_NOTES = {
+    "converged": "the converged probe (logistic regression, scikit-learn's C = 1, by L-BFGS; "
+                 "ridge regression with its L2 strength chosen on validation)",
+    "paper": "the paper's probe (Adam, batch 128, weight decay 1e-5 / 1e-4, 100 epochs, "
+             "best validation epoch)",
+}
 
 
 # ---------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def environment() -> dict:
@@ -111,6 +105,16 @@ def latest(runs: list[dict]) -> dict[tuple[str, str], dict[str, tuple[dict, dict
 # Tables
 # ---------------------------------------------------------------------------------------
 
+def probe_of(run: dict) -> str | None:
+    """The probe that trained a run's linear layer on frozen features (None: no such
+    layer); runs recorded before probes were named used the paper's."""
+    protocol = run.get("protocol", {})
+    if "probe" in protocol:
+        return protocol["probe"]
+    frozen = run["task"] in ("linear", "regression") and not protocol.get("finetune")
+    return "paper" if frozen else None
+
+
 def headline(result: dict) -> tuple[str, dict] | None:
     """``(fraction key, summary)`` at 100% labels (or the largest fraction run)."""
     summary = result.get("summary") or {}
@@ -131,8 +135,8 @@ def markdown_tables(runs: list[dict]) -> str:
     architecture; columns: datasets and their average), then metric by label fraction."""
     grid = latest(runs)
     lines = ["# Benchmark results", "",
-             "Test metrics at the best validation epoch, mean ± standard deviation over "
-             "repeats (written by `training/run_benchmark.py`; see `runs/*.json` for every "
+             "Test metrics of the model chosen on validation (best epoch, or L2 strength), "
+             "mean ± standard deviation over repeats (written by `training/run_benchmark.py`; see `runs/*.json` for every "
              "number, seed and hash).", ""]
     for task in [t for t in TASK_TITLES if any(k[0] == t for k in grid)]:
         lines += _task_table(task, grid, runs) + [""] + _fraction_table(task, grid) + [""]
@@ -161,7 +165,7 @@ def _task_table(task: str, grid, runs: list[dict]) -> list[str]:
                "labels." if task != "clustering" else
                f"{METRIC_TITLES.get(metric, metric)} of k-means (k = number of classes) on "
                "every image's features, against the labels; ± over k-means seeds.")
-    lines = [f"## {TASK_TITLES[task]}", "", caption, "",
+    lines = [f"## {TASK_TITLES[task]}", "", caption + _probe_note(task, grid, datasets), "",
              "| R | Pretraining | " + " | ".join(datasets) + " | Average |",
              "|---|---|" + "---|" * (len(datasets) + 1)]
     skipped = {s["spec"]: s["reason"] for run in runs if run["task"] == task
@@ -207,6 +211,21 @@ def _task_table(task: str, grid, runs: list[dict]) -> list[str]:
     for spec, reason in skipped.items():
         lines.append(f"\nn/a: `{spec}` was not run: {reason}")
     return lines
+
+
+def _probe_note(task: str, grid, datasets: list[str]) -> str:
+    """The caption's sentence naming the probe of the table's cells (and any exception)."""
+    cells = {(label, dataset): probe_of(run) for dataset in datasets
+             for label, (run, _) in grid[(task, dataset)].items()}
+    probes = [p for p in cells.values() if p is not None]
+    if not probes:
+        return ""
+    usual = max(sorted(set(probes)), key=probes.count)
+    others = [f"{label} on {dataset} by the {probe} probe"
+              for (label, dataset), probe in sorted(cells.items())
+              if probe is not None and probe != usual]
+    return (f" Linear layer trained by {PROBE_NOTES.get(usual, usual)}" +
+            (f"; except {', '.join(others)}" if others else "") + ".")
 
 
 def _fraction_table(task: str, grid) -> list[str]:
@@ -278,12 +297,9 @@ def plot_fractions(runs: list[dict], out_dir: Path) -> list[Path]:
         figure.suptitle(TASK_TITLES[task], fontsize=10)
         figure.tight_layout()
         path = Path(out_dir) / "plots" / f"{task}_fractions.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-        os.close(handle)
-        figure.savefig(temp, dpi=120)
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, dpi=120, format="png")
         plt.close(figure)
-        os.replace(temp, path)
         written.append(path)
     return written
 
@@ -297,7 +313,7 @@ def manifest_metrics(run: dict, label: str) -> dict:
     result = run["results"][label]
     fraction, stats = headline(result)
     metric = result["metric"]
-    return {f"{run['task']}/{run['dataset']['name']}": {
+    item = {
         "metric": metric, "higher_is_better": result["higher_is_better"],
         "mean": stats[metric]["mean"], "std": stats[metric]["std"],
         "repeats": stats[metric]["n"], "label_fraction": float(fraction),
@@ -308,4 +324,7 @@ def manifest_metrics(run: dict, label: str) -> dict:
         "model_sha256": next(m["sha256"] for m in run["models"] if m["label"] == label),
         "run": run.get("_file") or run.get("file"), "date_utc": run["finished_utc"],
         "command": "training/run_benchmark.py " + " ".join(run["argv"]),
-    }}
+    }
+    if probe_of(run):
+        item["probe"] = probe_of(run)
+    return {f"{run['task']}/{run['dataset']['name']}": item}
