@@ -4,8 +4,8 @@
 Run from the repository root with ``training/`` on the import path (as the tests have it):
 
     export PYTHONPATH=training
-    python training/benchmarks/bench_train.py                 # 96 px, batch 32, CPU
-    python training/benchmarks/bench_train.py --size 224 --steps 3
+    python training/benchmarks/bench_train.py                 # 64 and 96 px, batch 32, CPU
+    python training/benchmarks/bench_train.py --sizes 224 --steps 3
     python training/benchmarks/bench_train.py --gpu-only      # ResNet18, 224 px, 512, bf16
 
 Both arms train the same thing: torchvision ResNet18 + a 512-512-128 MLP head (no BN),
@@ -17,7 +17,11 @@ passes, ``NTXentLoss``, lightly's ``LARS``. Ours: ``BatchAugment`` on the uint8 
 channels_last forward over both views, ``nt_xent_loss``, timm's ``Lars``.
 
 Rounds interleave A, B, A, B; the ratio reported is the median of per-round ratios. A
-matrix-multiply probe before and after tells whether the machine was in a slow spell.
+matrix-multiply probe before and after tells whether the machine was in a slow spell, and
+sets the ceiling: the step's FLOPs (forward and backward of both views, counted by
+``torch.utils.flop_counter``) at the probe's rate. A data-path section compares reading
+the pool file by file (decode + resize every step) with the decoded uint8 cache that
+``run_pretrain.py`` uses (``simclr.cache``).
 lightly parts are skipped with a message where lightly is not installed
 (``pip install --no-deps lightly lightning-utilities``).
 """
@@ -194,13 +198,29 @@ def interleaved(arms: list, images: torch.Tensor, *, batch: int, steps: int, rou
     return rates
 
 
-def bench_training(images: torch.Tensor, args, lightly: bool) -> None:
-    print(f"\n== training step, ResNet18, {images.shape[-1]} px, batch {args.batch} "
+def step_gflop(size: int) -> float:
+    """GFLOP of one training step per source image: forward + backward of two views."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = SimCLRModel("resnet18", projection_dim=128)
+    x = torch.rand(4, 3, size, size)
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    return counter.get_total_flops() / 4 * 2 / 1e9
+
+
+def bench_training(images: torch.Tensor, args, lightly: bool, probe: float) -> None:
+    size = images.shape[-1]
+    print(f"\n== training step, ResNet18, {size} px, batch {args.batch} "
           f"(x2 views), {torch.get_num_threads()} threads ==")
     arms = [Ours(images, args.batch)] + ([Lightly(images, args.batch)] if lightly else [])
     rates = interleaved(arms, images, batch=args.batch, steps=args.steps, rounds=args.rounds)
     ours = statistics.median(rates["histohub"])
     print(f"histohub: {ours:.1f} source images/s (median of {args.rounds} rounds)")
+    gflop = step_gflop(size)
+    ceiling = probe / gflop
+    print(f"ceiling: {gflop:.2f} GFLOP per source image at the probe's {probe:.0f} GFLOP/s = "
+          f"{ceiling:.1f} images/s; histohub reaches {ours / ceiling:.2f}x of it")
     if lightly:
         ratios = [a / b for a, b in zip(rates["histohub"], rates["lightly"])]
         print(f"lightly:  {statistics.median(rates['lightly']):.1f} source images/s")
@@ -237,6 +257,39 @@ def bench_augment(args, lightly: bool) -> None:
         print(line, flush=True)
 
 
+def bench_data_path(args) -> None:
+    """Pool images/s out of the loader: files decoded every step vs the uint8 cache."""
+    import tempfile
+
+    from simclr.cache import CachedPool, load_or_build_cache
+    from simclr.data import Collate, EpochBatchSampler, PoolDataset, build_pool, parse_datasets
+
+    if not KATHER.is_dir():
+        print(f"\n{KATHER} absent: data-path comparison skipped")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        pool = build_pool(parse_datasets([str(KATHER)]), patch_size=96)
+        pool.save(Path(tmp) / "pool.json")
+        cached = CachedPool(load_or_build_cache(pool, Path(tmp) / "pool.json", 96,
+                                                progress=False)[0])
+        files = PoolDataset(pool.items, 96)
+        augment = BatchAugment(64, crop_min_area=0.08, jitter="light")
+        rates: dict[str, list[float]] = {"files": [], "cache": []}
+        for r in range(args.rounds):
+            for name, dataset in (("files", files), ("cache", cached))[:: 1 if r % 2 else -1]:
+                loader = torch.utils.data.DataLoader(
+                    dataset, batch_sampler=EpochBatchSampler(len(pool), args.batch, seed=r),
+                    collate_fn=Collate(augment))
+                start, count = time.perf_counter(), 0
+                for (view1, _), _, _ in loader:
+                    count += len(view1)
+                rates[name].append(count / (time.perf_counter() - start))
+    ratio = statistics.median(c / f for c, f in zip(rates["cache"], rates["files"]))
+    print(f"\ndata path (Kather tiles stored at 96 px, two 64 px views, in the training "
+          f"process): files {statistics.median(rates['files']):.0f} images/s, cache "
+          f"{statistics.median(rates['cache']):.0f} images/s, ratio {ratio:.2f}x")
+
+
 def bench_gpu(args) -> None:
     if not torch.cuda.is_available():
         print("\nno GPU: the ResNet18 / 224 px / batch 512 / bf16 measurement is skipped")
@@ -256,7 +309,8 @@ def bench_gpu(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=96, help="training resolution (px)")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[64, 96],
+                        help="training resolutions (px)")
     parser.add_argument("--batch", type=int, default=32, help="source images per step")
     parser.add_argument("--steps", type=int, default=4, help="steps per arm per round")
     parser.add_argument("--rounds", type=int, default=4)
@@ -271,10 +325,13 @@ def main(argv: list[str] | None = None) -> int:
         bench_gpu(args)
         return 0
     lightly = have_lightly()
-    print(f"matmul probe before: {matmul_probe():.0f} GFLOP/s (about 170 when the machine is idle)")
+    probe = matmul_probe()
+    print(f"matmul probe before: {probe:.0f} GFLOP/s (about 170 when the machine is idle)")
     bench_augment(args, lightly)
+    bench_data_path(args)
     if not args.skip_training:
-        bench_training(source_images(256, args.size), args, lightly)
+        for size in args.sizes:
+            bench_training(source_images(256, size), args, lightly, matmul_probe())
     print(f"matmul probe after: {matmul_probe():.0f} GFLOP/s")
     bench_gpu(args)
     return 0

@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""A quick, converged linear probe of pretraining checkpoints against random weights.
+
+    PYTHONPATH=training python training/benchmarks/quick_probe.py runs/cpu/checkpoint.pt [more.pt] \\
+        [--random-seeds 0 1] [--size 64] [--splits 10]
+
+What chose the CPU recipe (training/README.md): frozen 512-d features of the shared sets
+(Kather 2016 tiles, 8 classes; EBHI-Seg images, 6 classes; 1,500 IDC patches, 2 classes),
+each image resized to ``--size`` px, mean = std = 0.5; standardised; scikit-learn's
+L-BFGS logistic regression on stratified random 50/50 splits; macro F1 (x100), mean over
+``--splits`` splits. Cheaper than ``run_benchmark.py`` (no grouped splits, no label
+fractions), for comparing runs while they train; report final numbers with
+``run_benchmark.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from simclr.model import SimCLRModel
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".tif")
+                  and "label" not in p.parts)
+
+
+def probe_sets(data: Path, idc_count: int = 1500) -> dict[str, tuple[list[Path], list[str]]]:
+    """name -> (image paths, class labels)."""
+    kather = _files(data / "kather2016-tiles")
+    ebhi = _files(data / "ebhi-seg")
+    idc = sorted(random.Random(0).sample(_files(data / "idc-breast-patches"), idc_count))
+    return {"kather": (kather, [p.parent.name for p in kather]),
+            "ebhi": (ebhi, [p.parent.parent.name for p in ebhi]),
+            "idc": (idc, [p.parent.name for p in idc])}
+
+
+def load_images(paths: list[Path], size: int) -> torch.Tensor:
+    """uint8 (N, 3, size, size): shorter side resized, centre crop."""
+    from PIL import Image
+
+    arrays = []
+    for path in paths:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            w, h = image.size
+            scale = size / min(w, h)
+            image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))),
+                                 Image.Resampling.BILINEAR)
+            left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+            arrays.append(np.asarray(image.crop((left, top, left + size, top + size))))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+@torch.inference_mode()
+def features(backbone: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
+    backbone.eval()
+    out = [backbone(((images[i:i + 256].float() / 255 - 0.5) / 0.5).contiguous(
+        memory_format=torch.channels_last)) for i in range(0, len(images), 256)]
+    return torch.cat(out).numpy()
+
+
+def macro_f1(x: np.ndarray, y: np.ndarray, splits: int) -> float:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+    from sklearn.model_selection import StratifiedShuffleSplit
+    from sklearn.preprocessing import StandardScaler
+
+    scores = []
+    for train, test in StratifiedShuffleSplit(splits, test_size=0.5, random_state=0).split(x, y):
+        scaler = StandardScaler().fit(x[train])
+        classifier = LogisticRegression(max_iter=3000).fit(scaler.transform(x[train]), y[train])
+        scores.append(f1_score(y[test], classifier.predict(scaler.transform(x[test])),
+                               average="macro"))
+    return 100 * float(np.mean(scores))
+
+
+def backbone_of(spec: str) -> torch.nn.Module:
+    """``random:SEED`` or a run_pretrain.py checkpoint (read as data)."""
+    model = SimCLRModel("resnet18")
+    if spec.startswith("random:"):
+        torch.manual_seed(int(spec.split(":")[1]))
+        model = SimCLRModel("resnet18")
+    else:
+        state = torch.load(spec, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+    return model.backbone.to(memory_format=torch.channels_last)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoints", nargs="*")
+    parser.add_argument("--random-seeds", type=int, nargs="*", default=[0, 1])
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--splits", type=int, default=10)
+    parser.add_argument("--data", type=Path, default=DATA)
+    args = parser.parse_args(argv)
+    if not args.data.is_dir():
+        print(f"error: {args.data} not found (give --data)", file=sys.stderr)
+        return 2
+    sets = {name: (load_images(paths, args.size), np.array(labels))
+            for name, (paths, labels) in probe_sets(args.data).items()}
+    print(f"{'model':<40} " + " ".join(f"{n:>7}" for n in sets))
+    for spec in [f"random:{s}" for s in args.random_seeds] + args.checkpoints:
+        backbone = backbone_of(spec)
+        scores = [macro_f1(features(backbone, x), y, args.splits) for x, y in sets.values()]
+        print(f"{spec[-40:]:<40} " + " ".join(f"{s:>7.1f}" for s in scores), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
