@@ -10,7 +10,7 @@ and its preprocessing.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -83,9 +83,12 @@ def resolve_encoders(specs: Sequence[str], *, default_arch: str = "resnet18", se
     """Resolve ``--model`` values, in order.
 
     ``random`` / ``imagenet`` take the architecture of the other models given (one each
-    per architecture), else ``default_arch``; ``random:resnet50`` names it. Anything else is
-    a manifest name or a local checkpoint path (``histohub.load_pretrained``).
-    ImageNet weights that cannot be had are skipped with the reason, not an error.
+    per architecture), else ``default_arch``; ``random:resnet50`` names it. They also take
+    those models' input size (a model trained at 64 px is compared with ``random`` at 64 px),
+    one each per size, labelled ``random-resnet18-64px`` where sizes differ; 224 px when no
+    other model is given. Anything else is a manifest name or a local checkpoint path
+    (``histohub.load_pretrained``). ImageNet weights that cannot be had are skipped with
+    the reason, not an error.
     """
     if not specs:
         raise ValueError("Give at least one --model (a manifest name, a checkpoint, "
@@ -105,16 +108,41 @@ def resolve_encoders(specs: Sequence[str], *, default_arch: str = "resnet18", se
             if a not in FEATURE_DIMS:
                 raise ValueError(f"Unknown architecture {a!r} in {spec!r}; choose one of "
                                  f"{sorted(FEATURE_DIMS)}")
-            if base == "random":
-                encoders.append(random_encoder(a, seed=seed))
-            else:
-                result = imagenet_encoder(a, progress=progress)
-                (skipped if isinstance(result, Skipped) else encoders).append(result)
+            baseline = random_encoder(a, seed=seed) if base == "random" \
+                else imagenet_encoder(a, progress=progress)
+            if isinstance(baseline, Skipped):
+                skipped.append(baseline)
+                continue
+            references = _scale_references(trained, a)
+            for reference in references:
+                tag = f"-{reference.preprocessing.input_size}px" if len(references) > 1 else ""
+                encoders.append(_at_scale(baseline, reference, tag))
     labels = [e.label for e in encoders]
     duplicates = {x for x in labels if labels.count(x) > 1}
     if duplicates:
         raise ValueError(f"Model(s) {sorted(duplicates)} given twice; each --model once")
     return encoders, skipped
+
+
+def _scale_references(trained: list[Encoder], arch: str) -> list[Encoder | None]:
+    """The models whose input size a baseline of ``arch`` takes: one per distinct size
+    among the given models of ``arch`` (else of any architecture); ``[None]`` when none."""
+    first: dict[int, Encoder] = {}
+    for encoder in [e for e in trained if e.arch == arch] or trained:
+        first.setdefault(encoder.preprocessing.input_size, encoder)
+    return list(first.values()) or [None]
+
+
+def _at_scale(encoder: Encoder, reference: Encoder | None, tag: str) -> Encoder:
+    """``encoder`` fed at ``reference``'s input size (and scale in microns per pixel), its
+    label suffixed with ``tag``; unchanged when there is no reference."""
+    if reference is None:
+        return encoder
+    ref = reference.preprocessing
+    note = f"The input size and scale of {reference.label}, which it is compared with."
+    pre = replace(encoder.preprocessing, input_size=ref.input_size, mpp=ref.mpp,
+                  mpp_note=note)
+    return replace(encoder, label=encoder.label + tag, preprocessing=pre)
 
 
 def random_encoder(arch: str, *, seed: int) -> Encoder:
