@@ -55,7 +55,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DiskFullError, OutputExistsError, require
+from .errors import (DiskFullError, FeatureFileError, InputNotFoundError, OutputExistsError,
+                     require)
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,62 @@ def read_features(path: str | os.PathLike) -> dict[str, Any]:
         out = {name: f[name][()] for name in ("features", *_COORD_DATASETS) if name in f}
         out["attrs"] = {k: _plain(v) for k, v in f.attrs.items()}
     return out
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """Check that ``path`` holds the CLAM/TRIDENT layout (written by histohub or another
+    tool): ``features`` (N, D) floating point with D >= 1, ``coords`` (N, 2) numbers.
+
+    Returns ``{"n": N, "dim": D, "attrs": {...}, "coords_attrs": {...}}`` (root and
+    ``coords`` attributes as plain values); no features are read. Raises
+    ``InputNotFoundError`` for a missing path or a folder, ``FeatureFileError`` naming the
+    problem for anything else.
+    """
+    h5py = _h5py()
+    path = Path(path)
+    if path.is_dir():
+        raise InputNotFoundError(f"{str(path)!r} is a folder; give the .h5 files in it (the "
+                                 "command line takes folders and globs).")
+    if not path.is_file():
+        raise InputNotFoundError(f"Feature file {str(path)!r} does not exist.")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as error:
+        raise FeatureFileError(
+            f"{str(path)!r} is not an HDF5 file ({error}). Pass the .h5 files written by "
+            "`histohub extract` (datasets 'features' and 'coords').") from error
+    with handle:
+        missing = [name for name in ("features", "coords") if name not in handle]
+        if missing:
+            raise FeatureFileError(
+                f"{str(path)!r} has no dataset {' or '.join(repr(m) for m in missing)} "
+                f"(it holds: {', '.join(sorted(handle.keys())) or 'nothing'}). Expected the "
+                "CLAM/TRIDENT layout `histohub extract` writes: 'features' (N, D), "
+                "'coords' (N, 2).")
+        features, coords = handle["features"], handle["coords"]
+        for name, item in (("features", features), ("coords", coords)):
+            if not isinstance(item, h5py.Dataset):
+                raise FeatureFileError(f"{str(path)!r}: {name!r} must be a dataset, got a "
+                                       f"{type(item).__name__}.")
+        if features.ndim != 2:
+            raise FeatureFileError(
+                f"{str(path)!r}: 'features' must be 2-D (N, D), got shape {features.shape}.")
+        if features.shape[1] == 0:
+            raise FeatureFileError(f"{str(path)!r}: 'features' has no features per patch "
+                                   f"(shape {features.shape}).")
+        if coords.ndim != 2 or coords.shape[1] != 2 or coords.shape[0] != features.shape[0]:
+            raise FeatureFileError(
+                f"{str(path)!r}: 'coords' must have shape ({features.shape[0]}, 2) to match "
+                f"'features' {features.shape}, got {coords.shape}.")
+        if not np.issubdtype(features.dtype, np.floating):
+            raise FeatureFileError(
+                f"{str(path)!r}: 'features' must be floating point, got {features.dtype}.")
+        if not np.issubdtype(coords.dtype, np.number):
+            raise FeatureFileError(
+                f"{str(path)!r}: 'coords' must be numbers (level-0 x, y), got {coords.dtype}.")
+        return {"n": int(features.shape[0]), "dim": int(features.shape[1]),
+                "attrs": {k: _plain(v) for k, v in handle.attrs.items()},
+                "coords_attrs": {k: _plain(v) for k, v in coords.attrs.items()}}
 
 
 def _plain(value: Any) -> Any:

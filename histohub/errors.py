@@ -7,6 +7,9 @@ Each one subclasses the built-in a caller would naturally catch (as huggingface_
 from __future__ import annotations
 
 import difflib
+import importlib
+import math
+import numbers
 from collections.abc import Iterable
 
 
@@ -74,8 +77,6 @@ def require(module: str, *, extra: str, purpose: str):
 
     >>> openslide = require("openslide", extra="wsi", purpose="reading whole-slide images")
     """
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as error:
@@ -112,6 +113,16 @@ class DiskFullError(HistohubError, OSError):
     """No space left on the device an output is written to."""
 
 
+class ClusteringError(HistohubError, ValueError):
+    """Clustering cannot run as asked (k larger than the number of patches, unknown
+    cluster ids, too few values of k for the elbow, ...)."""
+
+
+class FeatureFileError(ClusteringError):
+    """A feature file is not HDF5 or not in the layout ``histohub extract`` writes, or a set
+    of files cannot be clustered together."""
+
+
 def check_option(name: str, value: object, *, low: float | None = None,
                  high: float | None = None, integer: bool = False, optional: bool = False,
                  choices: tuple | None = None, flag: str | None = None) -> None:
@@ -122,9 +133,6 @@ def check_option(name: str, value: object, *, low: float | None = None,
     when ``flag`` is given) and says what is allowed, on one line:
     ``--batch-size 0: must be an integer >= 1``.
     """
-    import math
-    import numbers
-
     if value is None and optional:
         return
     if choices is not None:

@@ -1,5 +1,5 @@
-"""Fixtures for the download and CLI tests: loopback servers, test manifests, and
-checkpoints in the upstream layouts (random weights, made once per session)."""
+"""Shared fixtures: loopback servers, test manifests, checkpoints in the upstream layouts
+(random weights, made once per session) and feature files of the real test slide."""
 
 from __future__ import annotations
 
@@ -218,3 +218,30 @@ def small_disk(tmp_path):
     for folder in reversed(mounted):
         if subprocess.run(["umount", str(folder)]).returncode != 0:
             subprocess.run(["umount", "-l", str(folder)])
+
+
+# --------------------------------------------------------------------------- feature files
+
+
+@pytest.fixture(scope="session")
+def slide_features(cmu_slide, tmp_path_factory):
+    """Colour statistics (mean, std of R, G, B) of every 224 px patch of the real slide, in
+    the `histohub extract` layout: clusters follow background, stroma and nuclei."""
+    import numpy as np
+
+    pytest.importorskip("h5py")
+    from feature_files import PATCH, write_features
+
+    from histohub.wsi import open_slide
+
+    folder = tmp_path_factory.mktemp("features")
+    with open_slide(cmu_slide) as slide:
+        width, height = slide.dimensions
+        coords = [(x, y) for y in range(0, height - PATCH + 1, PATCH)
+                  for x in range(0, width - PATCH + 1, PATCH)]
+        stats = []
+        for x, y in coords:
+            rgb = slide.read_region((x, y), 0, (PATCH, PATCH)).astype(np.float32) / 255
+            stats.append(np.r_[rgb.mean((0, 1)), rgb.std((0, 1))])
+    return write_features(folder / "cmu.h5", np.array(stats), np.array(coords),
+                          slide_path=str(cmu_slide), patch_size_level0=PATCH)

@@ -15,35 +15,12 @@ h5py = pytest.importorskip("h5py")
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
+from feature_files import PATCH, blobs, png, write_features  # noqa: E402
 from PIL import Image  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
 from histohub import cluster  # noqa: E402
-from histohub.cluster import ClusteringError, FeatureFileError  # noqa: E402
-
-PATCH = 224
-
-
-def write_features(path: Path, features: np.ndarray, coords: np.ndarray | None = None,
-                   **attrs) -> Path:
-    """A feature file in the layout `histohub extract` writes (CLAM/TRIDENT)."""
-    if coords is None:
-        coords = np.stack([np.arange(len(features)) * PATCH, np.zeros(len(features))], 1)
-    with h5py.File(path, "w") as handle:
-        handle["features"] = np.asarray(features, np.float32)
-        handle["coords"] = np.asarray(coords, np.int64)
-        handle.attrs.update({"level": 0, "model_name": "resnet18-ssl", **attrs})
-    return path
-
-
-def blobs(groups: int, per_group: int, dim: int, *, seed: int, spread: float = 0.3):
-    """Well separated Gaussian blobs: features (N, dim) and true group (N,), shuffled."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(groups, dim)) * 10
-    truth = np.repeat(np.arange(groups), per_group)
-    x = centres[truth] + rng.normal(size=(len(truth), dim)) * spread
-    order = rng.permutation(len(truth))
-    return x[order].astype(np.float32), truth[order]
+from histohub.cluster import ClusteringError, FeatureFileError, store  # noqa: E402
 
 
 @pytest.fixture
@@ -91,15 +68,15 @@ def test_streaming_matches_in_memory(two_files, monkeypatch):
     """Above the memory limit, features are streamed in blocks (partial_fit) and never
     loaded at once; the clustering and the statistics are the same."""
     paths, x, truth = two_files
-    monkeypatch.setattr(cluster, "BLOCK_ROWS", 32)  # many blocks, straddling files
+    monkeypatch.setattr(store, "BLOCK_ROWS", 32)  # many blocks, straddling files
     loaded = []
-    original = cluster._FeatureStore.__init__
+    original = store.FeatureStore.__init__
 
     def spy(self, *args, **kwargs):
         original(self, *args, **kwargs)
         loaded.append(self.array)
 
-    monkeypatch.setattr(cluster._FeatureStore, "__init__", spy)
+    monkeypatch.setattr(store.FeatureStore, "__init__", spy)
     streamed = cluster.fit_kmeans(paths, 4, seed=0, batch_size=16, max_memory_bytes=0,
                                   progress=False)
     assert loaded == [None]
@@ -197,7 +174,7 @@ def test_failed_write_leaves_no_partial_file(two_files, tmp_path, monkeypatch):
     def full_disk(*_):
         raise OSError("disk full")
 
-    monkeypatch.setattr(cluster.csv, "writer", full_disk)
+    monkeypatch.setattr(csv, "writer", full_disk)
     with pytest.raises(OSError, match="disk full"):
         cluster.save_clusters(cluster.fit_kmeans(paths, 3, progress=False), out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old pair intact
@@ -251,31 +228,6 @@ def test_empty_files_are_skipped(tmp_path, caplog):
 
 
 # ------------------------------------------------------------------ the real slide
-
-
-@pytest.fixture(scope="module")
-def slide_features(cmu_slide, tmp_path_factory):
-    """Colour statistics (mean, std of R, G, B) of every 224 px patch of the real slide, in
-    the `histohub extract` layout: clusters follow background, stroma and nuclei."""
-    from histohub.wsi import open_slide
-
-    folder = tmp_path_factory.mktemp("features")
-    with open_slide(cmu_slide) as slide:
-        width, height = slide.dimensions
-        coords = [(x, y) for y in range(0, height - PATCH + 1, PATCH)
-                  for x in range(0, width - PATCH + 1, PATCH)]
-        stats = []
-        for x, y in coords:
-            rgb = slide.read_region((x, y), 0, (PATCH, PATCH)).astype(np.float32) / 255
-            stats.append(np.r_[rgb.mean((0, 1)), rgb.std((0, 1))])
-    return write_features(folder / "cmu.h5", np.array(stats), np.array(coords),
-                          slide_path=str(cmu_slide), patch_size_level0=PATCH)
-
-
-def png(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        assert image.format == "PNG"
-        return np.asarray(image.convert("RGB"))
 
 
 def test_montage_shows_the_patches_nearest_each_centre(slide_features, cmu_slide, tmp_path):
@@ -349,85 +301,6 @@ def test_slide_found_through_slide_dir(slide_features, cmu_slide, tmp_path):
     written = cluster.write_overlays(result, tmp_path / "ov", slide_dir=Path(cmu_slide).parent,
                                      thumbnail_px=200)
     assert [p.name for p in written] == [f"{stem}.png"]
-
-
-# ------------------------------------------------------------------ the command
-
-
-def run_cli(argv):
-    import histohub.cli as cli
-
-    if "histohub.cli.cluster" not in cli.COMMANDS:
-        cli.COMMANDS.append("histohub.cli.cluster")
-    return cli.main(["cluster", *argv])
-
-
-def test_cli_elbow_assignments_and_figures(slide_features, tmp_path, capsys):
-    out = tmp_path / "run"
-    code = run_cli([str(slide_features.parent), "--k-range", "2:6", "--out", str(out),
-                    "--clusters-to-show", "1,0", "--montage-size", "3", "--seed", "1"])
-    printed = capsys.readouterr().out
-    assert code == 0, printed
-    assert "explained variance" in printed
-    chosen = int(printed.split("chosen k = ")[1].split(",")[0])
-    with h5py.File(out / "clusters.h5") as handle:
-        assert handle.attrs["k"] == chosen and handle.attrs["seed"] == 1
-        for k, ev in zip(handle["elbow/k"][:], handle["elbow/explained_variance"][:]):
-            assert f"{ev:.1%}" in printed.split(f"\n{k:>6}  ")[1].split("\n")[0]
-    assert sorted(p.name for p in out.iterdir()) == [
-        "assignments.csv", "clusters.h5", "elbow.csv", "elbow.png", "montage.png", "overlays"]
-    assert png(out / "elbow.png").shape == (450, 700, 3)
-    assert [p.name for p in (out / "overlays").iterdir()] == ["cmu.png"]
-    code = run_cli([str(slide_features), "--k", "3", "--out", str(out), "--no-figures"])
-    assert code == 0 and "k = 3: explained variance" in capsys.readouterr().out
-
-
-def test_cli_errors(slide_features, tmp_path, capsys):
-    with h5py.File(slide_features) as handle:
-        n = len(handle["features"])
-    assert run_cli([str(slide_features), "--k", str(n + 1), "--out", str(tmp_path)]) == 2
-    assert f"impossible with {n} patches" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        run_cli([str(slide_features), "--k-range", "6:2", "--out", str(tmp_path)])
-    assert "START:END" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        run_cli([str(slide_features), "--k", "3", "--k-range", "2:4", "--out", str(tmp_path)])
-    assert run_cli([str(tmp_path / "nothing" / "*.h5"), "--k", "2", "--out", str(tmp_path)]) == 2
-    assert "No feature files found" in capsys.readouterr().err
-
-
-
-def test_cli_careless_inputs_are_one_line_errors(tmp_path, capsys):
-    """Before, a missing file was a FileNotFoundError traceback, as were --max-memory
-    nan/inf, --seed -1, --out naming a file, and a huge --montage-size (after allocating
-    gigabytes); --slide-dir naming nothing and --min-explained 2 or -1 were accepted."""
-    x, _ = blobs(2, 20, 4, seed=0)
-    good = str(write_features(tmp_path / "good.h5", x))
-    (tmp_path / "notes.txt").write_text("not hdf5")
-    out = str(tmp_path / "out")
-    for argv, says in [
-        ([str(tmp_path / "missing.h5"), "--k", "2"], "missing.h5' does not exist"),
-        ([str(tmp_path / "notes.txt"), "--k", "2"], "is not an HDF5 file"),
-        ([good, "--k", "2", "--out", str(tmp_path / "notes.txt")], "notes.txt is a file"),
-        ([good, "--k", "2", "--out", str(tmp_path / "notes.txt" / "sub")], "is a file"),
-        ([good, "--k", "2", "--slide-dir", str(tmp_path / "nowhere")], "nowhere"),
-        ([good, "--k", "2", "--montage-size", "100000"], "--montage-size"),
-        ([good, "--k", "2", "--clusters-to-show", "1,2"], "ids [2] do not exist"),
-    ]:
-        code = run_cli([*argv, "--out", out] if "--out" not in argv else argv)
-        err = capsys.readouterr().err
-        assert code == 2 and says in err and err.count("\n") == 1, (argv, err)
-    for option, value in [("--max-memory", "nan"), ("--max-memory", "inf"),
-                          ("--max-memory", "-1"), ("--seed", "-1"), ("--seed", str(2 ** 32)),
-                          ("--min-explained", "nan"), ("--min-explained", "2"),
-                          ("--min-explained", "0"), ("--clusters-to-show", ","),
-                          ("--clusters-to-show", "-1")]:
-        k = ["--k-range", "2:4"] if option == "--min-explained" else ["--k", "2"]
-        with pytest.raises(SystemExit) as caught:
-            run_cli([good, *k, option, value, "--out", out])
-        err = capsys.readouterr().err
-        assert caught.value.code == 2 and f"argument {option}" in err, err
-    assert not (tmp_path / "out").exists()
 
 
 def test_malformed_feature_files_are_feature_file_errors(tmp_path):

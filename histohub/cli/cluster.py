@@ -16,6 +16,8 @@ import glob
 import math
 from pathlib import Path
 
+from ..errors import ClusteringError, FeatureFileError
+
 
 def _k_range(text: str) -> range:
     parts = text.split(":")
@@ -133,8 +135,6 @@ def expand_inputs(items: list[str]) -> list[Path]:
 def _check_arguments(args: argparse.Namespace) -> None:
     """Refuse, before any work, an --out that cannot be a folder, a --slide-dir that is not
     one and --clusters-to-show ids that k cannot reach."""
-    from ..cluster import ClusteringError
-
     existing = next(p for p in (args.out, *args.out.parents) if p.exists())
     if not existing.is_dir():
         raise ClusteringError(f"--out {args.out}: {existing} is a file, not a folder.")
@@ -151,14 +151,14 @@ def run(args: argparse.Namespace) -> int:
     from .. import cluster
 
     if args.min_explained is not None and args.k_range is None:
-        raise cluster.ClusteringError("--min-explained picks k from --k-range; it cannot be "
+        raise ClusteringError("--min-explained picks k from --k-range; it cannot be "
                                       "used with --k.")
     _check_arguments(args)
     if not args.no_figures:
         cluster.check_montage_size(len(args.clusters_to_show or [0]), args.montage_size)
     paths = expand_inputs(args.features)
     if not paths:
-        raise cluster.FeatureFileError(f"No feature files found in {' '.join(args.features)}.")
+        raise FeatureFileError(f"No feature files found in {' '.join(args.features)}.")
     files = cluster.read_feature_files(paths)
     n = sum(f.n for f in files)
     print(f"{n} patches from {len(files)} file(s), {files[0].dim} features each")
