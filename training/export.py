@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from atomic_write import write_bytes, write_text
 from cli_errors import run_reporting_errors
 from histohub import (FEATURE_DIMS, MANIFEST_PATH, KeyMap, build_encoder, map_state_dict,
                       parse_entry, read_checkpoint, read_manifest, read_manifest_json,
@@ -114,23 +115,6 @@ def backbone_state(checkpoint: dict, arch: str) -> dict[str, torch.Tensor]:
         expected = {k: v.shape for k, v in build_encoder(arch).state_dict().items()}
     state = map_state_dict(checkpoint["model"], BACKBONE_KEY_MAP, expected)
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary name beside ``path``, then rename it onto ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_text(path: Path, text: str) -> None:
-    _write_atomically(path, text.encode("utf-8"))
 
 
 def _last_loss(run_folder: Path, step: int) -> float | None:
@@ -337,9 +321,9 @@ def export(checkpoint_path: str | os.PathLike, *, name: str, out: str | os.PathL
                         final_loss=_last_loss(checkpoint_path.parent, checkpoint["global_step"]))
     parse_entry(name, entry)  # histohub's own validation, still before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomically(weights_path, weights)
+    write_bytes(weights_path, weights)
     write_manifest_entry(manifest_path, name, entry, replace=force)
-    _write_text(card_path, model_card(name, entry, manifest_path))
+    write_text(card_path, model_card(name, entry, manifest_path))
     return entry
 
 

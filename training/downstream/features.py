@@ -15,12 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from atomic_write import atomic_path
 
 from .datasets import DatasetError, ImageDataset
 from .encoders import Encoder
@@ -114,13 +114,6 @@ def _read(path: Path) -> torch.Tensor:
 def _write(path: Path, features: torch.Tensor, facts: dict) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".part")
-    os.close(handle)
-    try:
-        save_file({"features": features.contiguous()}, temp,
+    with atomic_path(path) as temporary:
+        save_file({"features": features.contiguous()}, temporary,
                   metadata={k: json.dumps(v) for k, v in facts.items()})
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise

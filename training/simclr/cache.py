@@ -17,11 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from atomic_write import atomic_path, write_text
 
 from .data import Pool, PoolDataset
 
@@ -56,7 +57,7 @@ def load_or_build_cache(pool: Pool, pool_path: Path, size: int, *, progress: boo
             log.warning("rebuilding %s: %s", path, error)
         log.info("%s does not match %s: rebuilding it", path, pool_path)
     skipped = _build(pool, path, size, progress=progress)
-    _write_json(meta_path, expected)
+    write_text(meta_path, json.dumps(expected, indent=1))
     return torch.from_numpy(np.asarray(np.load(path, mmap_mode="c"))), skipped
 
 
@@ -64,10 +65,9 @@ def _build(pool: Pool, path: Path, size: int, *, progress: bool) -> dict[str, st
     from tqdm.auto import tqdm
 
     dataset = PoolDataset(pool.items, size)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     skipped: dict[str, str] = {}
-    try:
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+    with atomic_path(path) as temporary:
+        array = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8,
                                           shape=(len(pool), 3, size, size))
         for index in tqdm(range(len(pool)), desc="decoding the pool once", unit="img",
                           disable=not progress):
@@ -76,16 +76,7 @@ def _build(pool: Pool, path: Path, size: int, *, progress: bool) -> dict[str, st
             skipped.update(failures)
         array.flush()
         del array
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return skipped
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class CachedPool(torch.utils.data.Dataset):

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from atomic_write import atomic_path
+
 FORMAT_VERSION = 1
 
 
@@ -49,21 +51,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """``torch.save`` to a temporary name in the same folder, then ``os.replace``.
-
-    A crash while writing leaves the previous checkpoint intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """``torch.save`` atomically: a crash while writing leaves the previous checkpoint
+    intact."""
+    with atomic_path(path) as temporary:
+        torch.save({"format_version": FORMAT_VERSION, **payload}, temporary)
+    return Path(path)
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu"

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from atomic_write import write_text
 from histohub.constants import IMAGE_EXTENSIONS
 from histohub.errors import SlideError
 
@@ -163,12 +164,10 @@ class Pool:
         return len(self.items)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write as JSON atomically (temp file + rename)."""
+        """Write as JSON, atomically."""
         data = {"items": self.items, "sources": self.sources, "summary": self.summary,
                 "skipped": self.skipped}
-        tmp = Path(f"{path}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(path, json.dumps(data))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Pool:

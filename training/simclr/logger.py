@@ -7,6 +7,8 @@ import logging
 import os
 from pathlib import Path
 
+from atomic_write import atomic_path
+
 log = logging.getLogger(__name__)
 
 COLUMNS = ("epoch", "step", "loss", "lr", "images_per_s", "elapsed_s")
@@ -22,12 +24,10 @@ class RunLogger:
         if resume_step is not None and self.path.is_file():
             with open(self.path, newline="") as handle:
                 rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resume_step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", newline="") as handle:
+        with atomic_path(self.path) as temporary, open(temporary, "w", newline="") as handle:
             writer = csv.DictWriter(handle, COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.path)
         self._handle = open(self.path, "a", newline="")
         self._writer = csv.DictWriter(self._handle, COLUMNS)
         self._tb = _tensorboard(Path(folder) / "tensorboard") if tensorboard else None
