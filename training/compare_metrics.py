@@ -11,7 +11,6 @@ how far a rerun lands from the numbers the manifest ships.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import histohub
 
 
 def recorded_metrics(manifest: Path, name: str) -> dict:
-    models = json.loads(manifest.read_text(encoding="utf-8"))["models"]
+    models = histohub.read_manifest_json(manifest)["models"]
     if name not in models:
         raise SystemExit(f"error: {manifest} has no model {name!r} (it has {sorted(models)})")
     return models[name].get("metrics", {})
@@ -31,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("manifest", type=Path, help="the other entry's manifest file")
     parser.add_argument("other", help="the other entry's name")
     args = parser.parse_args(argv)
-    shipped = recorded_metrics(Path(histohub.__file__).with_name("weights_manifest.json"),
-                               args.shipped)
+    shipped = recorded_metrics(histohub.MANIFEST_PATH, args.shipped)
     other = recorded_metrics(args.manifest, args.other)
     print(f"{'metric':<34} {args.shipped:>22} {args.other:>22} {'difference':>11}")
     for key in sorted(set(shipped) | set(other)):
