@@ -123,9 +123,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     protocol = Protocol(
         task=args.task, fractions=parse_fractions(args.fractions) if args.task != "clustering"
         else (1.0,), repeats=args.repeats, epochs=args.epochs, seed=args.seed,
-        probe=args.probe, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        input_size=args.input_size, finetune=args.finetune, augment=args.augment,
-        device=args.device, progress=not args.quiet,
+        probe=args.probe, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, input_size=args.input_size, finetune=args.finetune,
+        augment=args.augment, device=args.device, progress=not args.quiet,
         cache_dir=str(args.cache_dir or args.out / "features"))
     dataset = ds.load_dataset(args.data, root=args.data_root, name=args.name,
                               group_pattern=args.group_pattern, group_column=args.group_column,

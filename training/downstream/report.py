@@ -135,9 +135,10 @@ def markdown_tables(runs: list[dict]) -> str:
     architecture; columns: datasets and their average), then metric by label fraction."""
     grid = latest(runs)
     lines = ["# Benchmark results", "",
-             "Test metrics of the model chosen on validation (best epoch, or L2 strength), "
-             "mean ± standard deviation over repeats (written by `training/run_benchmark.py`; see `runs/*.json` for every "
-             "number, seed and hash).", ""]
+             "Test metrics (of the model chosen on validation where the protocol chooses: "
+             "best epoch or L2 strength), mean ± standard deviation over repeats (written "
+             "by `training/run_benchmark.py`; see `runs/*.json` for every number, seed and "
+             "hash).", ""]
     for task in [t for t in TASK_TITLES if any(k[0] == t for k in grid)]:
         lines += _task_table(task, grid, runs) + [""] + _fraction_table(task, grid) + [""]
     return "\n".join(lines).rstrip() + "\n"

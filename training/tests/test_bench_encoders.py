@@ -3,17 +3,13 @@ compared with: a model trained at 64 px is benchmarked against random weights at
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from histohub._manifest import Preprocessing  # noqa: E402
-from training.downstream import encoders  # noqa: E402
-from training.downstream.protocols import Protocol  # noqa: E402
+from downstream import encoders
+from downstream.protocols import Protocol
+from histohub import Preprocessing
 
 TRAINED_SIZES = {"mine64": 64, "other64": 64, "mine96": 96}
 

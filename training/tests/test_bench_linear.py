@@ -5,17 +5,14 @@ falls short (issue 8, item 5); which probe a run used, in its JSON and tables.""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from training.downstream.linear import (RIDGE_GRID, fit_logistic, fit_ridge,  # noqa: E402
-                                        train_linear, train_linear_converged)
+from downstream.linear import (RIDGE_GRID, fit_logistic, fit_ridge, train_linear,
+                               train_linear_converged)
 
 sklearn = pytest.importorskip("sklearn")
 
@@ -69,10 +66,10 @@ def test_converged_probe_matches_sklearn_where_the_paper_probe_falls_short():
 @pytest.mark.slow
 def test_converged_probe_matches_sklearn_on_real_kather_features(shared_data):
     """Random ResNet18 features of the Kather 2016 tiles at 64 px, the benchmark's split."""
-    from training.downstream import datasets as ds
-    from training.downstream.encoders import random_encoder
-    from training.downstream.features import extract
-    from training.downstream.splits import split_dataset
+    from downstream import datasets as ds
+    from downstream.encoders import random_encoder
+    from downstream.features import extract
+    from downstream.splits import split_dataset
 
     data = ds.for_classification(ds.load_dataset("kather2016", root=shared_data))
     features = extract(random_encoder("resnet18", seed=0), data, input_size=64,
@@ -160,8 +157,8 @@ def _folder(root: Path, per_class: int = 8) -> Path:
 
 
 def test_run_json_tables_and_manifest_item_name_the_probe(tmp_path):
-    from training.downstream import report
-    from training.downstream.cli import main
+    from downstream import report
+    from downstream.cli import main
 
     data, out = _folder(tmp_path / "tiles"), tmp_path / "out"
     common = ["--model", "random", "--task", "linear", "--data", str(data), "--input-size",
@@ -188,7 +185,7 @@ def test_run_json_tables_and_manifest_item_name_the_probe(tmp_path):
 
 
 def test_runs_recorded_before_probes_were_named_read_as_the_paper_probe():
-    from training.downstream.report import probe_of
+    from downstream.report import probe_of
 
     assert probe_of({"task": "linear", "protocol": {"optimizer": "Adam"}}) == "paper"
     assert probe_of({"task": "regression", "protocol": {"finetune": True}}) is None
