@@ -66,7 +66,8 @@ def worker_throughput(slide: str, repeats: int, batch_size: int) -> dict:
     import torch
 
     from histohub import load_pretrained
-    from histohub.features import _Runner, extract_slide, tune_allocator
+    from histohub.features import ModelRunner as _Runner, tune_allocator
+    from histohub.slide_features import extract_slide
     from histohub.transforms import normalize_batch
     from histohub.wsi import PatchReader, open_slide, tile_grid
 
@@ -127,7 +128,7 @@ def memory_mib(field: str) -> float:
 def worker_rss(slide: str, batch_size: int) -> dict:
     """In this process: extract every patch of ``slide``; peak RSS, and RSS at the end."""
     from histohub import load_pretrained
-    from histohub.features import extract_slide
+    from histohub.slide_features import extract_slide
 
     model = load_pretrained("resnet18-ssl", pretrained=False)
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,7 +147,7 @@ def worker_model(repeats: int, batch_size: int) -> dict:
     import torch
 
     from histohub import load_pretrained
-    from histohub.features import _Runner, tune_allocator
+    from histohub.features import ModelRunner as _Runner, tune_allocator
     from histohub.transforms import normalize_batch
 
     tuned = tune_allocator()

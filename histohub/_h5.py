@@ -41,22 +41,31 @@ file histohub did not write.
 A full disk raises ``DiskFullError``: the partial file is deleted (after a failed write the
 HDF5 library cannot be trusted with it) and its space given back. Data bypass HDF5's chunk
 cache, so a write fails where it happens rather than at a later flush or close.
+
+The attributes are built here (``feature_attrs``, ``coords_attrs``) and compared with a new
+request here (``find_done``): a complete file counts as done only for the same
+``REQUEST_ATTRS`` (slide contents, model weights, preprocessing, tiling).
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._version import __version__
 from .errors import (DiskFullError, FeatureFileError, InputNotFoundError, OutputExistsError,
                      require)
+
+if TYPE_CHECKING:
+    from .wsi import TileGrid
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +78,12 @@ IDENTITY_ATTRS = ("format_version", "model_name", "model_sha256", "arch", "featu
                   "level", "read_size", "patch_size_level0", "mask_method", "min_foreground",
                   "n_grid", "grid_sha256", "model_fingerprint", "norm_mean", "norm_std",
                   "interpolation", "slide_size", "slide_fingerprint")
+MODEL_ATTRS = ("model_name", "arch", "model_fingerprint", "norm_mean", "norm_std",
+               "interpolation")
+SLIDE_ATTRS = ("slide_size", "slide_fingerprint", "slide_width", "slide_height")
+#: What a complete feature file must share with a request to count as done for it.
+REQUEST_ATTRS = (*MODEL_ATTRS, *SLIDE_ATTRS, "slide_mpp", "target_mpp", "patch_size",
+                 "mask_method", "min_foreground")
 _COORD_DATASETS = ("coords", "failed_coords", "nonfinite_coords")
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -158,6 +173,107 @@ def disk_full_error(path: Path, error: BaseException) -> DiskFullError:
     return full
 
 
+# --------------------------------------------------------------------------- attributes
+
+def grid_sha256(coords: np.ndarray) -> str:
+    """sha256 of a grid's int64 ``(N, 2)`` coords: identifies the grid for resuming."""
+    return hashlib.sha256(np.ascontiguousarray(coords, np.int64).tobytes()).hexdigest()
+
+
+def feature_attrs(request: dict[str, Any], grid: TileGrid, *, model_sha256: str,
+                  feature_dim: int, n_tissue: int, max_patches: int | None
+                  ) -> dict[str, Any]:
+    """The root attributes of a feature file (module docstring) for ``request`` (its
+    ``REQUEST_ATTRS``) and the ``grid`` written (possibly the first ``max_patches`` of
+    ``n_tissue`` patches)."""
+    return {
+        **request, "histohub_version": __version__, "model_sha256": model_sha256,
+        "feature_dim": feature_dim,
+        "slide_path": str(Path(grid.slide_path).resolve()),
+        "slide_name": Path(grid.slide_path).name,
+        "slide_width": grid.slide_dimensions[0], "slide_height": grid.slide_dimensions[1],
+        "slide_mpp": grid.slide_mpp, "mpp_source": grid.mpp_source,
+        "target_mpp": grid.target_mpp, "patch_size": grid.patch_size, "level": grid.level,
+        "level_downsample": grid.level_downsample, "read_size": grid.read_size,
+        "patch_size_level0": grid.patch_size_level0, "mask_method": grid.mask_method,
+        "min_foreground": grid.min_foreground, "n_grid": len(grid),
+        "grid_sha256": grid_sha256(grid.coords), "n_tissue": n_tissue,
+        "max_patches": max_patches or 0, "truncated": len(grid) < n_tissue,
+    }
+
+
+def coords_attrs(grid: TileGrid) -> dict[str, Any]:
+    """The attributes CLAM and TRIDENT put on ``coords``."""
+    return {"patch_size": grid.read_size, "patch_level": grid.level,
+            "patch_size_level0": grid.patch_size_level0, "target_mpp": grid.target_mpp,
+            "level_dim": np.asarray(grid.slide_dimensions, np.int64)}
+
+
+def refuse_foreign(path: str | os.PathLike) -> None:
+    """``OutputExistsError`` when ``path`` or its partial file is not histohub's."""
+    for candidate in (Path(path), partial_path(path)):
+        if foreign(candidate):
+            raise OutputExistsError(
+                f"{candidate} exists and was not written by histohub; it is left as is. Pass "
+                "--overwrite (overwrite=True) to replace it, or choose another output folder")
+
+
+def find_done(path: str | os.PathLike, request: dict[str, Any], *, max_patches: int | None
+              ) -> dict[str, Any] | None:
+    """The attributes of ``path`` when it is complete and made for ``request`` (reuse it);
+    None when it is to be made (absent, unfinished, or a shorter ``max_patches`` trial);
+    ``OutputExistsError`` when replacing it would lose features of another request."""
+    path = Path(path)
+    attrs = read_attrs(path) if path.exists() else None
+    if attrs is None or not attrs.get("completed"):
+        return None
+    keep = "it is kept. Pass --overwrite (overwrite=True) to replace it, or choose another " \
+           "output folder"
+    missing = [k for k in (*REQUEST_ATTRS, "n_tissue") if k not in attrs]
+    if missing:
+        raise OutputExistsError(
+            f"{path} was made by histohub {attrs.get('histohub_version', '?')}, which did not "
+            f"record {', '.join(missing)}, so whether it matches this request is unknown; {keep}")
+    differing = [k for k in REQUEST_ATTRS if not same_value(attrs[k], request[k])]
+    if differing:
+        raise OutputExistsError(f"{path} holds features made for another request "
+                                f"({_differences(attrs, request, differing)}); {keep}")
+    have, total = int(attrs["n_grid"]), int(attrs["n_tissue"])
+    want = total if max_patches is None else min(max_patches, total)
+    if want > have:
+        log.warning("%s: a trial of %d of %d patches (max_patches=%d); extracting %d now",
+                    path, have, total, attrs.get("max_patches", 0), want)
+        return None
+    if want < have:
+        raise OutputExistsError(f"{path} holds {have} patches of this slide, more than the "
+                                f"{want} asked for (max_patches={max_patches}); {keep}")
+    return attrs
+
+
+def _differences(attrs: dict[str, Any], request: dict[str, Any], keys: list[str]) -> str:
+    """``another slide (slide_size, slide_fingerprint differ; the file's: /a/s.svs);
+    min_foreground 0.5 in the file, 0.2 now``."""
+    parts = []
+    for what, group, source in (("another slide", SLIDE_ATTRS, "slide_path"),
+                                ("another model", MODEL_ATTRS, "model_name")):
+        if differing := [k for k in keys if k in group]:
+            parts.append(f"{what} ({', '.join(differing)} differ; the file's: "
+                         f"{attrs.get(source)})")
+    parts += [f"{k} {_short(attrs[k])} in the file, {_short(request[k])} now" for k in keys
+              if k not in SLIDE_ATTRS + MODEL_ATTRS]
+    return "; ".join(parts)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, str) and len(value) > 16:
+        return value[:12] + "..."
+    if isinstance(value, (np.ndarray, tuple, list)):
+        return str([round(float(v), 4) for v in value])
+    return repr(value)
+
+
+# --------------------------------------------------------------------------- reading
+
 def read_features(path: str | os.PathLike) -> dict[str, Any]:
     """Everything in a feature file: ``features`` (N, D), ``coords`` (N, 2), the failed and
     non-finite coords, and ``attrs`` (a dict)."""
@@ -230,6 +346,8 @@ def _plain(value: Any) -> Any:
         return value.item()
     return value
 
+
+# --------------------------------------------------------------------------- writing
 
 class FeatureWriter:
     """Appends batches of features to ``<path>.partial``; ``finish()`` renames it to ``path``.

@@ -7,7 +7,9 @@
   ``target_mpp`` over the slide and keeps those whose foreground fraction is at least
   ``min_foreground`` (Appendix B: 224 px, >= 50%).
 - ``PatchReader`` reads one patch at the chosen pyramid level and resizes it to
-  ``patch_size``; a tile that fails to decode is reported, not fatal.
+  ``patch_size``; a tile that fails to decode is reported, not fatal. ``BatchReader`` and
+  ``SlidePatches`` read a grid in batches (in a thread, or in DataLoader worker processes).
+- ``slide_fingerprint(path)`` tells two slide files apart without reading them whole.
 - ``preview(...)`` draws the mask and the grid over a thumbnail (PIL only).
 
 Memory stays bounded on any slide size: the thumbnail used for the mask is read block by
@@ -16,13 +18,16 @@ block and never exceeds ``MASK_MAX_SIDE`` pixels a side.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ._files import atomic_path
 from .errors import SlideError, check_option, require
 
 log = logging.getLogger(__name__)
@@ -39,6 +44,8 @@ MASK_PIXELS_PER_PATCH = 32
 MPP_RANGE = (0.05, 50.0)
 #: Tissue detection methods of ``tissue_mask``.
 MASK_METHODS = ("hsv", "otsu")
+#: Bytes read at each end of a slide file for its fingerprint.
+SLIDE_SAMPLE_BYTES = 1 << 20
 #: A level whose mpp exceeds the target by at most this fraction still counts as "<= target"
 #: (0.499 vs 0.5 um/px, or 0.2527 x 2 vs 0.5): resizing by 1% only blurs.
 _MPP_TOLERANCE = 0.02
@@ -433,6 +440,117 @@ class TileReadError(SlideError):
         self.x, self.y = x, y
 
 
+# --------------------------------------------------------------------------- batches of patches
+
+def batch_ranges(start: int, stop: int, batch_size: int) -> list[range]:
+    """Grid positions ``start..stop`` in batches aligned to multiples of ``batch_size`` (so
+    a resumed run forms the same batches as an uninterrupted one)."""
+    first = min(stop, (start // batch_size + 1) * batch_size)
+    ranges = [range(start, first)] if first > start else []
+    ranges += [range(i, min(i + batch_size, stop)) for i in range(first, stop, batch_size)]
+    return ranges
+
+
+#: One batch as read: uint8 ``(b, S, S, 3)`` pixels of the patches read, their grid
+#: positions ``(b,)``, and the positions whose tiles could not be decoded.
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+class BatchReader:
+    """Reads batches of a grid's patches into uint8 ``(b, S, S, 3)`` arrays.
+
+    ``allocate(shape)`` gives the array to fill (default ``np.empty``; pinned host memory
+    for a GPU). One reader per thread (it holds its own OpenSlide handle); ``close()``
+    releases it. Undecodable tiles are logged and listed, never fatal.
+    """
+
+    def __init__(self, grid: TileGrid, *, interpolation: str = "bilinear",
+                 allocate: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> None:
+        self.grid = grid
+        self._reader = PatchReader(grid, interpolation=interpolation)
+        self._allocate = allocate or (lambda shape: np.empty(shape, np.uint8))
+
+    def read(self, positions: Sequence[int]) -> Batch:
+        size = self.grid.patch_size
+        pixels = self._allocate((len(positions), size, size, 3))
+        ok: list[int] = []
+        failed: list[int] = []
+        for index in positions:
+            try:
+                pixels[len(ok)] = self._reader.read(index)
+                ok.append(index)
+            except TileReadError as error:
+                log.warning("%s: %s; skipped", Path(self.grid.slide_path).name, error)
+                failed.append(index)
+        return pixels[:len(ok)], np.asarray(ok, np.int64), np.asarray(failed, np.int64)
+
+    def read_all(self, ranges: Sequence[range]):
+        """Each of ``ranges`` in turn (a generator: run it in a thread), then close."""
+        try:
+            for positions in ranges:
+                yield self.read(positions)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+class SlidePatches:
+    """Patches of a ``TileGrid`` as a map-style dataset for DataLoader worker processes:
+    item -> ``(uint8 (S, S, 3), ok)``; an undecodable tile gives zeros and ``ok=False``.
+
+    Each worker process opens its own slide handle on first use. Batch with
+    ``stack_patches``.
+    """
+
+    def __init__(self, grid: TileGrid, interpolation: str = "bilinear") -> None:
+        self.grid, self.interpolation = grid, interpolation
+        self._reader: PatchReader | None = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.grid)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, bool]:
+        if self._reader is None or self._pid != os.getpid():
+            self._reader = PatchReader(self.grid, interpolation=self.interpolation)
+            self._pid = os.getpid()
+        try:
+            return self._reader.read(index), True
+        except TileReadError as error:
+            log.warning("%s: %s; skipped", Path(self.grid.slide_path).name, error)
+            size = self.grid.patch_size
+            return np.zeros((size, size, 3), np.uint8), False
+
+
+def stack_patches(items: list[tuple[np.ndarray, bool]]):
+    """DataLoader collate for ``SlidePatches``: ``(uint8 tensor (b, S, S, 3) of the patches
+    read, bool array of which items were read)``."""
+    import torch
+
+    ok = np.array([flag for _, flag in items], bool)
+    kept = [pixels for pixels, flag in items if flag]
+    if not kept:
+        return torch.empty((0, *items[0][0].shape), dtype=torch.uint8), ok
+    return torch.from_numpy(np.stack(kept)), ok
+
+
+def slide_fingerprint(path: str | os.PathLike) -> tuple[int, str]:
+    """``(size in bytes, sha256 of the size and the first and last MiB)`` of a slide file:
+    tells two slides apart (the header holds the tile offsets, the end the last tiles)
+    without reading tens of GB, and stays the same when the file is moved or copied. For
+    formats with companion files (.mrxs, .vms) only the named file is covered."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(f"{size}\0".encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(SLIDE_SAMPLE_BYTES))
+        if size > SLIDE_SAMPLE_BYTES:
+            f.seek(max(SLIDE_SAMPLE_BYTES, size - SLIDE_SAMPLE_BYTES))
+            digest.update(f.read(SLIDE_SAMPLE_BYTES))
+    return size, digest.hexdigest()
+
+
 # --------------------------------------------------------------------------- preview
 
 def preview(slide: Slide, grid: TileGrid, path: str | os.PathLike, *, max_side: int = 1200
@@ -457,9 +575,8 @@ def preview(slide: Slide, grid: TileGrid, path: str | os.PathLike, *, max_side: 
         x0, y0 = x / downsample, y / downsample
         draw.rectangle([x0, y0, x0 + side, y0 + side], outline=(30, 60, 220), width=1)
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path, mkdir=False) as temporary:
+        image.save(temporary, format="PNG")
     return path
 
 

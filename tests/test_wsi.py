@@ -10,7 +10,7 @@ from PIL import Image, ImageFilter
 
 from histohub.errors import SlideError
 from histohub.wsi import (MASK_MAX_SIDE, PatchReader, TileReadError, _otsu_threshold, _read_mpp,
-                          open_slide, preview, tile_grid, tissue_mask)
+                          batch_ranges, open_slide, preview, tile_grid, tissue_mask)
 from wsi_factory import GLASS, PINK, corrupt_tile, tissue_image, write_slide
 
 pytest.importorskip("openslide")
@@ -265,3 +265,10 @@ def test_preview_png(pyramid, tmp_path):
     assert image[20:60, 20:100, 1].mean() > image[20:60, 20:100, 0].mean()
     assert abs(image[-20:, :30, 1].mean() - GLASS[1]) < 6
     assert not (tmp_path / "p.png.partial").exists()
+
+
+def testbatch_ranges_align_to_batch_size():
+    assert batch_ranges(0, 10, 4) == [range(0, 4), range(4, 8), range(8, 10)]
+    assert batch_ranges(8, 10, 4) == [range(8, 10)]
+    assert batch_ranges(6, 13, 4) == [range(6, 8), range(8, 12), range(12, 13)]
+    assert batch_ranges(10, 10, 4) == []

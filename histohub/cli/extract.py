@@ -9,6 +9,16 @@ replace) is reported and the others go on; the exit code is 1 when any failed. A
 whose output was made for the same request is skipped, a ``--max-patches`` trial is
 extended; an output histohub did not write, or made for another slide, model or tiling, is
 kept and reported unless ``--overwrite``. A killed run resumes where it stopped.
+
+The model is loaded (and compiled, when the job is big enough) once for all slides, and
+the next slide's tissue mask and grid are prepared while the current one runs.
+
+Many processes share a cohort: the slides, sorted by path, are dealt round-robin (slide
+i to process i % N), from ``--shard I/N`` (job arrays) and from the ``RANK`` /
+``WORLD_SIZE`` that ``torchrun`` sets (one process per GPU, on ``cuda:LOCAL_RANK``); with
+both, a job array of multi-GPU jobs, each process takes one share of I x N. A lock beside
+each output keeps two processes from writing one slide; a crashed process's slide is
+resumed by the next run. See ``EPILOG`` for the commands.
 """
 
 from __future__ import annotations
@@ -18,6 +28,8 @@ import csv
 import glob
 import hashlib
 import logging
+import os
+import re
 import time
 from pathlib import Path
 
@@ -25,6 +37,21 @@ log = logging.getLogger(__name__)
 
 _LIST_SUFFIXES = (".csv", ".txt", ".lst")
 _CSV_COLUMNS = ("path", "slide_path", "slide", "filename", "file")
+
+EPILOG = """\
+many processes (each takes the slides i with i % N == its share; a rerun finishes what a
+crashed process left):
+  one machine, 4 GPUs (one process per GPU, cuda:LOCAL_RANK):
+    torchrun --standalone --nproc_per_node=4 -m histohub extract slides/ --out feats/ \\
+        --device cuda
+  a SLURM job array of 8 tasks (CPU or one GPU each):
+    #SBATCH --array=0-7
+    histohub extract slides/ --out feats/ \\
+        --shard ${SLURM_ARRAY_TASK_ID}/${SLURM_ARRAY_TASK_COUNT}
+  both (8 array tasks x 4 GPUs = 32 shares):
+    torchrun --standalone --nproc_per_node=4 -m histohub extract slides/ --out feats/ \\
+        --device cuda --shard ${SLURM_ARRAY_TASK_ID}/${SLURM_ARRAY_TASK_COUNT}
+"""
 
 
 def register(subparsers) -> None:
@@ -34,7 +61,8 @@ def register(subparsers) -> None:
         "extract", help="features of whole-slide images, one HDF5 file per slide",
         description="Tile slides at the model's microns per pixel, keep patches with tissue "
                     "(the paper's HSV rule), and write features + coords to <out>/<slide>.h5 "
-                    "(the CLAM/TRIDENT layout).")
+                    "(the CLAM/TRIDENT layout).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="SLIDES_OR_DIRS",
                    help="slide files, folders, glob patterns, or .csv/.txt lists of paths")
     p.add_argument("--model", default=DEFAULT_MODEL,
@@ -46,9 +74,12 @@ def register(subparsers) -> None:
                    help="microns per pixel to tile at (default: the model's, 0.5 for the "
                         "paper's models)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--read-threads", type=int, default=1,
+                   help="threads reading patches while the model runs (default 1; 2 when "
+                        "reading is the bottleneck, e.g. on a GPU)")
     p.add_argument("--workers", type=int, default=0,
-                   help="DataLoader worker processes reading patches (default 0: one reader "
-                        "thread, best on few CPU cores)")
+                   help="DataLoader worker processes reading patches instead of threads "
+                        "(default 0: threads, best on few CPU cores)")
     p.add_argument("--mask", choices=("hsv", "otsu"), default="hsv",
                    help="tissue detection: the paper's HSV rule (default) or Otsu on saturation")
     p.add_argument("--min-foreground", type=float, default=0.5,
@@ -58,9 +89,17 @@ def register(subparsers) -> None:
                         "model or tiling, and files histohub did not write")
     p.add_argument("--preview", action="store_true",
                    help="also write <out>/<slide>.png: thumbnail, tissue mask and patch grid")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto",
+                   help="auto (default: cuda when available, else cpu), cpu, cuda, cuda:1, ...; "
+                        "under torchrun, cuda means cuda:LOCAL_RANK")
     p.add_argument("--amp", choices=("bf16", "fp16"), help="autocast precision (GPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    p.add_argument("--compile", nargs="?", choices=("auto", "on", "off"), default="auto",
+                   const="on",
+                   help="torch.compile the model, once for all slides: auto (default: on a "
+                        "GPU, or when the slides hold enough patches to repay it), on, off")
+    p.add_argument("--shard", metavar="I/N",
+                   help="process only share I of N (0 <= I < N): slide i of the sorted list "
+                        "when i %% N == I; for job arrays (see below)")
     p.add_argument("--max-patches", type=int, help="only the first N patches of each slide")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -131,47 +170,101 @@ def output_names(slides: list[Path]) -> dict[Path, str]:
             f"{s.stem}-{hashlib.sha256(str(s).encode()).hexdigest()[:8]}" for s in slides}
 
 
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N``; None -> ``(0, 1)``."""
+    from ..errors import OptionError
+
+    if text is None:
+        return 0, 1
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if match is None or not int(match[1]) < int(match[2]):
+        raise OptionError(f"--shard {text}: must be I/N with 0 <= I < N, e.g. --shard 0/4")
+    return int(match[1]), int(match[2])
+
+
+def launcher_rank() -> tuple[int, int, int | None]:
+    """``(rank, world size, local rank)`` that ``torchrun`` (or another launcher setting
+    the same variables) gave this process; ``(0, 1, None)`` when started alone."""
+    from ..errors import OptionError
+
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = os.environ.get("LOCAL_RANK")
+        local_rank = None if local is None else int(local)
+    except ValueError:
+        raise OptionError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (set by "
+                          "torchrun)") from None
+    if world < 1 or not 0 <= rank < world:
+        raise OptionError(f"RANK={rank} and WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE")
+    return rank, world, local_rank
+
+
+def shard_slides(slides: list[Path], index: int, count: int) -> list[Path]:
+    """The slides of share ``index`` of ``count``: sorted by path, slide i goes to share
+    ``i % count`` (the same split in every process, whatever order the inputs came in)."""
+    return sorted(slides, key=str)[index::count]
+
+
+def pick_device(device: str, local_rank: int | None) -> str:
+    """``auto``: cuda when available, else cpu. A bare ``cuda`` under a launcher is
+    ``cuda:LOCAL_RANK`` (one GPU per process)."""
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and local_rank is not None:
+        device = f"cuda:{local_rank}"
+    return device
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from ..errors import HistohubError
-    from ..features import check_options, extract_slide
-    from ..pretrained import load_pretrained
+    from ..features import check_options
+    from ..slide_features import SlideExtractor, SlideJob, Tiling
 
+    compile = {"auto": "auto", "on": True, "off": False}[args.compile]
     check_options(cli=True, batch_size=args.batch_size, num_workers=args.workers,
-                  max_patches=args.max_patches, mpp=args.mpp, target_mpp=args.target_mpp,
-                  min_foreground=args.min_foreground)
+                  read_threads=args.read_threads, max_patches=args.max_patches, mpp=args.mpp,
+                  target_mpp=args.target_mpp, min_foreground=args.min_foreground)
+    index, count = parse_shard(args.shard)
+    rank, world, local_rank = launcher_rank()
+    share, shares = index * world + rank, count * world
     slides, problems = find_slides(args.inputs)
     for problem in problems:
         log.error(problem)
     if not slides:
         log.error("no slides to process")
         return 1
+    names = output_names(slides)  # from the whole list: every share names outputs alike
+    if shares > 1:
+        total = len(slides)
+        slides = shard_slides(slides, share, shares)
+        log.info("share %d of %d: %d of %d slides", share, shares, len(slides), total)
     args.out.mkdir(parents=True, exist_ok=True)
-    model = load_pretrained(args.model, device=args.device, progress=not args.quiet)
-    names = output_names(slides)
+    tiling = Tiling(mpp=args.mpp, target_mpp=args.target_mpp, mask=args.mask,
+                    min_foreground=args.min_foreground, max_patches=args.max_patches)
+    jobs = [SlideJob(slide, args.out / f"{names[slide]}.h5",
+                     args.out / f"{names[slide]}.png" if args.preview else None)
+            for slide in slides]
     started = time.perf_counter()
     failed, results = list(problems), []
-    with logging_redirect_tqdm(), tqdm(slides, unit="slide", desc="slides",
-                                       disable=args.quiet, dynamic_ncols=True) as bar:
-        for slide in bar:
-            stem = names[slide]
-            try:
-                result = extract_slide(
-                    model, slide, args.out / f"{stem}.h5", mpp=args.mpp,
-                    target_mpp=args.target_mpp, batch_size=args.batch_size,
-                    device=args.device, num_workers=args.workers, amp=args.amp or False,
-                    compile=args.compile, mask=args.mask, min_foreground=args.min_foreground,
-                    overwrite=args.overwrite, max_patches=args.max_patches,
-                    preview=args.out / f"{stem}.png" if args.preview else None,
-                    progress=not args.quiet)
-            except HistohubError as error:  # not a slide, no mpp, busy, disk full, kept
-                # output: the others go on
-                log.error("%s", error)
-                failed.append(f"{slide}: {error}")
-                continue
-            results.append(result)
+    extractor = SlideExtractor(args.model, device=pick_device(args.device, local_rank),
+                               batch_size=args.batch_size, num_workers=args.workers,
+                               read_threads=args.read_threads, amp=args.amp or False,
+                               compile=compile, progress=not args.quiet)
+    with extractor, logging_redirect_tqdm(), tqdm(
+            total=len(jobs), unit="slide", desc="slides", disable=args.quiet,
+            dynamic_ncols=True) as bar:
+        for result in extractor.extract_many(jobs, tiling=tiling, overwrite=args.overwrite):
+            if result.error is not None:  # not a slide, no mpp, busy, disk full, kept
+                # output: reported (logged already), the others go on
+                failed.append(f"{result.slide_path}: {result.error}")
+            else:
+                results.append(result)
+            bar.update(1)
     _summary(results, failed, time.perf_counter() - started, args.out)
     return 1 if failed else 0
 
