@@ -5,7 +5,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -14,14 +13,12 @@ from simclr.cache import CACHE_NAME, CachedPool, load_or_build_cache
 from simclr.data import Pool, PoolDataset, build_pool, list_images, parse_datasets
 
 
-def _pool(tmp_path: Path, count: int = 6) -> tuple[Pool, Path]:
-    rng = np.random.default_rng(0)
+@pytest.fixture
+def saved_pool(tmp_path, write_images) -> tuple[Pool, Path]:
+    """Six images, the third unreadable, as a pool saved in ``run/pool.json``."""
     images = tmp_path / "images"
-    images.mkdir()
-    for i in range(count):
-        Image.fromarray(rng.integers(0, 256, (20, 26, 3), dtype=np.uint8)).save(
-            images / f"img{i}.png")
-    (images / "img2.png").write_bytes(b"\x89PNG truncated")  # unreadable: replaced
+    write_images(images, 6)
+    (images / "img002.png").write_bytes(b"\x89PNG truncated")  # unreadable: replaced
     pool = build_pool(parse_datasets([str(images)]), patch_size=16)
     run = tmp_path / "run"
     run.mkdir()
@@ -29,8 +26,8 @@ def _pool(tmp_path: Path, count: int = 6) -> tuple[Pool, Path]:
     return pool, run / "pool.json"
 
 
-def test_cache_holds_what_the_file_reader_reads_and_reports_replacements(tmp_path):
-    pool, pool_path = _pool(tmp_path)
+def test_cache_holds_what_the_file_reader_reads_and_reports_replacements(saved_pool):
+    pool, pool_path = saved_pool
     images, skipped = load_or_build_cache(pool, pool_path, 16, progress=False)
     reader = PoolDataset(pool.items, 16)
     assert images.shape == (6, 3, 16, 16) and images.dtype == torch.uint8
@@ -42,8 +39,8 @@ def test_cache_holds_what_the_file_reader_reads_and_reports_replacements(tmp_pat
     assert seed == 9 and failures == []
 
 
-def test_cache_is_reused_while_it_matches_and_rebuilt_when_not(tmp_path):
-    pool, pool_path = _pool(tmp_path)
+def test_cache_is_reused_while_it_matches_and_rebuilt_when_not(saved_pool):
+    pool, pool_path = saved_pool
     load_or_build_cache(pool, pool_path, 16, progress=False)
     cache = pool_path.parent / CACHE_NAME
     os.utime(cache, ns=(1, 1))
@@ -58,8 +55,8 @@ def test_cache_is_reused_while_it_matches_and_rebuilt_when_not(tmp_path):
     assert meta["count"] == 4 and meta["size"] == 20
 
 
-def test_an_interrupted_build_leaves_no_cache_behind(tmp_path, monkeypatch):
-    pool, pool_path = _pool(tmp_path)
+def test_an_interrupted_build_leaves_no_cache_behind(saved_pool, monkeypatch):
+    pool, pool_path = saved_pool
 
     def fail(self, index):
         raise KeyboardInterrupt

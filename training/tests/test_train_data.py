@@ -3,22 +3,11 @@ histohub.wsi, unreadable images skipped and reported, rank slices of global batc
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from simclr.data import (Collate, EpochBatchSampler, PoolDataset, build_pool,
                          capped_count, list_images, parse_datasets, sample_slide_patches)
-
-
-def _write_images(folder: Path, count: int, *, nested: bool = False, size: int = 20) -> None:
-    rng = np.random.default_rng(count)
-    for i in range(count):
-        sub = folder / f"case{i % 3}" / "deeper" if nested else folder
-        sub.mkdir(parents=True, exist_ok=True)
-        pixels = rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(sub / f"img{i:03d}.png")
 
 
 def test_capped_count_follows_the_paper():
@@ -29,10 +18,10 @@ def test_capped_count_follows_the_paper():
     assert capped_count(1000, percent=100, max_count=None) == 1000
 
 
-def test_pool_caps_each_dataset_and_finds_nested_images(tmp_path):
+def test_pool_caps_each_dataset_and_finds_nested_images(tmp_path, write_images):
     sizes = {"small": 4, "mid": 30, "large": 120}
     for name, count in sizes.items():
-        _write_images(tmp_path / name, count, nested=name == "large")
+        write_images(tmp_path / name, count, nested=name == "large")
     (tmp_path / "mid" / "notes.txt").write_text("not an image")
     specs = parse_datasets([str(tmp_path / n) for n in sizes])
     pool = build_pool(specs, patch_size=16, percent=10, min_per_dataset=10, max_per_dataset=11)
@@ -60,8 +49,8 @@ def test_dataset_errors_say_what_to_do(tmp_path):
     assert spec.kind == "slides" and spec.patches_per_slide == 100
 
 
-def test_unreadable_images_are_replaced_counted_and_reported(tmp_path):
-    _write_images(tmp_path, 4, size=16)
+def test_unreadable_images_are_replaced_counted_and_reported(tmp_path, write_images):
+    write_images(tmp_path, 4, size=16)
     (tmp_path / "img001.png").write_bytes(b"\x89PNG truncated")
     items = list_images(tmp_path)
     dataset = PoolDataset(items, 12)
@@ -87,10 +76,10 @@ def test_ranks_take_slices_of_the_same_global_batches():
         EpochBatchSampler(7, 4, world_size=2)
 
 
-def test_collate_can_augment_in_the_loader(tmp_path):
+def test_collate_can_augment_in_the_loader(tmp_path, write_images):
     from simclr.augment import BatchAugment
 
-    _write_images(tmp_path, 4, size=16)
+    write_images(tmp_path, 4, size=16)
     dataset = PoolDataset(list_images(tmp_path), 16)
     (view1, view2), _, _ = Collate(BatchAugment(12))([dataset[(i, 5)] for i in range(4)])
     assert view1.shape == view2.shape == (4, 3, 12, 12) and not torch.equal(view1, view2)
