@@ -69,3 +69,19 @@ def test_one_baseline_per_input_size_when_the_models_differ(trained):
     assert resolved["random-resnet18-64px"].preprocessing.input_size == 64
     assert resolved["random-resnet18-96px"].preprocessing.input_size == 96
     assert "mine64" in resolved["random-resnet18-64px"].preprocessing.mpp_note
+
+
+def test_imagenet_that_cannot_be_had_is_skipped_with_the_reason(monkeypatch):
+    from urllib.error import URLError
+
+    from torchvision.models._api import WeightsEnum
+
+    def offline(self, *args, **kwargs):
+        raise URLError("no network here")
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", offline)
+    resolved, skipped = encoders.resolve_encoders(["random", "imagenet"],
+                                                  default_arch="resnet18")
+    assert [e.label for e in resolved] == ["random-resnet18"]
+    assert skipped[0].spec == "imagenet:resnet18"
+    assert "cannot be had here" in skipped[0].reason and "resnet18-f37072fd.pth" in skipped[0].reason

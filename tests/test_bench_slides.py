@@ -1,0 +1,98 @@
+"""Smoke test of benchmarks/bench_slides.py: the slides it builds, and one tiny round."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openslide")
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_slides.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_slides", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for path in (module.KATHER, module.CMU, module.TCGA):
+        if not path.exists():
+            pytest.skip(f"real data not available at {path}")
+    return module
+
+
+@pytest.fixture(scope="module")
+def slides(bench, tmp_path_factory):
+    """The --quick slides: a 1800 x 1500 px 'large' slide and a cohort of 3."""
+    return bench.build_slides(tmp_path_factory.mktemp("bench"), quick=True, log=lambda _: None)
+
+
+def test_built_slide_reads_like_a_scan(bench, slides):
+    import tifffile
+
+    import histohub
+
+    large = slides["large"][0]
+    with histohub.open_slide(large["path"]) as slide:
+        assert slide.mpp == pytest.approx(bench.MPP)  # from the TIFF resolution tag
+        assert slide.dimensions == bench.SIZES["quick"]["large"]
+        assert slide.level_count == 3
+        image = slide.read_region((0, 0), 1, slide.level_dimensions[1])
+    tissue = histohub.tissue_mask(image).mean()
+    assert 0.3 < tissue < 0.95  # tissue sections on glass
+    with tifffile.TiffFile(large["path"]) as tif:
+        page = tif.pages[0]
+        assert page.compression == tifffile.COMPRESSION.JPEG
+        assert (page.tilewidth, page.tilelength) == (256, 256)
+    assert large["patches"] == bench.count_patches(Path(large["path"])) > 10
+
+
+def test_cohort_and_shared_slides(bench, slides):
+    sizes = [histohub_dimensions(s["path"]) for s in slides["cohort"]]
+    assert len(sizes) == 3 and len(set(sizes)) == 3
+    assert all(s["patches"] > 0 for s in slides["cohort"])
+    assert len(bench.SIZES["full"]["cohort"]) >= 20
+    assert slides["cmu"][0]["patches"] == 30  # as PERFORMANCE.md reports
+    assert slides["tcga"][0]["mpp"] == bench.TCGA_MPP
+
+
+def histohub_dimensions(path: str) -> tuple[int, int]:
+    import histohub
+
+    with histohub.open_slide(path) as slide:
+        return slide.dimensions
+
+
+def test_compose_is_deterministic(bench):
+    pool = [np.full((bench.CELL, bench.CELL, 3), value, np.uint8) for value in (90, 160)]
+    first = bench.compose_slide(400, 300, pool, seed=3)
+    assert first.shape == (300, 400, 3)
+    np.testing.assert_array_equal(first, bench.compose_slide(400, 300, pool, seed=3))
+    assert (first == 90).all(axis=2).any() and (first > 230).all(axis=2).any()
+
+
+def test_one_round_of_every_arm(bench, slides, tmp_path, capsys):
+    smallest = [min(slides["cohort"], key=lambda s: s["patches"])]
+    runs = {arm: [bench.run_arm(arm, smallest, tmp_path / arm)]
+            for arm in ("histohub", "eager", "naive")}
+    patches = {arm: r[0]["patches"] for arm, r in runs.items()}
+    assert set(patches.values()) == {smallest[0]["patches"]}, patches  # the same patches
+    for arm_runs in runs.values():
+        assert arm_runs[0]["seconds"] > 0 and arm_runs[0]["peak_rss_mib"] > 0
+        assert 0 < arm_runs[0]["first_s"] <= arm_runs[0]["seconds"]
+    table = bench.model_table("cohort", runs)
+    assert len(table) == 4 and "x best" in table[0]
+    assert "1.00" in table[2]  # the model alone is its own best
+    assert bench.check_targets("cohort", runs)[0].startswith("cohort: histohub >= 0.90x")
+
+    # the reader arm through the worker entry point, as the benchmark spawns it
+    arm = bench.reader_arms(bench.reader_options())[0]
+    job = {"arm": arm, "slides": smallest, "out": str(tmp_path / "reader")}
+    bench.main(["--worker", json.dumps(job)])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["patches"] == smallest[0]["patches"] and result["cpu_s"] > 0
+    lines, _ = bench.reader_table({arm: [result]})
+    assert len(lines) == 2
