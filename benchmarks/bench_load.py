@@ -1,7 +1,7 @@
 """Warm-cache ``load_pretrained`` against its floor, and the cost of ``import histohub``.
 
 Not a test: it prints ratios measured in one run, A and B interleaved (the machines this
-runs on have slow spells; see shared/PERFORMANCE.md).
+runs on have slow spells, which interleaving spreads over A and B alike).
 
 1. Warm-cache load. Random ResNet18 weights are written as (a) backbone-only safetensors
    and (b) a ``.ckpt`` in the upstream plain-PyTorch layout (``state_dict`` with
@@ -103,8 +103,7 @@ def bench_load(rounds: int) -> None:
         os.environ.pop("HISTOHUB_OFFLINE", None)
         os.environ.pop("HISTOHUB_MIRROR", None)
         import histohub
-        from histohub import _download
-        from histohub._manifest import get_entry
+        from histohub import _download  # the cache-hit path itself, timed below
 
         cases = {
             "floor": lambda: _floor(paths["safetensors"]),
@@ -139,10 +138,10 @@ def bench_load(rounds: int) -> None:
             print(f"  {name:<50}{median * 1e3:8.1f} ms   ratio {median / floor:.2f} "
                   f"(per-round median {per_round:.2f}; target <= 1.10: {verdict})")
 
-        entry = get_entry("bench-ckpt")
+        entry = histohub.get_entry("bench-ckpt")
         hit = [_time(lambda: _download.fetch_weights(entry, progress=False))
                for _ in range(200)]
-        digest = [_time(lambda: _download.sha256_file(paths["ckpt"])) for _ in range(5)]
+        digest = [_time(lambda: histohub.sha256_file(paths["ckpt"])) for _ in range(5)]
         size_mb = paths["ckpt"].stat().st_size / 1e6
         print(f"  of which the verified cache hit (fetch_weights): "
               f"{statistics.median(hit) * 1e6:.0f} us; re-hashing the {size_mb:.0f} MB file "

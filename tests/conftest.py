@@ -3,16 +3,16 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-import types
-from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from _servers import FileServer, HubServer, model_entry
+
+if TYPE_CHECKING:
+    import torch
 
 
 @pytest.fixture(autouse=True)
@@ -64,119 +64,50 @@ def make_manifest(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def backbone_state() -> dict[str, torch.Tensor]:
     """A randomly initialised torchvision ResNet18's state dict, without ``fc``."""
+    from checkpoints import encoder_state
+
+    return encoder_state("resnet18")
+
+
+def _save_lightning(path: Path, backbone: dict, *, attribute_dict: bool = False,
+                    legacy: bool = False) -> Path:
     import torch
-    import torchvision
+    from checkpoints import fake_lightning, lightning_checkpoint
 
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None)
-    return {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("fc.")}
-
-
-def lightning_checkpoint(backbone: dict[str, torch.Tensor], *, attribute_dict: bool = False
-                         ) -> dict:
-    """The upstream Lightning layout: ``model.resnet.`` backbone keys, the SimCLR projection
-    head as ``fc.1``/``fc.3``, optimizer and scheduler state, hyper-parameter objects.
-
-    ``hyper_parameters`` is a plain dict holding an ``argparse.Namespace`` (what Lightning
-    1.0 wrote without omegaconf), or with ``attribute_dict`` Lightning's ``AttributeDict``
-    (written when omegaconf was installed, and by later versions)."""
-    import torch
-
-    generator = torch.Generator().manual_seed(1)
-    state = {f"model.resnet.{k}": v for k, v in backbone.items()}
-    state.update({
-        "model.resnet.fc.1.weight": torch.randn(512, 512, generator=generator),
-        "model.resnet.fc.1.bias": torch.randn(512, generator=generator),
-        "model.resnet.fc.3.weight": torch.randn(128, 512, generator=generator),
-        "model.resnet.fc.3.bias": torch.randn(128, generator=generator),
-    })
-    hparams = argparse.Namespace(lr=0.3, batch_size=512, epochs=1000, optimizer="lars")
-    return {
-        "epoch": 999, "global_step": 780000, "pytorch-lightning_version": "0.7.6",
-        "checkpoint_callback_best": 1.23,
-        "state_dict": state,
-        "optimizer_states": [{
-            "state": {0: {"momentum_buffer": torch.zeros(64, 3, 7, 7)}},
-            "param_groups": [{"lr": 0.3, "momentum": 0.9, "weight_decay": 1e-6,
-                              "params": list(range(len(state)))}],
-        }],
-        "lr_schedulers": [{"last_epoch": 999, "_step_count": 1000, "base_lrs": [0.3]}],
-        "hparams_name": "hparams",
-        "hyper_parameters": (_AttributeDict if attribute_dict else dict)(
-            lr=0.3, batch_size=512, hparams=hparams),
-    }
-
-
-class _AttributeDict(dict):
-    """Pickled as ``pytorch_lightning.utilities.parsing.AttributeDict``, as Lightning does."""
-
-
-_AttributeDict.__module__ = "pytorch_lightning.utilities.parsing"
-_AttributeDict.__qualname__ = _AttributeDict.__name__ = "AttributeDict"
-
-
-@contextmanager
-def _fake_lightning_modules():
-    """Make ``pytorch_lightning.utilities.parsing.AttributeDict`` importable while saving
-    (pickle checks that the class can be found by its name), then remove it again."""
-    names = ["pytorch_lightning", "pytorch_lightning.utilities",
-             "pytorch_lightning.utilities.parsing"]
-    if any(name in sys.modules for name in names):
-        raise RuntimeError("pytorch_lightning is imported; these tests make their own stand-in")
-    for name in names:
-        sys.modules[name] = types.ModuleType(name)
-    sys.modules[names[-1]].AttributeDict = _AttributeDict
-    try:
-        yield
-    finally:
-        for name in names:
-            del sys.modules[name]
+    with fake_lightning():
+        torch.save(lightning_checkpoint(backbone, attribute_dict=attribute_dict), path,
+                   _use_new_zipfile_serialization=not legacy)
+    return path
 
 
 @pytest.fixture(scope="session")
 def lightning_ckpt(tmp_path_factory, backbone_state) -> Path:
-    """``tenpercent_resnet18.ckpt``-like file (zip format), about 48 MB."""
-    import torch
-
-    path = tmp_path_factory.mktemp("ckpt") / "tenpercent_resnet18.ckpt"
-    with _fake_lightning_modules():
-        torch.save(lightning_checkpoint(backbone_state), path)
-    return path
+    """``tenpercent_resnet18.ckpt``-like file (zip format, plain-dict hyper-parameters)."""
+    return _save_lightning(tmp_path_factory.mktemp("ckpt") / "tenpercent_resnet18.ckpt",
+                           backbone_state)
 
 
 @pytest.fixture(scope="session")
 def attribute_dict_ckpt(tmp_path_factory, backbone_state) -> Path:
     """A Lightning checkpoint whose ``hyper_parameters`` is an ``AttributeDict``."""
-    import torch
-
-    path = tmp_path_factory.mktemp("ckpt") / "attribute_dict.ckpt"
-    with _fake_lightning_modules():
-        torch.save(lightning_checkpoint(backbone_state, attribute_dict=True), path)
-    return path
+    return _save_lightning(tmp_path_factory.mktemp("ckpt") / "attribute_dict.ckpt",
+                           backbone_state, attribute_dict=True)
 
 
 @pytest.fixture(scope="session")
 def legacy_ckpt(tmp_path_factory, backbone_state) -> Path:
     """The same Lightning layout in the legacy (pre-zip, 2020-era) serialization format."""
-    import torch
-
-    path = tmp_path_factory.mktemp("ckpt") / "_ckpt_epoch_9.ckpt"
-    with _fake_lightning_modules():
-        torch.save(lightning_checkpoint(backbone_state), path,
-                   _use_new_zipfile_serialization=False)
-    return path
+    return _save_lightning(tmp_path_factory.mktemp("ckpt") / "_ckpt_epoch_9.ckpt",
+                           backbone_state, legacy=True)
 
 
 @pytest.fixture
 def torchvision_features(backbone_state):
     """``f(x)``: features of a torchvision ResNet18 given ``backbone_state`` by hand."""
     import torch
-    import torchvision
+    from checkpoints import reference_encoder
 
-    model = torchvision.models.resnet18(weights=None)
-    model.fc = torch.nn.Identity()
-    model.load_state_dict(backbone_state)
-    model.eval()
+    model = reference_encoder(backbone_state)
 
     def features(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -1,6 +1,6 @@
 """Checkpoints are read as data, never as code, and mapped onto the encoder strictly.
 
-Checkpoints are built here in the upstream layouts (random weights): the plain-PyTorch
+Checkpoints are built by tests/checkpoints.py in the upstream layouts (random weights): the plain-PyTorch
 release (``state_dict`` with ``model.resnet.`` keys and the SimCLR head ``fc.1``/``fc.3``),
 the Lightning release (plus optimizer state and hyper-parameter objects, saved while a
 fake ``pytorch_lightning`` module exists and loaded after it is gone), legacy (pre-zip)
@@ -15,14 +15,13 @@ import hashlib
 import os
 import pickle
 import re
-import sys
-import types
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from checkpoints import (encoder_state, fake_lightning, lightning_checkpoint,
+                         reference_encoder, shapes, upstream_state_dict)
 from safetensors.torch import save_file
 
 import histohub
@@ -32,117 +31,6 @@ from histohub.errors import (CheckpointError, HistohubError, KeyMappingError,
                              UnsafeCheckpointError)
 
 UPSTREAM_KEY_MAP = get_entry("resnet18-ssl").weights[0].key_map
-
-
-# --------------------------------------------------------------------------- builders
-
-
-def encoder_state(arch: str = "resnet18", *, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A torchvision encoder's state dict (no ``fc``) with random weights and BN statistics."""
-    torch.manual_seed(seed)
-    model = getattr(torchvision.models, arch)()
-    model.fc = torch.nn.Identity()
-    state = model.state_dict()
-    for key, value in state.items():
-        if key.endswith("running_mean"):
-            value.normal_()
-        elif key.endswith("running_var"):
-            value.uniform_(0.5, 2.0)
-    return state
-
-
-def upstream_state_dict(state: dict) -> dict[str, torch.Tensor]:
-    """The authors' layout: ``model.resnet.`` prefix plus the projection head as ``fc.*``."""
-    out = {f"model.resnet.{k}": v for k, v in state.items()}
-    out.update({"model.resnet.fc.1.weight": torch.randn(512, 512),
-                "model.resnet.fc.1.bias": torch.randn(512),
-                "model.resnet.fc.3.weight": torch.randn(128, 512),
-                "model.resnet.fc.3.bias": torch.randn(128)})
-    return out
-
-
-def reference_encoder(state: dict) -> torch.nn.Module:
-    """torchvision's resnet18 with fc = Identity, loaded by hand."""
-    model = torchvision.models.resnet18()
-    model.fc = torch.nn.Identity()
-    model.load_state_dict(state)
-    return model.eval()
-
-
-def shapes(arch: str) -> dict[str, torch.Size]:
-    with torch.device("meta"):
-        model = getattr(torchvision.models, arch)()
-    model.fc = torch.nn.Identity()
-    return {k: v.shape for k, v in model.state_dict().items()}
-
-
-class _AttributeDict(dict):
-    """Lightning's ``AttributeDict`` as it is written: a dict whose attributes are items."""
-
-    def __getattr__(self, key):
-        try:
-            return self[key]
-        except KeyError as error:
-            raise AttributeError(key) from error
-
-    def __setattr__(self, key, value):
-        self[key] = value
-
-
-class _ModelCheckpoint:
-    """Lightning 1.0-1.4 keyed ``checkpoint["callbacks"]`` by the callback's class."""
-
-
-@contextmanager
-def fake_lightning():
-    """``pytorch_lightning`` importable while saving only, as on the authors' machine."""
-    classes = {"pytorch_lightning.utilities.parsing": ("AttributeDict", _AttributeDict),
-               "pytorch_lightning.callbacks.model_checkpoint": ("ModelCheckpoint",
-                                                                _ModelCheckpoint)}
-    added = []
-    saved = {cls: (cls.__module__, cls.__qualname__) for _, cls in classes.values()}
-    try:
-        for module, (name, cls) in classes.items():
-            parts = module.split(".")
-            for i in range(1, len(parts) + 1):
-                prefix = ".".join(parts[:i])
-                if prefix not in sys.modules:
-                    sys.modules[prefix] = types.ModuleType(prefix)
-                    added.append(prefix)
-            setattr(sys.modules[module], name, cls)
-            cls.__module__, cls.__qualname__ = module, name
-        yield
-    finally:
-        for cls, (module, qualname) in saved.items():
-            cls.__module__, cls.__qualname__ = module, qualname
-        for prefix in added:
-            sys.modules.pop(prefix, None)
-    assert "pytorch_lightning" not in sys.modules
-
-
-def lightning_checkpoint(state: dict, *, callbacks: bool = False) -> dict:
-    """What Lightning writes: weights, optimizer and scheduler state, hyper-parameters."""
-    weights = upstream_state_dict(state)
-    params = [torch.nn.Parameter(v.clone()) for k, v in weights.items() if "running" not in k
-              and "num_batches" not in k][:6]
-    optimizer = torch.optim.SGD(params, lr=0.3, momentum=0.9, weight_decay=1e-6)
-    sum(p.sum() for p in params).backward()
-    optimizer.step()
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=1000)
-    checkpoint = {
-        "epoch": 999, "global_step": 781000, "pytorch-lightning_version": "1.1.8",
-        "state_dict": weights,
-        "optimizer_states": [optimizer.state_dict()],
-        "lr_schedulers": [scheduler.state_dict()],
-        "hparams_name": "hparams",
-        "hyper_parameters": _AttributeDict(lr=0.3, batch_size=512, temperature=0.1,
-                                           args=argparse.Namespace(epochs=1000, lars=True)),
-        "hparams": argparse.Namespace(lr=0.3, batch_size=512),
-    }
-    if callbacks:
-        checkpoint["callbacks"] = {_ModelCheckpoint: {"best_model_score": torch.tensor(0.5),
-                                                      "best_model_path": "epoch=999.ckpt"}}
-    return checkpoint
 
 
 # --------------------------------------------------------------------------- fixtures

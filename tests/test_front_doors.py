@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
+from checkpoints import encoder_state, reference_encoder, upstream_state_dict
 from PIL import Image
 
 import histohub
@@ -44,22 +44,9 @@ HUB_NAME = "frontdoor_resnet18"
 @pytest.fixture(scope="session")
 def frontdoor_weights(tmp_path_factory):
     """(encoder state dict, path of the upstream-layout checkpoint, its sha256)."""
-    torch.manual_seed(7)
-    model = torchvision.models.resnet18()
-    model.fc = torch.nn.Identity()
-    state = model.state_dict()
-    for key, value in state.items():
-        if key.endswith("running_mean"):
-            value.normal_()
-        elif key.endswith("running_var"):
-            value.uniform_(0.5, 2.0)
-    upstream = {f"model.resnet.{k}": v for k, v in state.items()}
-    upstream.update({"model.resnet.fc.1.weight": torch.randn(512, 512),
-                     "model.resnet.fc.1.bias": torch.randn(512),
-                     "model.resnet.fc.3.weight": torch.randn(128, 512),
-                     "model.resnet.fc.3.bias": torch.randn(128)})
+    state = encoder_state("resnet18", seed=7)
     path = tmp_path_factory.mktemp("served") / "pytorchnative_tenpercent_resnet18.ckpt"
-    torch.save({"state_dict": upstream}, path)
+    torch.save({"state_dict": upstream_state_dict(state)}, path)
     return state, path, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -67,13 +54,10 @@ def frontdoor_weights(tmp_path_factory):
 def frontdoor_reference(frontdoor_weights):
     """A batch and the features of torchvision's resnet18 (fc = Identity) loaded by hand."""
     state, _, _ = frontdoor_weights
-    model = torchvision.models.resnet18()
-    model.fc = torch.nn.Identity()
-    model.load_state_dict(state)
     torch.manual_seed(3)
     batch = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
-        return batch, model.eval()(batch)
+        return batch, reference_encoder(state)(batch)
 
 
 @pytest.fixture(scope="session")
