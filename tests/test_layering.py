@@ -1,0 +1,126 @@
+"""The layering contract of docs/architecture.md, checked on the source tree.
+
+Every import of every module under ``histohub/`` is read with ``ast``: module-level and
+function-level ``import`` statements, the modules named by constant strings in
+``importlib.import_module(...)`` and ``histohub.errors.require(...)`` (how histohub imports
+optional dependencies), and any string that is a histohub module's name (the CLI's
+command list, the package's lazy names). Relative imports are resolved. A rule is broken when a module, or
+any histohub module it imports in turn, imports a forbidden one.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "histohub"
+
+#: module -> modules it must never import, directly or through other histohub modules.
+#: ``training`` is importable as ``training.*`` and, from its scripts, as its top-level
+#: packages (``simclr``, ``downstream``, ``cli_errors``).
+TRAINING = ("training", "simclr", "downstream", "cli_errors")
+DOWNLOADS = ("histohub._download", "requests", "huggingface_hub", "urllib3", "filelock")
+SLIDES = ("histohub.wsi", "histohub.slide_features", "histohub.cluster", "histohub._h5",
+          "openslide", "h5py")
+RULES = {
+    "histohub": TRAINING,
+    "histohub._manifest": DOWNLOADS,
+    "histohub._checkpoint": DOWNLOADS,
+    "histohub.models": SLIDES,
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+@cache
+def modules() -> dict[str, Path]:
+    return {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _resolve(name: str, level: int, importer: str, is_package: bool) -> str:
+    if level == 0:
+        return name
+    base = importer.split(".")
+    base = base if is_package else base[:-1]
+    base = base[:len(base) - (level - 1)]
+    return ".".join(base + ([name] if name else []))
+
+
+@cache
+def direct_imports(module: str) -> frozenset[str]:
+    """Every module ``module`` names in an import (``from a import b``: ``a`` and ``a.b``)."""
+    path = modules()[module]
+    is_package = path.name == "__init__.py"
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = _resolve(node.module or "", node.level, module, is_package)
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+        elif (isinstance(node, ast.Call) and node.args
+              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+              and getattr(node.func, "attr", getattr(node.func, "id", None))
+              in ("import_module", "require", "__import__")):
+            found.add(node.args[0].value)
+        elif isinstance(node, ast.Constant) and node.value in modules():
+            found.add(node.value)  # a module imported by name (CLI commands, lazy names)
+    return frozenset(found)
+
+
+def reachable(module: str) -> dict[str, str]:
+    """Every module imported from ``module`` on, directly or through histohub modules:
+    ``{imported: the histohub module that imports it}``."""
+    seen: dict[str, str] = {}
+    stack = [module]
+    while stack:
+        current = stack.pop()
+        for name in direct_imports(current):
+            if name in seen:
+                continue
+            seen[name] = current
+            if name in modules():
+                stack.append(name)
+    return seen
+
+
+def _forbidden(name: str, banned: tuple[str, ...]) -> bool:
+    return any(name == b or name.startswith(b + ".") for b in banned)
+
+
+def test_the_scan_sees_function_level_and_optional_imports():
+    """The contract is only as good as the scan: it must see what histohub really imports."""
+    assert "histohub._download" in direct_imports("histohub.pretrained")
+    assert "openslide" in direct_imports("histohub.wsi")  # require("openslide", ...)
+    assert "torchvision" in direct_imports("histohub.models")  # inside build_encoder
+    assert "histohub.cli.models" in direct_imports("histohub.cli")  # import_module(...)
+
+
+@pytest.mark.parametrize("importer", sorted(RULES))
+def test_layering(importer):
+    banned = RULES[importer]
+    scope = [m for m in modules() if m == importer or m.startswith(importer + ".")] \
+        if importer == "histohub" else [importer]
+    broken = sorted(f"{name} (imported by {via})" for module in scope
+                    for name, via in reachable(module).items() if _forbidden(name, banned))
+    assert not broken, f"{importer} must not import {', '.join(banned)}: {'; '.join(broken)}"
+
+
+def test_import_histohub_leaves_torch_unimported():
+    """``import histohub`` reads the manifest only; torch comes with the first name that
+    needs it (``histohub list`` and ``--help`` answer without it: benchmarks/bench_cli.py)."""
+    code = ("import sys, histohub; histohub.list_models(); histohub.get_entry('resnet18-ssl'); "
+            "print(sorted(m for m in ('torch', 'torchvision', 'numpy') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "[]"
