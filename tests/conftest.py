@@ -11,6 +11,8 @@ import pytest
 
 from _servers import FileServer, HubServer, model_entry
 
+from histohub import reload_manifests
+
 if TYPE_CHECKING:
     import torch
 
@@ -50,9 +52,7 @@ def make_manifest(tmp_path, monkeypatch):
         data = {"schema_version": 1, "models": {n: model_entry(f) for n, f in models.items()}}
         path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         monkeypatch.setenv("HISTOHUB_MANIFEST", str(path))
-        from histohub import _manifest
-
-        _manifest._load_all.cache_clear()
+        reload_manifests()
         return path
 
     return make

@@ -30,7 +30,6 @@ from checkpoints import encoder_state, reference_encoder, upstream_state_dict
 from PIL import Image
 
 import histohub
-from histohub import _manifest
 from histohub.export import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, export_hf, push
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,7 +81,7 @@ def frontdoor_server(frontdoor_weights):
 def frontdoor_model(tmp_path, monkeypatch, frontdoor_weights, frontdoor_server):
     """``NAME`` in a HISTOHUB_MANIFEST file: pinned sha256 and size, the loopback URL."""
     _, path, sha256 = frontdoor_weights
-    entry = copy.deepcopy(json.loads(_manifest.MANIFEST_PATH.read_text())["models"]
+    entry = copy.deepcopy(json.loads(histohub.MANIFEST_PATH.read_text())["models"]
                           ["resnet18-ssl"])
     entry.update(description="Random-weight ResNet18 in the upstream layout (tests).",
                  default=False)
@@ -96,9 +95,9 @@ def frontdoor_model(tmp_path, monkeypatch, frontdoor_weights, frontdoor_server):
     manifest = tmp_path / "frontdoor.json"
     manifest.write_text(json.dumps({"schema_version": 1, "models": {NAME: entry}}))
     monkeypatch.setenv("HISTOHUB_MANIFEST", str(manifest))
-    _manifest._load_all.cache_clear()
+    histohub.reload_manifests()
     yield NAME
-    _manifest._load_all.cache_clear()
+    histohub.reload_manifests()
 
 
 def features(model, batch):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import histohub
 from histohub import _manifest
 from histohub._manifest import MANIFEST_PATH, parse_entry, read_manifest
 from histohub.errors import ManifestError, UnknownModelError
@@ -31,9 +32,9 @@ IMPORT_NAMES = {"pillow": "PIL"}
 
 @pytest.fixture(autouse=True)
 def _fresh_manifest_cache():
-    _manifest._load_all.cache_clear()
+    histohub.reload_manifests()
     yield
-    _manifest._load_all.cache_clear()
+    histohub.reload_manifests()
 
 
 def load_hubconf():
