@@ -208,13 +208,15 @@ def shard_slides(slides: list[Path], index: int, count: int) -> list[Path]:
 
 def pick_device(device: str, local_rank: int | None) -> str:
     """``auto``: cuda when available, else cpu. A bare ``cuda`` under a launcher is
-    ``cuda:LOCAL_RANK`` (one GPU per process)."""
-    if device == "auto":
-        import torch
+    ``cuda:LOCAL_RANK`` (one GPU per process; with more processes than GPUs, they take
+    the GPUs in turn)."""
+    import torch
 
+    if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and local_rank is not None:
-        device = f"cuda:{local_rank}"
+        gpus = torch.cuda.device_count()
+        device = f"cuda:{local_rank % gpus if gpus else local_rank}"
     return device
 
 
@@ -276,8 +278,11 @@ def _summary(results: list, failed: list[str], seconds: float, out: Path) -> Non
     bad_tiles = sum(r.n_failed for r in results)
     nonfinite = sum(r.n_nonfinite for r in results)
     empty = [r.slide_path.name for r in results if not r.skipped and r.n_grid == 0]
+    resumed = sum(r.resumed_at > 0 for r in results)
     lines = [
-        f"slides: {len(results) - skipped} extracted, {skipped} already done, {len(failed)} failed"
+        f"slides: {len(results) - skipped} extracted"
+        + (f" ({resumed} resumed)" if resumed else "")
+        + f", {skipped} already done, {len(failed)} failed"
         + (f", {len(empty)} without tissue ({', '.join(empty)})" if empty else ""),
         f"patches: {patches} written ({run_now} processed now), {bad_tiles} unreadable tiles "
         f"skipped, {nonfinite} NaN/inf features left out",
