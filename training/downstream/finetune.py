@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .encoders import Encoder
-from .linear import SCORE_SCALE
+from .linear import SCORE_SCALE, head_objective
 from .metrics import (classification_metrics, confusion_counts, metrics_from_confusion,
                       regression_metrics)
 from .selection import BestEpoch, RunResult
@@ -55,12 +55,7 @@ def finetune(encoder: Encoder, train: tuple[torch.Tensor, torch.Tensor],
     model = nn.Sequential(Normalise(encoder.preprocessing.mean, encoder.preprocessing.std),
                           encoder.build(), head).to(device).to(memory_format=torch.channels_last)
     images, targets = train
-    target = targets.float() / SCORE_SCALE if regression else targets.long()
-    if regression:   # start at the training mean (see linear.py)
-        with torch.no_grad():
-            head.weight.zero_()
-            head.bias.fill_(float(target.mean()))
-    loss_fn = nn.L1Loss() if regression else nn.CrossEntropyLoss()
+    target, loss_fn = head_objective(head, targets, regression=regression)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     tracker = BestEpoch(objective)
     for epoch in range(epochs):

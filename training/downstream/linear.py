@@ -186,12 +186,7 @@ def train_linear(train: Pair, val: Pair, test: Pair, *, objective: str,
         bound = 1 / np.sqrt(x_train.shape[1])
         layer.weight.uniform_(-bound, bound, generator=generator)
         layer.bias.uniform_(-bound, bound, generator=generator)
-    target = train[1].float() / SCORE_SCALE if regression else train[1].long()
-    if regression:
-        with torch.no_grad():
-            layer.weight.zero_()
-            layer.bias.fill_(float(target.mean()))
-    loss_fn = nn.L1Loss() if regression else nn.CrossEntropyLoss()
+    target, loss_fn = head_objective(layer, train[1], regression=regression)
     optimizer = torch.optim.Adam(layer.parameters(), lr=lr, weight_decay=weight_decay)
     tracker = BestEpoch(objective)
     with _one_thread():
@@ -211,6 +206,20 @@ def train_linear(train: Pair, val: Pair, test: Pair, *, objective: str,
     with torch.no_grad():
         test_metrics = _evaluate(layer, x_test, test[1], regression, num_classes, full=True)
     return RunResult(tracker.epoch, epochs, tracker.val, test_metrics, tracker.history)
+
+
+def head_objective(head: nn.Linear, targets: torch.Tensor, *, regression: bool
+                   ) -> tuple[torch.Tensor, nn.Module]:
+    """``(training targets, loss)`` for a linear ``head`` trained by Adam: class ids and
+    cross-entropy, or scores scaled from 0-100 to 0-1 and L1 loss, ``head`` then set to
+    predict the training mean (zero weights: a random start is +-50 points)."""
+    if not regression:
+        return targets.long(), nn.CrossEntropyLoss()
+    target = targets.float() / SCORE_SCALE
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(float(target.mean()))
+    return target, nn.L1Loss()
 
 
 def _check_objective(objective: str) -> None:
