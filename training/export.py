@@ -319,6 +319,10 @@ def export(checkpoint_path: str | os.PathLike, *, name: str, out: str | os.PathL
                         package=(weights_path.relative_to(MANIFEST_PATH.parent).as_posix()
                                  if into_package else None),
                         final_loss=_last_loss(checkpoint_path.parent, checkpoint["global_step"]))
+    entry["weights"][0]["fingerprint"] = {
+        "tensor": "conv1.weight", "l2_norm": round(float(state["conv1.weight"].float().norm()), 4),
+        "rtol": 0.001, "verified": True,
+        "note": "Measured by training/export.py on the exported weights."}
     parse_entry(name, entry)  # histohub's own validation, still before anything is written
     out.mkdir(parents=True, exist_ok=True)
     write_bytes(weights_path, weights)
@@ -370,8 +374,8 @@ def run(args: argparse.Namespace) -> int:
                                     / "manifest.json")
     print(f"{args.name}: {weights['filename']} sha256 {weights['sha256']} "
           f"({weights['size']:,} bytes, {entry['recipe']['backbone_parameters']:,} parameters)")
-    print(f"use it: HISTOHUB_MANIFEST={manifest} python -c "
-          f"\"import histohub; histohub.load_pretrained('{args.name}')\"")
+    setting = "" if args.into_package else f"HISTOHUB_MANIFEST={manifest} "
+    print(f"use it: {setting}python -c \"import histohub; histohub.load_pretrained('{args.name}')\"")
     if args.license == "unspecified":
         print("note: pass --license to record the weights' licence", file=sys.stderr)
     return 0
