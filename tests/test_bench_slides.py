@@ -30,6 +30,11 @@ def slides(bench, tmp_path_factory):
     return bench.build_slides(tmp_path_factory.mktemp("bench"), quick=True, log=lambda _: None)
 
 
+@pytest.fixture(scope="module")
+def weights(bench, tmp_path_factory):
+    return bench.write_weights(tmp_path_factory.mktemp("weights"))
+
+
 def test_built_slide_reads_like_a_scan(bench, slides):
     import tifffile
 
@@ -74,23 +79,39 @@ def test_compose_is_deterministic(bench):
     assert (first == 90).all(axis=2).any() and (first > 230).all(axis=2).any()
 
 
-def test_one_round_of_every_arm(bench, slides, tmp_path, capsys):
+def test_weights_are_the_seeded_random_resnet18(bench, weights):
+    import torch
+
+    import histohub
+
+    torch.manual_seed(0)
+    expected = histohub.load_pretrained("resnet18-ssl", pretrained=False, progress=False)
+    loaded = bench.build_model(weights)
+    assert not loaded.training
+    for (name, a), b in zip(expected.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_one_round_of_every_arm(bench, slides, weights, tmp_path, capsys):
     smallest = [min(slides["cohort"], key=lambda s: s["patches"])]
-    runs = {arm: [bench.run_arm(arm, smallest, tmp_path / arm)]
-            for arm in ("histohub", "eager", "naive")}
+    runs = {arm: [bench.run_arm(arm, smallest, tmp_path / arm, weights)]
+            for arm in ("histohub", "cli", "eager", "naive")}
     patches = {arm: r[0]["patches"] for arm, r in runs.items()}
     assert set(patches.values()) == {smallest[0]["patches"]}, patches  # the same patches
-    for arm_runs in runs.values():
+    for arm, arm_runs in runs.items():
         assert arm_runs[0]["seconds"] > 0 and arm_runs[0]["peak_rss_mib"] > 0
-        assert 0 < arm_runs[0]["first_s"] <= arm_runs[0]["seconds"]
+        if arm != "cli":
+            assert 0 < arm_runs[0]["first_s"] <= arm_runs[0]["seconds"]
     table = bench.model_table("cohort", runs)
-    assert len(table) == 4 and "x best" in table[0]
-    assert "1.00" in table[2]  # the model alone is its own best
-    assert bench.check_targets("cohort", runs)[0].startswith("cohort: histohub >= 0.90x")
+    assert len(table) == 5 and "x best" in table[0]
+    assert "1.00" in table[3]  # the model alone is its own best
+    targets = bench.check_targets("cohort", runs)
+    assert [line.split(" >=")[0] for line in targets] == ["cohort: histohub", "cohort: cli"]
 
     # the reader arm through the worker entry point, as the benchmark spawns it
     arm = bench.reader_arms(bench.reader_options())[0]
-    job = {"arm": arm, "slides": smallest, "out": str(tmp_path / "reader")}
+    job = {"arm": arm, "slides": smallest, "out": str(tmp_path / "reader"),
+           "weights": str(weights)}
     bench.main(["--worker", json.dumps(job)])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["patches"] == smallest[0]["patches"] and result["cpu_s"] > 0
