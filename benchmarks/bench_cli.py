@@ -42,11 +42,15 @@ def commands() -> dict[str, list[str]]:
     }
 
 
-def run_once(argv: list[str]) -> float:
-    """Wall-clock seconds of one fresh process; raises if it fails."""
+def run_once(argv: list[str]) -> float | None:
+    """Wall-clock seconds of one fresh process; None (and its error printed) if it fails."""
     start = time.perf_counter()
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                   env={**os.environ, "HISTOHUB_OFFLINE": "1"})
+    done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "HISTOHUB_OFFLINE": "1"})
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or ["(no message)"]
+        print(f"  {' '.join(argv[-2:])}: exit code {done.returncode}: {lines[-1]}")
+        return None
     return time.perf_counter() - start
 
 
@@ -55,12 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=9, help="fresh processes per command")
     args = parser.parse_args(argv)
     cases = commands()
+    # warm up (files in the page cache); a command that fails is left out
+    cases = {name: command for name, command in cases.items() if run_once(command) is not None}
     times: dict[str, list[float]] = {name: [] for name in cases}
-    for name, command in cases.items():  # warm up: files in the page cache
-        run_once(command)
     for _ in range(args.repeats):
         for name, command in cases.items():
-            times[name].append(run_once(command))
+            if (seconds := run_once(command)) is not None:
+                times[name].append(seconds)
     print(f"median (fastest) of {args.repeats} fresh processes, interleaved:")
     for name, values in times.items():
         median = statistics.median(values)
