@@ -122,10 +122,10 @@ def _open_slide(f: FeatureFile, slide_dir: Path | None) -> Slide | None:
 
 
 def _read_patch(slide: Slide, x: int, y: int, size0: int, out_px: int) -> np.ndarray:
-    """The level-0 square (x, y, size0) read from the coarsest level that still has about
-    ``out_px`` pixels across it (``wsi.choose_level``, with downsamples for mpp), resized to
-    (out_px, out_px, 3) uint8. A tile that cannot be decoded comes back grey (logged), so
-    one bad tile does not cost the figure."""
+    """The level-0 square (x, y, size0) resized to (out_px, out_px, 3) uint8, read from the
+    coarsest level that still has ``out_px`` pixels across it: ``wsi.choose_level`` given a
+    slide mpp of 1, so that the target "mpp" is the downsample wanted. A tile that cannot
+    be decoded comes back grey (logged), so one bad tile does not cost the figure."""
     level = choose_level(slide, 1.0, max(size0 / out_px, 1.0))
     side = max(1, round(size0 / slide.level_downsamples[level]))
     try:
