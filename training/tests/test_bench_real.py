@@ -1,8 +1,10 @@
-"""Small real-data runs on ../shared/data: random init vs a checkpoint (skipped without it).
+"""Small real-data runs on ../shared/data (skipped without it).
 
 Kather 2016 tiles (classification, grouped by source image), EBHI-Seg (UNet segmentation
-with the real masks) and EBHI-Seg mask coverage as a 0-100 regression score. 64 px inputs
-and a few epochs keep them small; the numbers are not the point, the pipeline is.
+with the real masks) and EBHI-Seg mask coverage as a 0-100 regression score. Small inputs
+and few epochs keep them cheap; each asserts what a broken pipeline would miss: frozen
+features that classify far above chance, a UNet that learns the masks, a regression in the
+scores' own units that is never much worse than predicting the training mean.
 """
 
 from __future__ import annotations
@@ -15,21 +17,9 @@ import pytest
 
 from downstream import datasets as ds
 from downstream.cli import main
-from downstream.encoders import random_encoder
 from downstream.splits import split_dataset
 
 pytest.importorskip("sklearn")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A ResNet18 checkpoint that differs from ``random`` (another seed): no pretrained
-    weights can be downloaded here."""
-    from safetensors.torch import save_file
-
-    path = tmp_path_factory.mktemp("ckpt") / "encoder-seed7.safetensors"
-    save_file(random_encoder("resnet18", seed=7).state_dict, path)
-    return path
 
 
 def _run(out: Path, *argv: str) -> dict:
@@ -46,10 +36,12 @@ def test_kather_linear_probe_random_vs_checkpoint(shared_data, checkpoint, tmp_p
     assert run["dataset"]["n_images"] == 240 and run["dataset"]["n_groups"] == 10
     assert run["split"]["kind"] == "grouped stratified"
     assert run["split"]["missing_classes"]["train"] == run["split"]["missing_classes"]["test"] == []
-    for label in ("random-resnet18", "encoder-seed7"):
+    for label in ("random-resnet18", "other-seed"):
         summary = run["results"][label]["summary"]
         assert summary["1"]["macro_f1"]["n"] == 2
-        assert 0.125 < summary["1"]["macro_f1"]["mean"] <= 1     # above chance (8 classes)
+        # frozen random features already separate the tissue types: far above chance (1/8);
+        # shuffled labels or misread images land near 0.125
+        assert summary["1"]["macro_f1"]["mean"] > 0.3
         assert len(run["results"][label]["runs"]["1"][0]["test"]["per_class_f1"]) == 8
     # the split the run used keeps every source image on one side
     data = ds.load_dataset("kather2016", root=shared_data)
@@ -60,17 +52,21 @@ def test_kather_linear_probe_random_vs_checkpoint(shared_data, checkpoint, tmp_p
 
 
 @pytest.mark.slow
-def test_ebhi_segmentation_unet_random_vs_checkpoint(shared_data, checkpoint, tmp_path):
+def test_ebhi_segmentation_unet_learns_the_masks(shared_data, tmp_path):
     pytest.importorskip("segmentation_models_pytorch")
-    run = _run(tmp_path, "--model", "random", "--model", str(checkpoint), "--task",
-               "segmentation", "--data", "ebhi-seg", "--data-root", str(shared_data),
-               "--input-size", "32", "--max-images", "64", "--fractions", "100",
-               "--repeats", "1", "--epochs", "1", "--batch-size", "32")
+    run = _run(tmp_path, "--model", "random", "--task", "segmentation", "--data", "ebhi-seg",
+               "--data-root", str(shared_data), "--input-size", "32", "--max-images", "64",
+               "--fractions", "100", "--repeats", "1", "--epochs", "3", "--batch-size", "4")
     assert run["dataset"]["grouped"] and run["dataset"]["n_images"] <= 70
-    for label in ("random-resnet18", "encoder-seed7"):
-        test = run["results"][label]["runs"]["1"][0]["test"]
-        assert 0 < test["macro_f1"] <= 1 and len(test["per_class_f1"]) == 2
-        assert run["results"][label]["metric"] == "macro_f1"
+    result = run["results"]["random-resnet18"]
+    assert result["metric"] == "macro_f1"
+    (trained,) = result["runs"]["1"]
+    assert len(trained["test"]["per_class_f1"]) == 2
+    # Training moves validation (the best epoch is not the first) and the test pixels are
+    # told apart better than chance (balanced accuracy 0.5): masks paired with the wrong
+    # images, or a decoder that does not train, stay at 0.5.
+    assert trained["best_epoch"] > 0
+    assert trained["test"]["balanced_accuracy"] > 0.55
 
 
 @pytest.mark.slow
@@ -82,8 +78,11 @@ def test_ebhi_mask_coverage_regression_random_vs_checkpoint(shared_data, checkpo
     scores = run["dataset"]["scores"]
     assert 0 <= scores["min"] < scores["max"] <= 100
     reference = run["results"]["random-resnet18"]["reference"]["l1_predicting_training_mean"]
-    for label in ("random-resnet18", "encoder-seed7"):
+    assert reference > 5        # coverage in percent: scores read as fractions give ~0.1
+    for label in ("random-resnet18", "other-seed"):
         result = run["results"][label]
         assert result["metric"] == "l1" and not result["higher_is_better"]
         l1 = result["summary"]["1"]["l1"]["mean"]
-        assert np.isfinite(l1) and 0 < l1 < 2 * reference   # 0-100 units, not 0-1
+        # the ridge probe chooses its L2 on validation, so at worst it falls back to about
+        # the training mean; predictions off in scale or offset land far above it
+        assert np.isfinite(l1) and 0 < l1 < 1.1 * reference
