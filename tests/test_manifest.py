@@ -68,7 +68,9 @@ def test_shipped_entry_is_valid(name):
     data = SHIPPED["models"][name]
     entry = parse_entry(name, data)
     assert entry.feature_dim == FEATURE_DIMS[entry.arch]
-    assert entry.preprocessing.input_size == 224
+    bundled = any("package" in source for f in data["weights"] for source in f["sources"])
+    # The authors' models take 224 px; the bundled one was trained at 64 px (its recipe).
+    assert entry.preprocessing.input_size == (64 if bundled else 224)
     # The authors normalised with mean = std = 0.5 per channel (their answer in an issue of
     # ozanciga/self-supervised-histopathology).
     assert entry.preprocessing.mean == entry.preprocessing.std == (0.5, 0.5, 0.5)
@@ -83,6 +85,8 @@ def test_shipped_entry_is_valid(name):
         for source in file["sources"]:
             if "repo_id" in source:
                 assert REVISION.match(source["revision"]), f"{where}: unpinned revision"
+            elif "package" in source:
+                assert file["sha256"] and file["fingerprint"]["verified"], where
             else:
                 assert source["url"].startswith("https://"), f"{where}: {source['url']}"
 
@@ -142,9 +146,20 @@ def test_no_unreleased_architecture_is_listed():
 
 
 def test_projection_head_is_dropped_for_every_shipped_file():
+    """Upstream checkpoints carry the head (fc.1/fc.3): their key map drops it. The bundled
+    file was exported without it: it holds exactly the encoder's keys."""
+    from safetensors import safe_open
+
+    from histohub.models import build_encoder
+
     for name, entry in SHIPPED["models"].items():
         for file in entry["weights"]:
-            assert any(re.match(p, "fc.1.weight") for p in file["key_map"]["drop"]), name
+            shipped = [s["package"] for s in file["sources"] if "package" in s]
+            if shipped:
+                with safe_open(str(Path(histohub.__file__).parent / shipped[0]), "pt") as handle:
+                    assert set(handle.keys()) == set(build_encoder("resnet18").state_dict()), name
+            else:
+                assert any(re.match(p, "fc.1.weight") for p in file["key_map"]["drop"]), name
 
 
 # --------------------------------------------------------------------------- rejections
