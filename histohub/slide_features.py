@@ -122,9 +122,9 @@ class SlideExtractor:
     ``device``: 'cpu', 'cuda', 'cuda:1', ... ``batch_size``: patches per forward pass.
     ``read_threads``: reader threads (1 or 2); ``num_workers``: DataLoader worker processes
     instead (0: threads). ``amp``: autocast (True = bfloat16, or 'fp16').
-    ``compile``: ``torch.compile`` the model: True, False, or "auto" (default): on a GPU,
-    or on a CPU once the job holds ``features.COMPILE_MIN_PATCHES`` patches; once, never
-    again for the next slide.
+    ``compile``: ``torch.compile`` the model: True, False, or "auto" (default): on a CPU,
+    once the job holds ``features.COMPILE_MIN_PATCHES`` patches (not on a GPU, where
+    reading is the bottleneck); once, never again for the next slide.
 
     >>> with SlideExtractor("resnet18-ssl") as extractor:       # doctest: +SKIP
     ...     for result in extractor.extract_many(jobs, tiling=Tiling(mpp=0.25)):

@@ -392,3 +392,73 @@ def test_a_partial_file_that_cannot_be_resumed_is_discarded(slide, tmp_path, cap
     broken.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
     assert extract_slide(Tiny(), slide, tmp_path / "again.h5", progress=False).n_patches == 30
     assert str(broken) in caplog.text
+
+
+# --------------------------------------------------------------------------- cohorts
+
+def test_a_cohort_gives_the_files_of_slide_by_slide_calls(slide, tmp_path, caplog):
+    """One SlideExtractor over several slides (the next one prepared in the background):
+    the same files as extract_slide slide by slide; a bad slide is reported, the rest go on."""
+    from histohub.errors import SlideError
+    from histohub.slide_features import SlideExtractor, SlideJob, Tiling
+
+    other = write_slide(tmp_path / "o.tif", tissue_image(896, 1120, [(0, 0, 1120, 672)],
+                                                         seed=5), levels=1)
+    (tmp_path / "bad.svs").write_text("not a slide")
+    jobs = [SlideJob(slide, tmp_path / "many" / "s.h5"),
+            SlideJob(tmp_path / "bad.svs", tmp_path / "many" / "bad.h5"),
+            (other, tmp_path / "many" / "o.h5", tmp_path / "many" / "o.png")]
+    model = Tiny()
+    with SlideExtractor(model, batch_size=8, progress=False) as extractor:
+        results = list(extractor.extract_many(jobs, tiling=Tiling(min_foreground=0.4)))
+        again = list(extractor.extract_many(jobs[:1], tiling=Tiling(min_foreground=0.4)))
+    assert [r.error is None for r in results] == [True, False, True]
+    assert isinstance(results[1].error, SlideError) and "not a slide" in caplog.text
+    assert (tmp_path / "many" / "o.png").is_file() and again[0].skipped
+    for result in (results[0], results[2]):
+        single = extract_slide(Tiny(), result.slide_path, tmp_path / "one" /
+                               result.output.name, batch_size=8, min_foreground=0.4,
+                               progress=False)
+        a, b = read_features(result.output), read_features(single.output)
+        np.testing.assert_array_equal(a["features"], b["features"])
+        np.testing.assert_array_equal(a["coords"], b["coords"])
+        assert result.n_patches == single.n_patches > 0
+
+
+def test_compile_auto_compiles_once_for_a_big_enough_job(slide, tmp_path, monkeypatch):
+    """compile='auto' on a CPU: nothing for a small job; once, for the whole cohort, when
+    the slides together hold COMPILE_MIN_PATCHES; never again for the next slide."""
+    import histohub.features as features
+    from histohub.slide_features import SlideExtractor
+
+    compiled = []
+
+    def fake_compile(model, **options):
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    jobs = [(slide, tmp_path / f"{i}.h5") for i in range(3)]
+    extractor = SlideExtractor(Tiny(), batch_size=8, progress=False)
+    list(extractor.extract_many(jobs[:1]))
+    assert compiled == [] and extractor.runner.compiled is None  # 30 patches: not worth it
+    monkeypatch.setattr(features, "COMPILE_MIN_PATCHES", 60)  # 3 slides x 30 patches
+    extractor = SlideExtractor(Tiny(), batch_size=8, progress=False)
+    results = list(extractor.extract_many(jobs[1:] + [(slide, tmp_path / "3.h5")]))
+    assert len(compiled) == 1 and extractor.runner.compiled is not None
+    assert all(r.error is None and r.n_patches == 30 for r in results)
+    assert extractor.runner.compile_mode == "auto"
+
+
+def test_a_slide_finished_elsewhere_meanwhile_is_not_written_again(slide, tmp_path):
+    """Prepared as 'to do', then finished by another process before the lock is taken: the
+    check under the lock finds it done."""
+    from histohub.slide_features import SlideExtractor, SlideJob, Tiling
+
+    out = tmp_path / "s.h5"
+    extractor = SlideExtractor(Tiny(), batch_size=16, progress=False)
+    prepared = extractor._prepare(SlideJob(slide, out), Tiling(), False)
+    extract_slide(Tiny(), slide, out, batch_size=16, progress=False)  # "another process"
+    stamp = out.stat().st_mtime_ns
+    result = extractor._run(prepared, Tiling(), False)
+    assert result.skipped and result.patches_run == 0 and out.stat().st_mtime_ns == stamp
