@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .constants import IMAGE_EXTENSIONS
 from .errors import HistohubError, check_option
 
 if TYPE_CHECKING:
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 #: Batches read ahead of the model (memory: this many batches of uint8 patches).
 PREFETCH_BATCHES = 2
 #: With ``compile="auto"`` on a CPU, compile when a job holds at least this many patches.
@@ -451,8 +451,8 @@ def extract_features(model_or_name: nn.Module | str | os.PathLike, inputs: Any, 
 
     ``inputs``: a tensor ``(B, 3, H, W)`` (uint8 is resized and normalised with the model's
     preprocessing; float is taken as already preprocessed), a list of PIL images, a folder
-    of image files (png/jpg/jpeg/tif/tiff at any depth, sorted by relative path; names
-    returned), or a torch ``Dataset`` (items: PIL image, tensor, or a tuple starting with
+    of image files (``constants.IMAGE_EXTENSIONS`` at any depth, sorted by relative path;
+    names returned), or a torch ``Dataset`` (items: PIL image, tensor, or a tuple starting with
     one). ``model_or_name``: an ``nn.Module`` or a name / checkpoint path for
     ``load_pretrained``. ``num_workers``: DataLoader worker processes (0 reads in a thread
     overlapping the model). ``amp``: autocast (True = bfloat16, or 'fp16'); ``compile``:

@@ -87,7 +87,10 @@ class Slide:
 
         Transparent pixels (outside the scanned area) come back white, as glass would.
         """
-        rgba = np.asarray(self._handle.read_region(location, level, size))
+        image = self._handle.read_region(location, level, size)
+        if image.getchannel("A").getextrema()[0] == 255:  # opaque (nearly always): in C
+            return np.array(image.convert("RGB"))
+        rgba = np.asarray(image)
         rgb = rgba[..., :3]
         if rgba[..., 3].min() < 255:  # OpenSlide returns premultiplied alpha
             alpha = rgba[..., 3:4].astype(np.uint16)

@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from histohub._h5 import partial_path, read_features
@@ -99,8 +98,8 @@ def test_launcher_environment(monkeypatch):
 
 @pytest.mark.slow
 def test_two_processes_write_every_slide_once(cohort, checkpoint, tmp_path):  # noqa: F811
-    """--shard 0/2 and 1/2 side by side, then the same as torchrun ranks: each slide is
-    extracted by exactly one process, and a second run finds everything done."""
+    """--shard 0/2 and 1/2 side by side: each slide is extracted by exactly one process;
+    then the same split as torchrun ranks finds everything done."""
     slides = sorted(cohort.iterdir())
     out = tmp_path / "shards"
     runs = [extract(cohort, checkpoint, out, "--shard", f"{i}/2") for i in range(2)]
@@ -114,15 +113,6 @@ def test_two_processes_write_every_slide_once(cohort, checkpoint, tmp_path):  # 
     again = [extract(cohort, checkpoint, out, env={"RANK": str(i), "WORLD_SIZE": "2",
                                                     "LOCAL_RANK": str(i)}) for i in range(2)]
     assert [finish(run) for run in again] == [(0, 0, 4, 0), (0, 0, 4, 0)]
-
-    unsharded = tmp_path / "ranks"
-    ranks = [extract(cohort, checkpoint, unsharded, env={"RANK": str(i), "WORLD_SIZE": "2"})
-             for i in range(2)]
-    assert sum(finish(run)[0] for run in ranks) == len(slides)
-    for name, rows in outputs(unsharded).items():  # the same features, whoever wrote them
-        np.testing.assert_array_equal(read_features(unsharded / f"{name}.h5")["features"],
-                                      read_features(out / f"{name}.h5")["features"])
-        assert rows == written[name]
 
 
 @pytest.mark.slow
@@ -153,8 +143,8 @@ def test_a_killed_process_slide_is_resumed_by_the_next_run(tmp_path, checkpoint)
 
     cohort = tmp_path / "in"
     cohort.mkdir()
-    for i in range(2):  # 8 x 6 = 48 patches each: slow enough to be killed midway
-        write_slide(cohort / f"big{i}.tif", tissue_image(1344, 1792, [(0, 0, 1792, 1344)],
+    for i in range(2):  # 6 x 4 = 24 patches each, 12 batches: killed midway
+        write_slide(cohort / f"big{i}.tif", tissue_image(896, 1344, [(0, 0, 1344, 896)],
                                                          seed=i), mpp=0.5, levels=2)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "histohub", "extract", str(cohort), "--model",
@@ -184,4 +174,4 @@ def test_a_killed_process_slide_is_resumed_by_the_next_run(tmp_path, checkpoint)
     assert rerun.returncode == 0, rerun.stderr
     extracted, resumed, done, failed = (int(g or 0) for g in SUMMARY.search(rerun.stdout).groups())
     assert (extracted, resumed, done, failed) == (1, 1, 1, 0)
-    assert outputs(out) == {"big0": 48, "big1": 48}
+    assert outputs(out) == {"big0": 24, "big1": 24}

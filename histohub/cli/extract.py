@@ -41,16 +41,19 @@ _CSV_COLUMNS = ("path", "slide_path", "slide", "filename", "file")
 EPILOG = """\
 many processes (each takes the slides i with i % N == its share; a rerun finishes what a
 crashed process left):
-  one machine, 4 GPUs (one process per GPU, cuda:LOCAL_RANK):
+  one machine, 4 GPUs (one process per GPU, cuda:LOCAL_RANK; on a GPU reading is the
+  bottleneck: give each process reader workers):
     torchrun --standalone --nproc_per_node=4 -m histohub extract slides/ --out feats/ \\
-        --device cuda
+        --device cuda --workers 4
   a SLURM job array of 8 tasks (CPU or one GPU each):
     #SBATCH --array=0-7
     histohub extract slides/ --out feats/ \\
         --shard ${SLURM_ARRAY_TASK_ID}/${SLURM_ARRAY_TASK_COUNT}
   both (8 array tasks x 4 GPUs = 32 shares):
     torchrun --standalone --nproc_per_node=4 -m histohub extract slides/ --out feats/ \\
-        --device cuda --shard ${SLURM_ARRAY_TASK_ID}/${SLURM_ARRAY_TASK_COUNT}
+        --device cuda --workers 4 --shard ${SLURM_ARRAY_TASK_ID}/${SLURM_ARRAY_TASK_COUNT}
+torchrun sets OMP_NUM_THREADS=1 in each process: for processes on CPUs, set it to the
+cores each may use.
 """
 
 
