@@ -48,10 +48,11 @@ log = logging.getLogger(__name__)
 #: Batches read ahead of the model (memory: this many batches of uint8 patches).
 PREFETCH_BATCHES = 2
 #: With ``compile="auto"`` on a CPU, compile when a job holds at least this many patches.
-#: On 2 cores (ResNet18, 224 px) compiling costs 12-30 s with a cold cache and 4-8 s with
-#: inductor's on-disk cache warm, and saves 1/42 - 1/48 s per patch in a normal spell
-#: (1/22 - 1/30 s in a slow one): it pays for itself after about 1,500-7,000 patches.
-COMPILE_MIN_PATCHES = 4000
+#: Measured on 2 cores (ResNet18, 224 px, batch 64, ``benchmarks/bench_compile.py``):
+#: compiling costs 25 s with an empty inductor cache (4 s once warm) and runs the model
+#: 1.06-1.08x faster (PERFORMANCE.md saw up to 1.37x in a slow spell), so it pays for itself
+#: after 1,900 (warm cache) to 8,500 patches (cold); above that, a job always gains.
+COMPILE_MIN_PATCHES = 10000
 COMPILE_CHOICES = (False, True, "auto")
 _AMP = (False, True, "bf16", "bfloat16", "fp16", "float16")
 
