@@ -124,3 +124,15 @@ def test_import_histohub_leaves_torch_unimported():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["list"], ["extract", "--help"]])
+def test_cli_answers_help_and_list_without_torch(argv):
+    """The command line builds every subcommand's parser without importing torch."""
+    code = ("import sys, contextlib, io\nfrom histohub.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try:\n        main(sys.argv[1:])\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stderr

@@ -58,7 +58,7 @@ cores each may use.
 
 
 def register(subparsers) -> None:
-    from ..pretrained import DEFAULT_MODEL
+    from .._manifest import default_model   # torch-free: --help must not import torch
 
     p = subparsers.add_parser(
         "extract", help="features of whole-slide images, one HDF5 file per slide",
@@ -68,8 +68,8 @@ def register(subparsers) -> None:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="SLIDES_OR_DIRS",
                    help="slide files, folders, glob patterns, or .csv/.txt lists of paths")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"model name or checkpoint path (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=default_model(),
+                   help=f"model name or checkpoint path (default: {default_model()})")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--mpp", type=float,
                    help="microns per pixel of the slides, for files that do not record it")
