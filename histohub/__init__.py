@@ -26,6 +26,7 @@ from typing import Any
 from ._manifest import (MANIFEST_PATH, SCHEMA_VERSION, KeyMap, ModelEntry, Preprocessing,
                         get_entry, list_models, load_manifest, parse_entry, read_manifest,
                         read_manifest_json, reload_manifests)
+from ._files import atomic_path, write_bytes_atomic, write_text_atomic
 from ._manifest_writer import pin_weights, record_metrics, write_manifest_entry
 from ._version import __version__
 from .errors import HistohubError
@@ -56,7 +57,8 @@ __all__ = [
     "HistohubError", "KeyMap", "MANIFEST_PATH", "ModelEntry", "Preprocessing",
     "SCHEMA_VERSION", "__version__", "get_entry", "list_models", "load_manifest",
     "parse_entry", "pin_weights", "read_manifest", "read_manifest_json", "record_metrics",
-    "reload_manifests", "write_manifest_entry", *_LAZY,
+    "reload_manifests", "write_manifest_entry", "atomic_path", "write_bytes_atomic",
+    "write_text_atomic", *_LAZY,
 ]
 
 

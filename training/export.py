@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from atomic_write import write_bytes, write_text
+from histohub import write_bytes_atomic, write_text_atomic
 from cli_errors import run_reporting_errors
 from histohub import (FEATURE_DIMS, MANIFEST_PATH, KeyMap, build_encoder, map_state_dict,
                       parse_entry, read_checkpoint, read_manifest, read_manifest_json,
@@ -325,9 +325,9 @@ def export(checkpoint_path: str | os.PathLike, *, name: str, out: str | os.PathL
         "note": "Measured by training/export.py on the exported weights."}
     parse_entry(name, entry)  # histohub's own validation, still before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    write_bytes(weights_path, weights)
+    write_bytes_atomic(weights_path, weights)
     write_manifest_entry(manifest_path, name, entry, replace=force)
-    write_text(card_path, model_card(name, entry, manifest_path))
+    write_text_atomic(card_path, model_card(name, entry, manifest_path))
     return entry
 
 

@@ -14,7 +14,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from atomic_write import write_text
+from histohub import write_text_atomic
 from cli_errors import run_reporting_errors
 from histohub import record_metrics
 
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     record["file"] = path.name
     write_json(path, record)
     runs = load_runs(args.out)
-    write_text(args.out / "tables.md", markdown_tables(runs))
+    write_text_atomic(args.out / "tables.md", markdown_tables(runs))
     plots = plot_fractions(runs, args.out)
     if args.record_manifest:
         _record(args, record, encoders)

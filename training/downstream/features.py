@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from atomic_write import atomic_path
+from histohub import atomic_path
 
 from .datasets import DatasetError, ImageDataset
 from .encoders import Encoder

@@ -19,7 +19,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from atomic_write import atomic_path, write_text
+from histohub import atomic_path, write_text_atomic
 
 from .encoders import KIND_LABELS
 
@@ -45,7 +45,7 @@ PROBE_NOTES = {
 # ---------------------------------------------------------------------------------------
 
 def write_json(path: Path, data: dict) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def environment() -> dict:

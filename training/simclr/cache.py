@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from atomic_write import atomic_path, write_text
+from histohub import atomic_path, write_text_atomic
 
 from .data import Pool, PoolDataset
 
@@ -57,7 +57,7 @@ def load_or_build_cache(pool: Pool, pool_path: Path, size: int, *, progress: boo
             log.warning("rebuilding %s: %s", path, error)
         log.info("%s does not match %s: rebuilding it", path, pool_path)
     skipped = _build(pool, path, size, progress=progress)
-    write_text(meta_path, json.dumps(expected, indent=1))
+    write_text_atomic(meta_path, json.dumps(expected, indent=1))
     return torch.from_numpy(np.asarray(np.load(path, mmap_mode="c"))), skipped
 
 

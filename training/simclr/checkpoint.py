@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from atomic_write import atomic_path
+from histohub import atomic_path
 
 FORMAT_VERSION = 1
 

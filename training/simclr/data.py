@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from atomic_write import write_text
+from histohub import write_text_atomic
 from histohub.constants import IMAGE_EXTENSIONS
 from histohub.errors import SlideError
 
@@ -167,7 +167,7 @@ class Pool:
         """Write as JSON, atomically."""
         data = {"items": self.items, "sources": self.sources, "summary": self.summary,
                 "skipped": self.skipped}
-        write_text(path, json.dumps(data))
+        write_text_atomic(path, json.dumps(data))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Pool:

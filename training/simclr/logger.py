@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from atomic_write import atomic_path
+from histohub import atomic_path
 
 log = logging.getLogger(__name__)
 
