@@ -706,6 +706,12 @@ def benchmark(args: argparse.Namespace, work: Path, rounds: int) -> None:
     arms = [arm for arm in MODEL_ARMS if arm in args.arms]
     targets: list[str] = []
     results: dict[str, Any] = {"probes": [probe("before")]}
+    saved = work / time.strftime("results-%Y%m%d-%H%M%S.json")
+
+    def save() -> None:  # after each part, so a killed run keeps what it measured
+        if args.work is not None:
+            saved.write_text(json.dumps({"targets": targets, **results}, indent=1))
+
     for part in args.only:
         for scenario in SCENARIOS[part]:
             if scenario == "reader":
@@ -713,6 +719,7 @@ def benchmark(args: argparse.Namespace, work: Path, rounds: int) -> None:
                                                        work=work, weights=weights)
                 targets += lines
                 results["probes"].append(probe("after reader"))
+                save()
                 continue
             group = slides[scenario]
             print(f"\n== {TITLES[scenario]}: {len(group)} slide(s), "
@@ -723,11 +730,10 @@ def benchmark(args: argparse.Namespace, work: Path, rounds: int) -> None:
             targets += check_targets(scenario, runs)
             results[scenario] = runs
             results["probes"].append(probe(f"after {scenario}"))
+            save()
     if targets:
         print("\ntargets (issue 11):\n" + "\n".join(targets))
     if args.work is not None:
-        saved = work / time.strftime("results-%Y%m%d-%H%M%S.json")
-        saved.write_text(json.dumps({"targets": targets, **results}, indent=1))
         print(f"every run: {saved}")
 
 
