@@ -49,7 +49,7 @@ _LAZY = {
     "open_slide": "histohub.wsi",
     "read_checkpoint": "histohub._checkpoint",
     "sha256_file": "histohub._download",
-    "tissue_mask": "histohub.wsi",
+    "tissue_mask": "histohub.tissue",
     "tune_allocator": "histohub.features",
 }
 

@@ -60,7 +60,8 @@ _AMP = (False, True, "bf16", "bfloat16", "fp16", "float16")
 # --------------------------------------------------------------------------- options
 
 def _option_rules() -> dict[str, dict[str, Any]]:
-    from .wsi import MASK_METHODS, MPP_RANGE
+    from .tissue import MASK_METHODS
+    from .wsi import MPP_RANGE
 
     mpp = {"low": MPP_RANGE[0], "high": MPP_RANGE[1], "optional": True}
     return {

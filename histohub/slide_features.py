@@ -45,8 +45,9 @@ from . import _h5
 from .errors import HistohubError, SlideError
 from .features import (PREFETCH_BATCHES, ModelRunner, ModelSpec, check_options, interleave,
                        model_fingerprint, prefetch, resolve_model, tune_allocator)
-from .wsi import (BatchReader, SlidePatches, TileGrid, batch_ranges, open_slide,
-                  preview as write_preview, slide_fingerprint, stack_patches, tile_grid)
+from .grid_preview import preview as write_preview
+from .patch_batches import BatchReader, SlidePatches, batch_ranges, stack_patches
+from .wsi import TileGrid, open_slide, slide_fingerprint, tile_grid
 
 log = logging.getLogger(__name__)
 

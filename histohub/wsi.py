@@ -1,16 +1,14 @@
-"""Whole-slide images: open a slide, find tissue, tile it at the model's microns per pixel.
+"""Whole-slide images: open a slide, tile it at the model's microns per pixel, read patches.
 
 - ``open_slide(path)`` wraps OpenSlide with a clear ``SlideError`` for files that are not
   slides, and reads microns per pixel (mpp) from the metadata, never guessing it.
-- ``tissue_mask(rgb)`` is the paper's HSV foreground rule (Appendix B) or Otsu on saturation.
 - ``tile_grid(slide, target_mpp=...)`` lays non-overlapping patches of ``patch_size`` px at
-  ``target_mpp`` over the slide and keeps those whose foreground fraction is at least
-  ``min_foreground`` (Appendix B: 224 px, >= 50%).
+  ``target_mpp`` over the slide and keeps those whose foreground fraction (``histohub.tissue``)
+  is at least ``min_foreground`` (Appendix B: 224 px, >= 50%).
 - ``PatchReader`` reads one patch at the chosen pyramid level and resizes it to
-  ``patch_size``; a tile that fails to decode is reported, not fatal. ``BatchReader`` and
-  ``SlidePatches`` read a grid in batches (in a thread, or in DataLoader worker processes).
+  ``patch_size``; a tile that fails to decode is reported, not fatal. Batches of patches:
+  ``histohub.patch_batches``; a picture of the grid: ``histohub.grid_preview``.
 - ``slide_fingerprint(path)`` tells two slide files apart without reading them whole.
-- ``preview(...)`` draws the mask and the grid over a thumbnail (PIL only).
 
 Memory stays bounded on any slide size: the thumbnail used for the mask is read block by
 block and never exceeds ``MASK_MAX_SIDE`` pixels a side.
@@ -21,14 +19,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ._files import atomic_path
 from .errors import SlideError, check_option, require
+from .tissue import MASK_METHODS, tissue_mask
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +39,6 @@ MASK_PIXELS_PER_PATCH = 32
 #: Plausible microns per pixel; values outside are metadata defaults (e.g. 72 dpi), not scans.
 #: Also the range allowed for ``mpp`` and ``target_mpp`` options (0.25 at 40x, 0.5 at 20x).
 MPP_RANGE = (0.05, 50.0)
-#: Tissue detection methods of ``tissue_mask``.
-MASK_METHODS = ("hsv", "otsu")
 #: Bytes read at each end of a slide file for its fingerprint.
 SLIDE_SAMPLE_BYTES = 1 << 20
 #: A level whose mpp exceeds the target by at most this fraction still counts as "<= target"
@@ -199,74 +194,6 @@ def _read_mpp(properties: dict[str, str]) -> tuple[tuple[float, float] | None, s
     if all(MPP_RANGE[0] <= m <= MPP_RANGE[1] for m in mpp):
         return mpp, "tiff.resolution"
     return None, None
-
-
-# --------------------------------------------------------------------------- tissue mask
-
-#: The paper's HSV bounds (Appendix B), all on [0, 1] scales.
-HSV_HUE_EXCLUDED = (0.5, 0.65)
-HSV_MIN_SATURATION = 0.1
-HSV_VALUE_RANGE = (0.5, 0.9)
-#: Otsu on saturation never sets its threshold below this (a blank slide has no tissue).
-OTSU_MIN_SATURATION = 0.05
-
-
-def tissue_mask(rgb: np.ndarray, method: str = "hsv") -> np.ndarray:
-    """Foreground (tissue) mask of an RGB uint8 ``(H, W, 3)`` image -> bool ``(H, W)``.
-
-    ``method="hsv"``: the paper's rule (Appendix B): "0.65 > hue > 0.5, saturation > 0.1,
-    and 0.9 > value > 0.5", bounds "determined ... to isolate the irrelevant background
-    regions". How we read it (hue, saturation, value on [0, 1]; hue 1.0 = 360 degrees):
-
-    - the hue band 0.5-0.65 is 180-234 degrees, cyan to blue. H&E tissue is pink to purple
-      (hue about 0.83-0.97, 300-350 degrees, on both real test slides); cyan-blue is
-      marker ink and scanner fringes. Read as "foreground = hue inside the band", the rule
-      keeps 0.5% of CMU-1-Small-Region's pixels and 0% of the TCGA slide's, i.e. no
-      tissue at all: it cannot be the foreground rule. So the hue band isolates irrelevant
-      regions and is *excluded*;
-    - saturation > 0.1 keeps stained pixels (white glass has saturation near 0);
-    - 0.9 > value > 0.5 drops bright glass and very dark pixels (black ink, folds).
-
-    Tissue = saturation > 0.1 AND 0.5 < value < 0.9 AND NOT (0.5 < hue < 0.65).
-    (Known limit of the paper's value bound: the darkest, most nucleus-dense regions fall
-    below value 0.5; ``method="otsu"`` keeps them.)
-
-    ``method="otsu"``: saturation above its Otsu threshold (at least
-    ``OTSU_MIN_SATURATION``), the usual CLAM-style rule.
-    """
-    from PIL import Image
-
-    rgb = np.asarray(rgb)
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"tissue_mask wants an RGB uint8 (H, W, 3) array, got {rgb.dtype} "
-                         f"{rgb.shape}")
-    hsv = np.asarray(Image.fromarray(rgb).convert("HSV"))  # each channel 0..255 for 0..1
-    hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-    if method == "hsv":
-        lo, hi = (round(b * 255) for b in HSV_HUE_EXCLUDED)
-        in_band = (hue > lo) & (hue < hi)
-        vlo, vhi = (round(b * 255) for b in HSV_VALUE_RANGE)
-        return (sat > round(HSV_MIN_SATURATION * 255)) & (val > vlo) & (val < vhi) & ~in_band
-    if method == "otsu":
-        threshold = max(_otsu_threshold(sat), OTSU_MIN_SATURATION * 255)
-        return sat > threshold
-    raise ValueError(f"Unknown mask method {method!r}; choose 'hsv' (the paper's) or 'otsu'")
-
-
-def _otsu_threshold(channel: np.ndarray) -> float:
-    """Otsu's threshold of a uint8 image: maximises the between-class variance."""
-    hist = np.bincount(channel.ravel(), minlength=256).astype(np.float64)
-    total = hist.sum()
-    if total == 0:
-        return 0.0
-    levels = np.arange(256, dtype=np.float64)
-    weight0 = np.cumsum(hist)
-    weight1 = total - weight0
-    sum0 = np.cumsum(hist * levels)
-    mean0 = sum0 / np.maximum(weight0, 1)
-    mean1 = (sum0[-1] - sum0) / np.maximum(weight1, 1)
-    between = weight0 * weight1 * (mean0 - mean1) ** 2
-    return float(np.argmax(between))
 
 
 # --------------------------------------------------------------------------- tiling
@@ -443,102 +370,6 @@ class TileReadError(SlideError):
         self.x, self.y = x, y
 
 
-# --------------------------------------------------------------------------- batches of patches
-
-def batch_ranges(start: int, stop: int, batch_size: int) -> list[range]:
-    """Grid positions ``start..stop`` in batches aligned to multiples of ``batch_size`` (so
-    a resumed run forms the same batches as an uninterrupted one)."""
-    first = min(stop, (start // batch_size + 1) * batch_size)
-    ranges = [range(start, first)] if first > start else []
-    ranges += [range(i, min(i + batch_size, stop)) for i in range(first, stop, batch_size)]
-    return ranges
-
-
-#: One batch as read: uint8 ``(b, S, S, 3)`` pixels of the patches read, their grid
-#: positions ``(b,)``, and the positions whose tiles could not be decoded.
-Batch = tuple[np.ndarray, np.ndarray, np.ndarray]
-
-
-class BatchReader:
-    """Reads batches of a grid's patches into uint8 ``(b, S, S, 3)`` arrays.
-
-    ``allocate(shape)`` gives the array to fill (default ``np.empty``; pinned host memory
-    for a GPU). One reader per thread (it holds its own OpenSlide handle); ``close()``
-    releases it. Undecodable tiles are logged and listed, never fatal.
-    """
-
-    def __init__(self, grid: TileGrid, *, interpolation: str = "bilinear",
-                 allocate: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> None:
-        self.grid = grid
-        self._reader = PatchReader(grid, interpolation=interpolation)
-        self._allocate = allocate or (lambda shape: np.empty(shape, np.uint8))
-
-    def read(self, positions: Sequence[int]) -> Batch:
-        size = self.grid.patch_size
-        pixels = self._allocate((len(positions), size, size, 3))
-        ok: list[int] = []
-        failed: list[int] = []
-        for index in positions:
-            try:
-                pixels[len(ok)] = self._reader.read(index)
-                ok.append(index)
-            except TileReadError as error:
-                log.warning("%s: %s; skipped", Path(self.grid.slide_path).name, error)
-                failed.append(index)
-        return pixels[:len(ok)], np.asarray(ok, np.int64), np.asarray(failed, np.int64)
-
-    def read_all(self, ranges: Sequence[range]):
-        """Each of ``ranges`` in turn (a generator: run it in a thread), then close."""
-        try:
-            for positions in ranges:
-                yield self.read(positions)
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        self._reader.close()
-
-
-class SlidePatches:
-    """Patches of a ``TileGrid`` as a map-style dataset for DataLoader worker processes:
-    item -> ``(uint8 (S, S, 3), ok)``; an undecodable tile gives zeros and ``ok=False``.
-
-    Each worker process opens its own slide handle on first use. Batch with
-    ``stack_patches``.
-    """
-
-    def __init__(self, grid: TileGrid, interpolation: str = "bilinear") -> None:
-        self.grid, self.interpolation = grid, interpolation
-        self._reader: PatchReader | None = None
-        self._pid: int | None = None
-
-    def __len__(self) -> int:
-        return len(self.grid)
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, bool]:
-        if self._reader is None or self._pid != os.getpid():
-            self._reader = PatchReader(self.grid, interpolation=self.interpolation)
-            self._pid = os.getpid()
-        try:
-            return self._reader.read(index), True
-        except TileReadError as error:
-            log.warning("%s: %s; skipped", Path(self.grid.slide_path).name, error)
-            size = self.grid.patch_size
-            return np.zeros((size, size, 3), np.uint8), False
-
-
-def stack_patches(items: list[tuple[np.ndarray, bool]]):
-    """DataLoader collate for ``SlidePatches``: ``(uint8 tensor (b, S, S, 3) of the patches
-    read, bool array of which items were read)``."""
-    import torch
-
-    ok = np.array([flag for _, flag in items], bool)
-    kept = [pixels for pixels, flag in items if flag]
-    if not kept:
-        return torch.empty((0, *items[0][0].shape), dtype=torch.uint8), ok
-    return torch.from_numpy(np.stack(kept)), ok
-
-
 def slide_fingerprint(path: str | os.PathLike) -> tuple[int, str]:
     """``(size in bytes, sha256 of the size and the first and last MiB)`` of a slide file:
     tells two slides apart (the header holds the tile offsets, the end the last tiles)
@@ -553,39 +384,3 @@ def slide_fingerprint(path: str | os.PathLike) -> tuple[int, str]:
             digest.update(f.read(SLIDE_SAMPLE_BYTES))
     return size, digest.hexdigest()
 
-
-# --------------------------------------------------------------------------- preview
-
-def preview(slide: Slide, grid: TileGrid, path: str | os.PathLike, *, max_side: int = 1200
-            ) -> Path:
-    """Write a PNG: thumbnail, tissue mask tinted green, kept patches outlined in blue.
-
-    Returns the path written. Uses PIL only.
-    """
-    from PIL import Image, ImageDraw
-
-    width, height = slide.dimensions
-    downsample = max(1.0, max(width, height) / max_side)
-    thumb = slide.thumbnail(downsample)
-    mask = np.asarray(Image.fromarray(grid.mask).resize((thumb.shape[1], thumb.shape[0]),
-                                                        Image.Resampling.NEAREST))
-    tinted = thumb.astype(np.float32)
-    tinted[mask] = 0.55 * tinted[mask] + 0.45 * np.array([40, 200, 60], np.float32)
-    image = Image.fromarray(tinted.astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    side = grid.patch_size_level0 / downsample
-    for x, y in grid.coords:
-        x0, y0 = x / downsample, y / downsample
-        draw.rectangle([x0, y0, x0 + side, y0 + side], outline=(30, 60, 220), width=1)
-    path = Path(path)
-    with atomic_path(path, mkdir=False) as temporary:
-        image.save(temporary, format="PNG")
-    return path
-
-
-def grid_summary(grid: TileGrid) -> str:
-    """One line describing a grid, for logs."""
-    return (f"{len(grid)} of {grid.n_candidates} patches with >= {grid.min_foreground:.0%} "
-            f"tissue ({grid.mask_method}); level {grid.level} (x{grid.level_downsample:g}), "
-            f"read {grid.read_size} px -> {grid.patch_size} px at {grid.target_mpp:g} um/px "
-            f"(slide {grid.slide_mpp:.4g} um/px from {grid.mpp_source})")

@@ -44,7 +44,7 @@ PUBLIC = {
     "Tiling": "histohub.slide_features",
     "tune_allocator": "histohub.features",
     "open_slide": "histohub.wsi",
-    "tissue_mask": "histohub.wsi",
+    "tissue_mask": "histohub.tissue",
 }
 
 

@@ -9,8 +9,10 @@ import pytest
 from PIL import Image, ImageFilter
 
 from histohub.errors import SlideError
-from histohub.wsi import (MASK_MAX_SIDE, PatchReader, TileReadError, _otsu_threshold, _read_mpp,
-                          batch_ranges, open_slide, preview, tile_grid, tissue_mask)
+from histohub.grid_preview import preview
+from histohub.patch_batches import batch_ranges
+from histohub.tissue import _otsu_threshold, tissue_mask
+from histohub.wsi import MASK_MAX_SIDE, PatchReader, TileReadError, _read_mpp, open_slide, tile_grid
 from wsi_factory import GLASS, PINK, corrupt_tile, tissue_image, write_slide
 
 pytest.importorskip("openslide")
@@ -83,7 +85,7 @@ def test_generated_slide_mpp_from_resolution_tags(pyramid):
 
 def _paper_rule(r: int, g: int, b: int) -> bool:
     """Appendix B transcribed with colorsys (hue, saturation, value on [0, 1]), the hue band
-    excluded (see histohub.wsi.tissue_mask for why)."""
+    excluded (see histohub.tissue.tissue_mask for why)."""
     h, s, v = colorsys.rgb_to_hsv(r / 255, g / 255, b / 255)
     return s > 0.1 and 0.5 < v < 0.9 and not 0.5 < h < 0.65
 
