@@ -50,7 +50,7 @@ _LAZY = {
     "read_checkpoint": "histohub._checkpoint",
     "sha256_file": "histohub._download",
     "tissue_mask": "histohub.tissue",
-    "tune_allocator": "histohub.features",
+    "tune_allocator": "histohub.model_runner",
 }
 
 __all__ = [

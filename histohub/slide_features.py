@@ -43,9 +43,9 @@ from torch import nn
 
 from . import _h5
 from .errors import HistohubError, SlideError
-from .features import (PREFETCH_BATCHES, ModelRunner, ModelSpec, check_options, interleave,
-                       model_fingerprint, prefetch, resolve_model, tune_allocator)
+from .features import PREFETCH_BATCHES, check_options, interleave, prefetch
 from .grid_preview import preview as write_preview
+from .model_runner import ModelRunner, ModelSpec, model_fingerprint, resolve_model, tune_allocator
 from .patch_batches import BatchReader, SlidePatches, batch_ranges, stack_patches
 from .wsi import TileGrid, open_slide, slide_fingerprint, tile_grid
 

@@ -42,7 +42,7 @@ PUBLIC = {
     "SlideExtractor": "histohub.slide_features",
     "SlideJob": "histohub.slide_features",
     "Tiling": "histohub.slide_features",
-    "tune_allocator": "histohub.features",
+    "tune_allocator": "histohub.model_runner",
     "open_slide": "histohub.wsi",
     "tissue_mask": "histohub.tissue",
 }

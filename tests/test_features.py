@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from histohub.features import extract_features, prefetch, tune_allocator
+from histohub.features import extract_features, prefetch
+from histohub.model_runner import tune_allocator
 from histohub.transforms import get_transform, normalize_batch
 
 
@@ -152,9 +153,9 @@ def test_prefetch_order_errors_and_early_stop():
 
 
 def test_tune_allocator_can_be_turned_off(monkeypatch):
-    import histohub.features as features
+    import histohub.model_runner as model_runner
 
-    monkeypatch.setattr(features, "_ALLOCATOR_TUNED", None)
+    monkeypatch.setattr(model_runner, "_ALLOCATOR_TUNED", None)
     monkeypatch.setenv("HISTOHUB_MALLOPT", "0")
     assert tune_allocator() is False
 
@@ -171,7 +172,7 @@ def test_extract_features_checks_options_first(options, message):
 
 
 def test_model_fingerprint_is_the_weights_not_the_layout():
-    from histohub.features import model_fingerprint
+    from histohub.model_runner import model_fingerprint
 
     a, b = Tiny(), Tiny()
     assert model_fingerprint(a) == model_fingerprint(b.to(memory_format=torch.channels_last))

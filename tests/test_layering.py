@@ -4,8 +4,9 @@ Every import of every module under ``histohub/`` is read with ``ast``: module-le
 function-level ``import`` statements, the modules named by constant strings in
 ``importlib.import_module(...)`` and ``histohub.errors.require(...)`` (how histohub imports
 optional dependencies), and any string that is a histohub module's name (the CLI's
-command list, the package's lazy names). Relative imports are resolved. A rule is broken when a module, or
-any histohub module it imports in turn, imports a forbidden one.
+command list, the package's lazy names; not the bare ``"histohub"``, which names a cache
+folder and a user agent). Relative imports are resolved. A rule is broken when a module,
+or any histohub module it imports in turn, imports a forbidden one.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ RULES = {
     "histohub._manifest": DOWNLOADS,
     "histohub._checkpoint": DOWNLOADS,
     "histohub.models": SLIDES,
+    "histohub.model_runner": SLIDES,
 }
 
 
@@ -73,7 +75,8 @@ def direct_imports(module: str) -> frozenset[str]:
               and getattr(node.func, "attr", getattr(node.func, "id", None))
               in ("import_module", "require", "__import__")):
             found.add(node.args[0].value)
-        elif isinstance(node, ast.Constant) and node.value in modules():
+        elif isinstance(node, ast.Constant) and node.value in modules() \
+                and node.value != "histohub":  # the bare name is a folder, a user agent
             found.add(node.value)  # a module imported by name (CLI commands, lazy names)
     return frozenset(found)
 

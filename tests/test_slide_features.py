@@ -428,7 +428,7 @@ def test_a_cohort_gives_the_files_of_slide_by_slide_calls(slide, tmp_path, caplo
 def test_compile_auto_compiles_once_for_a_big_enough_job(slide, tmp_path, monkeypatch):
     """compile='auto' on a CPU: nothing for a small job; once, for the whole cohort, when
     the slides together hold COMPILE_MIN_PATCHES; never again for the next slide."""
-    import histohub.features as features
+    import histohub.model_runner as model_runner
     from histohub.slide_features import SlideExtractor
 
     compiled = []
@@ -442,7 +442,7 @@ def test_compile_auto_compiles_once_for_a_big_enough_job(slide, tmp_path, monkey
     extractor = SlideExtractor(Tiny(), batch_size=8, progress=False)
     list(extractor.extract_many(jobs[:1]))
     assert compiled == [] and extractor.runner.compiled is None  # 30 patches: not worth it
-    monkeypatch.setattr(features, "COMPILE_MIN_PATCHES", 60)  # 3 slides x 30 patches
+    monkeypatch.setattr(model_runner, "COMPILE_MIN_PATCHES", 60)  # 3 slides x 30 patches
     extractor = SlideExtractor(Tiny(), batch_size=8, progress=False)
     results = list(extractor.extract_many(jobs[1:] + [(slide, tmp_path / "3.h5")]))
     assert len(compiled) == 1 and extractor.runner.compiled is not None
