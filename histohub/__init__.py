@@ -23,9 +23,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._manifest import (MANIFEST_PATH, SCHEMA_VERSION, KeyMap, ModelEntry, Preprocessing,
-                        get_entry, list_models, load_manifest, parse_entry, read_manifest,
+from ._manifest import (MANIFEST_PATH, get_entry, list_models, load_manifest, read_manifest,
                         read_manifest_json, reload_manifests)
+from ._manifest_schema import SCHEMA_VERSION, KeyMap, ModelEntry, Preprocessing, parse_entry
 from ._files import atomic_path, write_bytes_atomic, write_text_atomic
 from ._manifest_writer import pin_weights, record_metrics, write_manifest_entry
 from ._version import __version__

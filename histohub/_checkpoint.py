@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ._manifest import KeyMap
+from ._manifest_schema import KeyMap
 from .errors import CheckpointError, InputNotFoundError, KeyMappingError, UnsafeCheckpointError
 
 

@@ -78,7 +78,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from ._files import fsync_dir, write_text_atomic
-from ._manifest import ModelEntry, Source, WeightsFile
+from ._manifest_schema import ModelEntry, Source, WeightsFile
 from .errors import (ChecksumError, DownloadError, HistohubError, LockTimeoutError,
                      OfflineError, require)
 

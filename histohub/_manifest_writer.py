@@ -4,7 +4,7 @@ Three callers change manifests: ``histohub pin`` (verified sha256 and size of we
 :func:`pin_weights`), training's benchmark ``--record-manifest`` (downstream metrics,
 :func:`record_metrics`) and training's ``export.py`` (a whole new entry,
 :func:`write_manifest_entry`). All three go through :func:`write_manifest_entry`: the entry
-is checked with :func:`~histohub._manifest.parse_entry` before a byte is written, other
+is checked with :func:`~histohub._manifest_schema.parse_entry` before a byte is written, other
 entries and fields are kept as they are, the file keeps its permissions (and a symlink
 stays a symlink: the file it points to is replaced), and the manifests in use are re-read
 on the next lookup.
@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ._files import write_text_atomic
-from ._manifest import (SCHEMA_VERSION, ModelEntry, check_manifest_header, parse_entry,
-                        read_manifest_json, reload_manifests)
+from ._manifest import read_manifest_json, reload_manifests
+from ._manifest_schema import SCHEMA_VERSION, ModelEntry, check_manifest_header, parse_entry
 from .errors import ManifestError
 
 

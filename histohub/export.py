@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._manifest import ModelEntry, Preprocessing, load_manifest
+from ._manifest import load_manifest
+from ._manifest_schema import ModelEntry, Preprocessing
 from ._version import __version__
 from .errors import require
 

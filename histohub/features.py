@@ -29,7 +29,7 @@ from .errors import check_option
 from .model_runner import MODEL_OPTIONS, ModelRunner, resolve_model, tune_allocator
 
 if TYPE_CHECKING:
-    from ._manifest import Preprocessing
+    from ._manifest_schema import Preprocessing
 
 log = logging.getLogger(__name__)
 

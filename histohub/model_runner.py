@@ -37,7 +37,7 @@ from torch import nn
 from .errors import HistohubError, check_option
 
 if TYPE_CHECKING:
-    from ._manifest import Preprocessing
+    from ._manifest_schema import Preprocessing
 
 log = logging.getLogger(__name__)
 

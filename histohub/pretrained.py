@@ -18,8 +18,8 @@ from torch import nn
 
 from ._checkpoint import DEFAULT_KEY_MAP, map_state_dict, read_checkpoint
 from ._download import fetch_weights, sha256_file
-from ._manifest import (KeyMap, ModelEntry, Preprocessing, WeightsFile, default_model,
-                        get_entry, load_manifest)
+from ._manifest import default_model, get_entry, load_manifest
+from ._manifest_schema import KeyMap, ModelEntry, Preprocessing, WeightsFile
 from .errors import FingerprintError, KeyMappingError, UnknownModelError
 from .models import FEATURE_DIMS, build_encoder, encoder_shapes
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ._manifest import ModelEntry, Preprocessing, default_model, get_entry
+from ._manifest import default_model, get_entry
+from ._manifest_schema import ModelEntry, Preprocessing
 
 
 def _preprocessing(model: str | ModelEntry | Preprocessing | None) -> Preprocessing:

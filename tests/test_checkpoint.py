@@ -26,7 +26,8 @@ from safetensors.torch import save_file
 
 import histohub
 from histohub._checkpoint import DEFAULT_KEY_MAP, map_state_dict, read_checkpoint
-from histohub._manifest import KeyMap, get_entry
+from histohub._manifest import get_entry
+from histohub._manifest_schema import KeyMap
 from histohub.errors import (CheckpointError, HistohubError, KeyMappingError,
                              UnsafeCheckpointError)
 

@@ -32,6 +32,7 @@ SLIDES = ("histohub.wsi", "histohub.tissue", "histohub.patch_batches", "histohub
 RULES = {
     "histohub": TRAINING,
     "histohub._manifest": DOWNLOADS,
+    "histohub._manifest_schema": DOWNLOADS,
     "histohub._checkpoint": DOWNLOADS,
     "histohub.models": SLIDES,
     "histohub.model_runner": SLIDES,

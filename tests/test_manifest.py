@@ -18,7 +18,8 @@ import pytest
 
 import histohub
 from histohub import _manifest
-from histohub._manifest import MANIFEST_PATH, parse_entry, read_manifest
+from histohub._manifest import MANIFEST_PATH, read_manifest
+from histohub._manifest_schema import parse_entry
 from histohub.errors import ManifestError, UnknownModelError
 from histohub.models import FEATURE_DIMS
 
