@@ -21,17 +21,12 @@ import statistics
 import tempfile
 import time
 
+from _probes import matmul_gflops
+
 
 def probe_gflops() -> float:
     """fp32 2048^3 matrix multiply rate: tells a slow spell of the machine."""
-    import torch
-
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(5):
-        a @ b
-    return 2 * 2048**3 * 5 / (time.perf_counter() - start) / 1e9
+    return matmul_gflops(2048, repeats=5)
 
 
 def main() -> None:

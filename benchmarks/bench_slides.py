@@ -81,6 +81,8 @@ from typing import Any
 
 import numpy as np
 
+from _probes import memory_mib, probe
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 KATHER = SHARED / "kather2016-tiles"
@@ -198,7 +200,6 @@ def compose_slide(width: int, height: int, pool: Sequence[np.ndarray], *, seed: 
 def write_pyramid(path: Path, image: np.ndarray) -> Path:
     """A tiled JPEG pyramidal TIFF (3 levels) with a 0.5 um/px resolution tag, written to a
     temporary name then renamed."""
-    sys.path.insert(0, str(ROOT / "tests"))
     from wsi_factory import write_slide
 
     partial = path.with_name(path.name + ".partial")
@@ -281,15 +282,6 @@ def build_slides(work: Path, *, quick: bool, log: Callable[[str], None] = print
 
 
 # --------------------------------------------------------------------------- arms (in-process)
-
-def memory_mib(field: str = "VmHWM") -> float:
-    """``VmHWM`` (peak) or ``VmRSS`` of this process, in MiB (not ru_maxrss: a child
-    inherits its parent's peak through fork)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
 
 def write_weights(folder: Path) -> Path:
     """The random ResNet18 every arm uses (seed 0), saved once as safetensors."""
@@ -545,24 +537,6 @@ def run_arm(arm: str, slides: list[dict[str, Any]], out: Path, weights: Path
 
 
 # --------------------------------------------------------------------------- orchestration
-
-def matmul_gflops() -> float:
-    import torch
-
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(20):
-        a @ b
-    return 20 * 2 * 1024 ** 3 / (time.perf_counter() - start) / 1e9
-
-
-def probe(when: str) -> float:
-    value = matmul_gflops()
-    print(f"matmul probe {when}: {value:.0f} GFLOP/s (load average {os.getloadavg()[0]:.2f})",
-          flush=True)
-    return value
-
 
 def spawn_arm(arm: str, slides: list[dict[str, Any]], out: Path, weights: Path
               ) -> dict[str, Any]:

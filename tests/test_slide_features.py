@@ -95,8 +95,7 @@ def test_resume_after_sigkill(slide, tmp_path):
     """A real kill -9 between (or during) batch writes; the resumed file equals a clean run."""
     out = tmp_path / "killed.h5"
     script = textwrap.dedent(f"""
-        import sys, time
-        sys.path.insert(0, {str(TESTS)!r})
+        import time
         from test_features import Tiny
         from histohub.slide_features import extract_slide
 
@@ -108,8 +107,10 @@ def test_resume_after_sigkill(slide, tmp_path):
 
         extract_slide(Slow(), {str(slide)!r}, {str(out)!r}, batch_size=2, progress=False)
     """)
+    # the child imports Tiny from this folder, as pytest's import path has it
+    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                               text=True)
+                               text=True, env={**os.environ, "PYTHONPATH": path})
     try:
         for line in process.stdout:  # calls: a probe, then one per batch of 2
             if int(line) >= 6:

@@ -21,19 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from _matmul import matmul_gflops
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def matmul_probe() -> float:
-    """GFLOP/s of a 2048^2 fp32 matrix multiply at the current thread count."""
-    import torch
-
-    a = torch.randn(2048, 2048)
-    a @ a
-    start = time.perf_counter()
-    for _ in range(5):
-        a @ a
-    return 5 * 2 * 2048 ** 3 / (time.perf_counter() - start) / 1e9
 
 
 def one_run(models: list[str], data: str, out: Path, extra: list[str]) -> tuple[float, dict]:
@@ -56,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("extra", nargs="*", help="more run_benchmark.py options (after --)")
     args = parser.parse_args(argv)
     models = args.model or ["random"]
-    print(f"matmul before: {matmul_probe():.0f} GFLOP/s")
+    print(f"matmul before: {matmul_gflops(2048, repeats=5):.0f} GFLOP/s")
     walls: dict[str, list[float]] = {"cold": [], "warm": []}
     with tempfile.TemporaryDirectory() as temp:
         for round_ in range(args.rounds):
@@ -68,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                                   f"25 probes {t['train_s']:.1f} s" for m, t in timings.items())
                 print(f"round {round_} {kind}: {wall:.1f} s wall ({parts})")
             shutil.rmtree(out)
-    print(f"matmul after: {matmul_probe():.0f} GFLOP/s")
+    print(f"matmul after: {matmul_gflops(2048, repeats=5):.0f} GFLOP/s")
     cold, warm = statistics.median(walls["cold"]), statistics.median(walls["warm"])
     print(f"median cold {cold:.1f} s, warm {warm:.1f} s, cold / warm = {cold / warm:.2f}")
     return 0

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from _matmul import matmul_gflops
 from simclr.augment import BatchAugment
 from simclr.loss import nt_xent_loss
 from simclr.model import SimCLRModel
@@ -157,16 +158,6 @@ class Lightly:
         loss.backward()
         self.optimizer.step()
         return loss.item()
-
-
-def matmul_probe() -> float:
-    """GFLOP/s of a 1024^3 float32 matrix multiply (about 170 on an idle machine)."""
-    a, b = torch.rand(1024, 1024), torch.rand(1024, 1024)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    return 10 * 2 * 1024 ** 3 / (time.perf_counter() - start) / 1e9
 
 
 def timed_steps(arm, batches: list[torch.Tensor], *, sync: bool = False) -> float:
@@ -325,14 +316,14 @@ def main(argv: list[str] | None = None) -> int:
         bench_gpu(args)
         return 0
     lightly = have_lightly()
-    probe = matmul_probe()
+    probe = matmul_gflops()
     print(f"matmul probe before: {probe:.0f} GFLOP/s (about 170 when the machine is idle)")
     bench_augment(args, lightly)
     bench_data_path(args)
     if not args.skip_training:
         for size in args.sizes:
-            bench_training(source_images(256, size), args, lightly, matmul_probe())
-    print(f"matmul probe after: {matmul_probe():.0f} GFLOP/s")
+            bench_training(source_images(256, size), args, lightly, matmul_gflops())
+    print(f"matmul probe after: {matmul_gflops():.0f} GFLOP/s")
     bench_gpu(args)
     return 0
 

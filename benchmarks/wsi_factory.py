@@ -2,7 +2,8 @@
 
 OpenSlide's generic-tiff driver needs tiled levels; it takes microns per pixel from the
 TIFF resolution tags. tifffile writes the tiles we JPEG-encode with PIL (no imagecodecs
-needed). Used by the tests and by benchmarks/bench_extract.py.
+needed). Used by the benchmarks of this folder (imported as a sibling) and by the tests
+(pytest's ``pythonpath`` lists this folder).
 """
 
 from __future__ import annotations
