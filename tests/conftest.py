@@ -69,6 +69,17 @@ def backbone_state() -> dict[str, torch.Tensor]:
     return encoder_state("resnet18")
 
 
+@pytest.fixture(scope="session")
+def resnet18_file(tmp_path_factory, backbone_state) -> Path:
+    """``backbone_state`` saved as safetensors: a random ResNet18 file, which ``--model`` and
+    ``load_pretrained`` accept as a checkpoint path."""
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("weights") / "random_resnet18.safetensors"
+    save_file(backbone_state, path)
+    return path
+
+
 def _save_lightning(path: Path, backbone: dict, *, attribute_dict: bool = False,
                     legacy: bool = False) -> Path:
     import torch

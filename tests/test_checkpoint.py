@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from checkpoints import (encoder_state, fake_lightning, lightning_checkpoint,
-                         reference_encoder, shapes, upstream_state_dict)
+from checkpoints import (fake_lightning, lightning_checkpoint, reference_encoder, shapes,
+                         upstream_state_dict)
 from safetensors.torch import save_file
 
 import histohub
@@ -38,15 +38,10 @@ UPSTREAM_KEY_MAP = get_entry("resnet18-ssl").weights[0].key_map
 
 
 @pytest.fixture(scope="session")
-def resnet18_state():
-    return encoder_state("resnet18")
-
-
-@pytest.fixture(scope="session")
-def native_ckpt(tmp_path_factory, resnet18_state) -> Path:
+def native_ckpt(tmp_path_factory, backbone_state) -> Path:
     """The plain-PyTorch release's layout (``pytorchnative_tenpercent_resnet18.ckpt``)."""
     path = tmp_path_factory.mktemp("ckpt") / "pytorchnative_tenpercent_resnet18.ckpt"
-    torch.save({"state_dict": upstream_state_dict(resnet18_state)}, path)
+    torch.save({"state_dict": upstream_state_dict(backbone_state)}, path)
     return path
 
 
@@ -108,23 +103,23 @@ def test_unsafe_checkpoint_error_is_a_checkpoint_error():
 # --------------------------------------------------------------------------- layouts
 
 
-def test_native_release_layout_loads_exactly(native_ckpt, resnet18_state, batch):
+def test_native_release_layout_loads_exactly(native_ckpt, backbone_state, batch):
     model = histohub.load_pretrained(native_ckpt)
     info = model.histohub_info
     assert (info.arch, info.feature_dim) == ("resnet18", 512)
     assert info.sha256 == hashlib.sha256(native_ckpt.read_bytes()).hexdigest()
     assert not model.training
-    assert torch.equal(features(model, batch), features(reference_encoder(resnet18_state), batch))
+    assert torch.equal(features(model, batch), features(reference_encoder(backbone_state), batch))
 
 
 
 
 @pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
-def test_lightning_layout_loads_without_pytorch_lightning(tmp_path, resnet18_state, batch,
+def test_lightning_layout_loads_without_pytorch_lightning(tmp_path, backbone_state, batch,
                                                           zipped):
     path = tmp_path / "tenpercent_resnet18.ckpt"
     with fake_lightning():
-        torch.save(lightning_checkpoint(resnet18_state), path,
+        torch.save(lightning_checkpoint(backbone_state), path,
                    _use_new_zipfile_serialization=zipped)
 
     checkpoint = read_checkpoint(path, format="lightning")
@@ -133,12 +128,12 @@ def test_lightning_layout_loads_without_pytorch_lightning(tmp_path, resnet18_sta
     assert checkpoint["hparams"].lr == 0.3
     assert checkpoint["optimizer_states"][0]["param_groups"][0]["momentum"] == 0.9
     model = histohub.load_pretrained(path)
-    assert torch.equal(features(model, batch), features(reference_encoder(resnet18_state), batch))
+    assert torch.equal(features(model, batch), features(reference_encoder(backbone_state), batch))
 
 
-def test_lightning_callback_states_keyed_by_class(tmp_path, resnet18_state):
+def test_lightning_callback_states_keyed_by_class(tmp_path, backbone_state):
     path = tmp_path / "tenpercent_resnet18.ckpt"
-    state = {k: v for k, v in resnet18_state.items()}
+    state = {k: v for k, v in backbone_state.items()}
     checkpoint = lightning_checkpoint(state, callbacks=True)
     checkpoint["hyper_parameters"] = dict(checkpoint["hyper_parameters"])  # isolate the cause
     with fake_lightning():
@@ -148,9 +143,9 @@ def test_lightning_callback_states_keyed_by_class(tmp_path, resnet18_state):
     assert callback_state["best_model_path"] == "epoch=999.ckpt"
 
 
-def test_namespace_hyper_parameters_and_optimizer_state_load(tmp_path, resnet18_state):
+def test_namespace_hyper_parameters_and_optimizer_state_load(tmp_path, backbone_state):
     """Lightning before AttributeDict (0.7, the epoch-9 release's era), legacy format."""
-    checkpoint = lightning_checkpoint(resnet18_state)
+    checkpoint = lightning_checkpoint(backbone_state)
     checkpoint["hyper_parameters"] = dict(checkpoint["hyper_parameters"])
     path = tmp_path / "_ckpt_epoch_9.ckpt"
     torch.save(checkpoint, path, _use_new_zipfile_serialization=False)
@@ -160,41 +155,41 @@ def test_namespace_hyper_parameters_and_optimizer_state_load(tmp_path, resnet18_
     momentum = loaded["optimizer_states"][0]["state"][0]["momentum_buffer"]
     assert isinstance(momentum, torch.Tensor)
     state = map_state_dict(loaded, UPSTREAM_KEY_MAP, shapes("resnet18"))
-    assert all(torch.equal(state[k], v) for k, v in resnet18_state.items())
+    assert all(torch.equal(state[k], v) for k, v in backbone_state.items())
 
 
-def test_safetensors_round_trip(tmp_path, resnet18_state, batch):
+def test_safetensors_round_trip(tmp_path, backbone_state, batch):
     path = tmp_path / "resnet18.safetensors"
-    save_file(resnet18_state, path)
+    save_file(backbone_state, path)
     loaded = read_checkpoint(path)
-    assert loaded.keys() == resnet18_state.keys()
-    assert all(torch.equal(loaded[k], v) for k, v in resnet18_state.items())
+    assert loaded.keys() == backbone_state.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in backbone_state.items())
     model = histohub.load_pretrained(path)
     assert model.histohub_info.arch == "resnet18"
-    assert torch.equal(features(model, batch), features(reference_encoder(resnet18_state), batch))
+    assert torch.equal(features(model, batch), features(reference_encoder(backbone_state), batch))
 
 
 @pytest.mark.parametrize("prefix", ["", "module.", "model.resnet.", "backbone.",
                                     "module.backbone.", "encoder."])
-def test_default_key_map_handles_common_layouts(resnet18_state, prefix):
-    checkpoint = {"state_dict": {prefix + k: v for k, v in resnet18_state.items()}}
+def test_default_key_map_handles_common_layouts(backbone_state, prefix):
+    checkpoint = {"state_dict": {prefix + k: v for k, v in backbone_state.items()}}
     checkpoint["state_dict"][prefix + "fc.weight"] = torch.zeros(10, 512)
     state = map_state_dict(checkpoint, DEFAULT_KEY_MAP, shapes("resnet18"))
-    assert state.keys() == resnet18_state.keys()
+    assert state.keys() == backbone_state.keys()
 
 
-def test_missing_num_batches_tracked_is_the_one_tolerance(resnet18_state):
-    old = {k: v for k, v in resnet18_state.items() if not k.endswith("num_batches_tracked")}
+def test_missing_num_batches_tracked_is_the_one_tolerance(backbone_state):
+    old = {k: v for k, v in backbone_state.items() if not k.endswith("num_batches_tracked")}
     state = map_state_dict(old, KeyMap(), shapes("resnet18"))
-    assert state.keys() == resnet18_state.keys()
+    assert state.keys() == backbone_state.keys()
     assert int(state["bn1.num_batches_tracked"]) == 0
 
 
 # --------------------------------------------------------------------------- strict mapping
 
 
-def test_missing_keys_are_named(resnet18_state):
-    partial = {k: v for k, v in resnet18_state.items() if not k.startswith("layer4.")}
+def test_missing_keys_are_named(backbone_state):
+    partial = {k: v for k, v in backbone_state.items() if not k.startswith("layer4.")}
     with pytest.raises(KeyMappingError, match=r"missing \(25 of 120\): layer4\.0\.bn1\.bias"):
         map_state_dict(partial, KeyMap(), shapes("resnet18"))
 
@@ -208,8 +203,8 @@ def test_half_a_checkpoint_is_not_loaded_silently(native_ckpt):
         map_state_dict(checkpoint, UPSTREAM_KEY_MAP, shapes("resnet18"))
 
 
-def test_unexpected_keys_are_named(resnet18_state):
-    extra = {**resnet18_state, "projector.0.weight": torch.zeros(2, 2)}
+def test_unexpected_keys_are_named(backbone_state):
+    extra = {**backbone_state, "projector.0.weight": torch.zeros(2, 2)}
     with pytest.raises(KeyMappingError, match=r"unexpected \(1\): projector\.0\.weight"):
         map_state_dict(extra, DEFAULT_KEY_MAP, shapes("resnet18"))
 
@@ -222,8 +217,8 @@ def test_projection_head_is_unexpected_unless_the_key_map_drops_it(native_ckpt):
     assert len(map_state_dict(checkpoint, UPSTREAM_KEY_MAP, shapes("resnet18"))) == 120
 
 
-def test_wrong_shapes_are_named(resnet18_state):
-    wrong = {**resnet18_state, "conv1.weight": torch.zeros(64, 3, 3, 3)}
+def test_wrong_shapes_are_named(backbone_state):
+    wrong = {**backbone_state, "conv1.weight": torch.zeros(64, 3, 3, 3)}
     with pytest.raises(KeyMappingError,
                        match=r"wrong shape \(1\): conv1\.weight: checkpoint \(64, 3, 3, 3\) "
                              r"vs model \(64, 3, 7, 7\)"):
@@ -242,14 +237,14 @@ def test_resnet50_weights_into_resnet18_fail_naming_keys():
         in message
 
 
-def test_two_keys_onto_one_name_are_refused(resnet18_state):
-    doubled = {**{f"module.{k}": v for k, v in resnet18_state.items()}, **resnet18_state}
+def test_two_keys_onto_one_name_are_refused(backbone_state):
+    doubled = {**{f"module.{k}": v for k, v in backbone_state.items()}, **backbone_state}
     with pytest.raises(KeyMappingError, match=r"Two checkpoint keys map onto"):
         map_state_dict(doubled, DEFAULT_KEY_MAP, shapes("resnet18"))
 
 
-def test_non_tensor_values_are_named(resnet18_state):
-    odd = {**resnet18_state, "conv1.weight": [1.0, 2.0]}
+def test_non_tensor_values_are_named(backbone_state):
+    odd = {**backbone_state, "conv1.weight": [1.0, 2.0]}
     with pytest.raises(KeyMappingError, match=r"not tensors \(1\): conv1\.weight"):
         map_state_dict(odd, KeyMap(), shapes("resnet18"))
 
@@ -362,29 +357,29 @@ def test_unreadable_file_is_a_checkpoint_error(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.bool, torch.complex64, torch.int64, torch.uint8])
 @pytest.mark.parametrize("key", ["layer1.0.conv1.weight", "bn1.running_var"])
-def test_weights_that_are_not_floating_point_are_refused_at_load(resnet18_state, dtype, key):
+def test_weights_that_are_not_floating_point_are_refused_at_load(backbone_state, dtype, key):
     """Before, bool or integer weights failed inside load_state_dict and complex ones only
     at the first forward pass."""
-    state = dict(resnet18_state, **{key: resnet18_state[key].to(dtype)})
+    state = dict(backbone_state, **{key: backbone_state[key].to(dtype)})
     with pytest.raises(CheckpointError, match=rf"{re.escape(key)}.*{dtype}"):
         map_state_dict(state, KeyMap(), shapes("resnet18"))
 
 
-def test_refused_dtype_through_load_pretrained(tmp_path, resnet18_state):
+def test_refused_dtype_through_load_pretrained(tmp_path, backbone_state):
     state = {k: v.to(torch.complex64) if k == "conv1.weight" else v
-             for k, v in resnet18_state.items()}
+             for k, v in backbone_state.items()}
     save_file(state, tmp_path / "complex.safetensors")
     with pytest.raises(CheckpointError, match=r"conv1\.weight.*complex64"):
         histohub.load_pretrained(tmp_path / "complex.safetensors", arch="resnet18")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_floating_weights_and_integer_batch_counts_are_accepted(resnet18_state, dtype):
+def test_floating_weights_and_integer_batch_counts_are_accepted(backbone_state, dtype):
     state = {k: v.to(dtype) if v.is_floating_point() else v.to(torch.int32)
-             for k, v in resnet18_state.items()}
+             for k, v in backbone_state.items()}
     mapped = map_state_dict(state, KeyMap(), shapes("resnet18"))
     assert mapped["conv1.weight"].dtype == dtype
     assert mapped["bn1.num_batches_tracked"].dtype == torch.int32
-    bool_count = dict(resnet18_state, **{"bn1.num_batches_tracked": torch.tensor(True)})
+    bool_count = dict(backbone_state, **{"bn1.num_batches_tracked": torch.tensor(True)})
     with pytest.raises(CheckpointError, match="bn1.num_batches_tracked.*torch.bool"):
         map_state_dict(bool_count, KeyMap(), shapes("resnet18"))

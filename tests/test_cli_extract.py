@@ -21,21 +21,6 @@ def run_cli(argv: list[str]) -> int:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A random ResNet18 saved as safetensors: `--model` accepts checkpoint paths."""
-    import torch
-    from safetensors.torch import save_file
-
-    from histohub.models import build_encoder
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "random_resnet18.safetensors"
-    save_file({k: v.contiguous() for k, v in build_encoder("resnet18").state_dict().items()},
-              path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def slides(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("slides")
     (root / "nested" / "deeper").mkdir(parents=True)
@@ -80,9 +65,9 @@ def test_output_names_disambiguate_equal_stems(tmp_path):
     assert names[one].startswith("s-") and len(set(names.values())) == 3
 
 
-def test_extract_end_to_end(slides, checkpoint, tmp_path, capsys, caplog):
+def test_extract_end_to_end(slides, resnet18_file, tmp_path, capsys, caplog):
     out = tmp_path / "features"
-    argv = [str(slides), "--model", str(checkpoint), "--out", str(out), "--batch-size", "4",
+    argv = [str(slides), "--model", str(resnet18_file), "--out", str(out), "--batch-size", "4",
             "--preview", "--quiet"]
     code = run_cli(["extract", *argv])
     assert code == 1  # notes.svs is not a slide; the others went on
@@ -102,12 +87,13 @@ def test_extract_end_to_end(slides, checkpoint, tmp_path, capsys, caplog):
     assert "slides: 0 extracted, 3 already done, 1 failed" in capsys.readouterr().out
 
 
-def test_missing_mpp_message_names_the_option(tcga_slide, checkpoint, tmp_path, caplog, capsys):
+def test_missing_mpp_message_names_the_option(tcga_slide, resnet18_file, tmp_path, caplog,
+                                              capsys):
     out = tmp_path / "o"
-    assert run_cli(["extract", str(tcga_slide), "--model", str(checkpoint), "--out", str(out),
+    assert run_cli(["extract", str(tcga_slide), "--model", str(resnet18_file), "--out", str(out),
                     "--quiet"]) == 1
     assert "--mpp" in caplog.text
-    assert run_cli(["extract", str(tcga_slide), "--model", str(checkpoint), "--out", str(out),
+    assert run_cli(["extract", str(tcga_slide), "--model", str(resnet18_file), "--out", str(out),
                     "--mpp", "0.25", "--max-patches", "3", "--mask", "otsu", "--quiet"]) == 0
     attrs = read_features(out / f"{tcga_slide.stem}.h5")["attrs"]
     assert attrs["mask_method"] == "otsu" and attrs["level"] == 1 and attrs["n_patches"] == 3
@@ -157,8 +143,8 @@ def test_bad_numbers_are_one_line_errors_before_anything(slides, tmp_path, monke
     assert not out.exists()
 
 
-def test_a_clam_file_in_out_is_kept_and_the_others_go_on(slides, checkpoint, tmp_path, capsys,
-                                                         caplog):
+def test_a_clam_file_in_out_is_kept_and_the_others_go_on(slides, resnet18_file, tmp_path, capsys,
+                                                            caplog):
     import h5py
 
     out = tmp_path / "features"
@@ -167,7 +153,7 @@ def test_a_clam_file_in_out_is_kept_and_the_others_go_on(slides, checkpoint, tmp
         f["features"] = np.ones((3, 1024), np.float32)
     before = (out / "a.h5").read_bytes()
     argv = [str(slides / "a.tif"), str(slides / "nested" / "deeper" / "b.tif"), "--model",
-            str(checkpoint), "--out", str(out), "--batch-size", "4", "--quiet"]
+            str(resnet18_file), "--out", str(out), "--batch-size", "4", "--quiet"]
     assert run_cli(["extract", *argv]) == 1
     assert f"{out / 'a.h5'}" in caplog.text and "--overwrite" in caplog.text
     assert (out / "a.h5").read_bytes() == before
@@ -177,9 +163,9 @@ def test_a_clam_file_in_out_is_kept_and_the_others_go_on(slides, checkpoint, tmp
     assert read_features(out / "a.h5")["features"].shape == (6, 512)
 
 
-def test_a_trial_then_the_full_run(slides, checkpoint, tmp_path, capsys, caplog):
+def test_a_trial_then_the_full_run(slides, resnet18_file, tmp_path, capsys, caplog):
     out = tmp_path / "o"
-    argv = [str(slides / "a.tif"), "--model", str(checkpoint), "--out", str(out), "--quiet"]
+    argv = [str(slides / "a.tif"), "--model", str(resnet18_file), "--out", str(out), "--quiet"]
     assert run_cli(["extract", *argv, "--max-patches", "2"]) == 0
     assert run_cli(["extract", *argv]) == 0
     assert read_features(out / "a.h5")["attrs"]["n_patches"] == 6
@@ -188,8 +174,8 @@ def test_a_trial_then_the_full_run(slides, checkpoint, tmp_path, capsys, caplog)
 
 
 @pytest.mark.slow
-def test_disk_full_fails_that_slide_cleanly_and_a_rerun_works(slides, checkpoint, tmp_path,
-                                                              small_disk):
+def test_disk_full_fails_that_slide_cleanly_and_a_rerun_works(slides, resnet18_file, tmp_path,
+                                                                 small_disk):
     """In a subprocess, as a user runs it: one line per failure, no traceback, no crash."""
     import subprocess
     import sys
@@ -199,7 +185,7 @@ def test_disk_full_fails_that_slide_cleanly_and_a_rerun_works(slides, checkpoint
                       tissue_image(1120, 1792, [(0, 0, 1792, 1120)], seed=5), levels=2)
     small = slides / "nested" / "deeper" / "b.tif"
     command = [sys.executable, "-m", "histohub", "extract", str(big), str(small), "--model",
-               str(checkpoint), "--batch-size", "8", "--quiet", "--out"]
+               str(resnet18_file), "--batch-size", "8", "--quiet", "--out"]
     roomy = tmp_path / "roomy"
     assert subprocess.run([*command, str(roomy)], capture_output=True).returncode == 0
     sizes = {p.name: p.stat().st_size for p in roomy.glob("*.h5")}

@@ -377,7 +377,6 @@ def test_every_failed_source_is_listed(file_server, make_manifest):
     assert "HTTP 500" in message and "HTTP 404" in message
 
 
-@pytest.mark.slow
 def test_two_processes_fetching_at_once_share_one_download(file_server, make_manifest):
     data = os.urandom(2_000_000)
     url = _served(file_server, "/w/big.bin", data)

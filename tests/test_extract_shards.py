@@ -17,7 +17,6 @@ import pytest
 
 from histohub._h5 import partial_path, read_features
 from histohub.cli.extract import launcher_rank, parse_shard, pick_device, shard_slides
-from test_cli_extract import checkpoint  # noqa: F401  (a fixture: a random ResNet18 file)
 from wsi_factory import tissue_image, write_slide
 
 SUMMARY = re.compile(r"slides: (\d+) extracted(?: \((\d+) resumed\))?, (\d+) already done, "
@@ -36,11 +35,11 @@ def cohort(tmp_path_factory, cmu_slide) -> Path:
     return folder
 
 
-def extract(cohort: Path, checkpoint: Path, out: Path, *extra: str,
+def extract(cohort: Path, resnet18_file: Path, out: Path, *extra: str,
             env: dict[str, str] | None = None) -> subprocess.Popen:
     """``histohub extract`` in a new process (stdout: its summary)."""
     command = [sys.executable, "-m", "histohub", "extract", str(cohort), "--model",
-               str(checkpoint), "--out", str(out), "--device", "cpu", "--batch-size", "4",
+               str(resnet18_file), "--out", str(out), "--device", "cpu", "--batch-size", "4",
                "--max-patches", "6", "--quiet", *extra]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1",
@@ -97,12 +96,12 @@ def test_launcher_environment(monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_processes_write_every_slide_once(cohort, checkpoint, tmp_path):  # noqa: F811
+def test_two_processes_write_every_slide_once(cohort, resnet18_file, tmp_path):
     """--shard 0/2 and 1/2 side by side: each slide is extracted by exactly one process;
     then the same split as torchrun ranks finds everything done."""
     slides = sorted(cohort.iterdir())
     out = tmp_path / "shards"
-    runs = [extract(cohort, checkpoint, out, "--shard", f"{i}/2") for i in range(2)]
+    runs = [extract(cohort, resnet18_file, out, "--shard", f"{i}/2") for i in range(2)]
     counts = [finish(run) for run in runs]
     assert [c[0] for c in counts] == [4, 4]  # 8 slides: 4 each, extracted once in all
     assert sum(c[2] + c[3] for c in counts) == 0
@@ -110,19 +109,19 @@ def test_two_processes_write_every_slide_once(cohort, checkpoint, tmp_path):  # 
     assert sorted(written) == sorted(p.stem for p in slides)
     assert all(4 <= rows <= 6 for rows in written.values())  # 4-8 tissue patches, at most 6
 
-    again = [extract(cohort, checkpoint, out, env={"RANK": str(i), "WORLD_SIZE": "2",
-                                                    "LOCAL_RANK": str(i)}) for i in range(2)]
+    again = [extract(cohort, resnet18_file, out, env={"RANK": str(i), "WORLD_SIZE": "2",
+                                                       "LOCAL_RANK": str(i)}) for i in range(2)]
     assert [finish(run) for run in again] == [(0, 0, 4, 0), (0, 0, 4, 0)]
 
 
 @pytest.mark.slow
-def test_concurrent_runs_without_shards_never_write_a_slide_twice(cohort, checkpoint,  # noqa: F811
-                                                                  tmp_path):
+def test_concurrent_runs_without_shards_never_write_a_slide_twice(cohort, resnet18_file,
+                                                                     tmp_path):
     """Two unsharded runs on one folder at once: the output locks let one write each slide;
     the other finds it done, or busy (reported as failed, exit code 1); a rerun finds all
     done."""
     out = tmp_path / "both"
-    runs = [extract(cohort, checkpoint, out) for _ in range(2)]
+    runs = [extract(cohort, resnet18_file, out) for _ in range(2)]
     results = []
     for run in runs:
         stdout, err = run.communicate(timeout=600)
@@ -131,12 +130,12 @@ def test_concurrent_runs_without_shards_never_write_a_slide_twice(cohort, checkp
     n = len(list(cohort.iterdir()))
     assert sum(r[0] for r in results) == n  # each slide by one of them, never twice
     assert all(r[0] + r[2] + r[3] == n for r in results)  # busy ones are reported
-    assert finish(extract(cohort, checkpoint, out)) == (0, 0, n, 0)
+    assert finish(extract(cohort, resnet18_file, out)) == (0, 0, n, 0)
     assert len(outputs(out)) == n
 
 
 @pytest.mark.slow
-def test_a_killed_process_slide_is_resumed_by_the_next_run(tmp_path, checkpoint):  # noqa: F811
+def test_a_killed_process_slide_is_resumed_by_the_next_run(tmp_path, resnet18_file):
     """kill -9 one process mid-slide; the next run of its shard resumes that slide's partial
     file, and the other shard's slides are found done."""
     import h5py
@@ -148,7 +147,7 @@ def test_a_killed_process_slide_is_resumed_by_the_next_run(tmp_path, checkpoint)
                                                          seed=i), mpp=0.5, levels=2)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "histohub", "extract", str(cohort), "--model",
-               str(checkpoint), "--out", str(out), "--device", "cpu", "--batch-size", "2",
+               str(resnet18_file), "--out", str(out), "--device", "cpu", "--batch-size", "2",
                "--quiet"]
     victim = subprocess.Popen([*command, "--shard", "0/2"], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)

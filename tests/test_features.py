@@ -105,12 +105,19 @@ def test_folder_any_depth_sorted_with_names_and_bad_files(tmp_path):
 
 
 def test_real_tiles_folder(shared_data):
+    """Kather 2016 tiles (150 px TIFFs) of three tissue classes, as PIL images:
+    the features are the model's on the manifest's preprocessing, and tell the tiles apart."""
     folder = shared_data / "kather2016-tiles"
-    subset = sorted(folder.rglob("*.tif"))[:3]
+    subset = [sorted((folder / name).glob("*.tif"))[0]
+              for name in ("01_tumor", "02_stroma", "07_adipose")]
     model = Tiny()
     result = extract_features(model, [Image.open(p).convert("RGB") for p in subset],
                               progress=False)
-    assert result.features.shape == (3, 6) and torch.isfinite(result.features).all()
+    transform = get_transform("resnet18-ssl")
+    batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in subset])
+    assert batch.shape == (3, 3, 224, 224)  # resized from 150 px, as the manifest says
+    torch.testing.assert_close(result.features, reference(model, batch), rtol=1e-5, atol=1e-5)
+    assert torch.pdist(result.features).min() > 0.1  # 0.38 (tumour vs stroma) measured
 
 
 def test_nonfinite_rows_are_reported(caplog):

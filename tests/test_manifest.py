@@ -1,17 +1,15 @@
 """The weights manifest's schema, like torchvision's ``test_schema_meta_validation``.
 
 Every shipped entry is checked field by field; malformed entries are refused with an
-error naming the field; ``HISTOHUB_MANIFEST`` adds entries; and ``hubconf.py`` offers
-exactly one torch.hub entry point per model.
+error naming the field; ``HISTOHUB_MANIFEST`` adds entries. (``hubconf.py``, which offers
+one torch.hub entry point per entry: tests/test_hubconf.py.)
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -23,12 +21,9 @@ from histohub._manifest_schema import parse_entry
 from histohub.errors import ManifestError, UnknownModelError
 from histohub.models import FEATURE_DIMS
 
-REPO = Path(__file__).resolve().parents[1]
 SHIPPED = json.loads(MANIFEST_PATH.read_text(encoding="utf-8"))
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 REVISION = re.compile(r"^[0-9a-f]{40}$")
-#: Import names of pyproject's core dependencies, where they differ from the distribution's.
-IMPORT_NAMES = {"pillow": "PIL"}
 
 
 @pytest.fixture(autouse=True)
@@ -36,20 +31,6 @@ def _fresh_manifest_cache():
     histohub.reload_manifests()
     yield
     histohub.reload_manifests()
-
-
-def load_hubconf():
-    """Import ``hubconf.py`` the way torch.hub does (a fresh module from the file)."""
-    spec = importlib.util.spec_from_file_location("hubconf", REPO / "hubconf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def entry_points(hubconf) -> set[str]:
-    """What ``torch.hub.list`` reports: public callables of hubconf."""
-    return {name for name in dir(hubconf)
-            if callable(getattr(hubconf, name)) and not name.startswith("_")}
 
 
 def write_manifest(path: Path, models: dict) -> Path:
@@ -385,39 +366,3 @@ def test_unknown_name_lists_close_names():
         _manifest.get_entry("resnet18_ssl")
     assert isinstance(caught.value, KeyError)
     assert "resnet18-ssl" in caught.value.close_matches
-
-
-# --------------------------------------------------------------------------- hubconf parity
-
-
-def test_hubconf_has_one_entry_point_per_model():
-    hubconf = load_hubconf()
-    models = _manifest.load_manifest().values()
-    assert entry_points(hubconf) == {e.hub_name for e in models} | {"get_transform"}
-    for entry in models:
-        doc = getattr(hubconf, entry.hub_name).__doc__
-        for fact in (entry.arch, f"(B, {entry.feature_dim})", "mean (0.5, 0.5, 0.5)",
-                     "std (0.5, 0.5, 0.5)", f"{entry.preprocessing.mpp:g} um/px",
-                     f"Licence: {entry.license}", "doi:10.1016/j.mlwa.2021.100198",
-                     f'get_transform("{entry.name}")'):
-            assert fact in doc.replace("\n    ", " "), (entry.name, fact)
-
-
-def test_hubconf_follows_histohub_manifest(tmp_path, monkeypatch):
-    extra = write_manifest(tmp_path / "extra.json", {"org-resnet18.v2": entry_data()})
-    monkeypatch.setenv("HISTOHUB_MANIFEST", str(extra))
-    assert "org_resnet18_v2" in entry_points(load_hubconf())
-
-
-def test_hubconf_refuses_names_that_collide_as_entry_points(tmp_path, monkeypatch):
-    extra = write_manifest(tmp_path / "extra.json", {"resnet18.ssl": entry_data()})
-    monkeypatch.setenv("HISTOHUB_MANIFEST", str(extra))
-    with pytest.raises(ManifestError, match=r"'resnet18\.ssl'.*'resnet18_ssl'.*taken"):
-        load_hubconf()
-
-
-def test_hubconf_dependencies_are_the_core_dependencies():
-    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    core = {re.split(r"[<>=!~\[; ]", dep, maxsplit=1)[0].lower()
-            for dep in project["dependencies"]}
-    assert set(load_hubconf().dependencies) == {IMPORT_NAMES.get(d, d) for d in core}
