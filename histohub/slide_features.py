@@ -5,8 +5,9 @@
   batch; resumable, corrupt tiles skipped.
 - ``SlideExtractor(model)``: the same for a cohort, paying per slide only what is the
   slide's: the model is placed on its device (and compiled, see ``compile``) once, and
-  ``extract_many`` prepares the next slide (output checks, fingerprint, tissue mask, grid)
-  in one background thread while the current slide runs.
+  ``extract_many`` prepares the next slide (output checks, fingerprint, tissue mask, grid,
+  lock, partial file) in one background thread while the current slide runs, and runs the
+  model in full batches across slide boundaries (``histohub.slide_stream``).
 
 Nothing is lost and nothing is trusted by accident: options are checked before anything
 runs (``check_options``, shared with the command line); a file histohub did not write is
@@ -28,12 +29,11 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +42,13 @@ import torch
 from torch import nn
 
 from . import _h5
+from ._h5_writer import FeatureWriter
 from .errors import HistohubError, SlideError
-from .features import PREFETCH_BATCHES, check_options, interleave, prefetch
+from .features import check_options
 from .grid_preview import preview as write_preview
 from .model_runner import ModelRunner, ModelSpec, model_fingerprint, resolve_model, tune_allocator
-from .patch_batches import BatchReader, SlidePatches, batch_ranges, stack_patches
+from .patch_batches import batch_ranges
+from .slide_stream import Batch, CrossBatcher, Schedule, reader_stream, worker_stream
 from .wsi import TileGrid, open_slide, slide_fingerprint, tile_grid
 
 log = logging.getLogger(__name__)
@@ -106,14 +108,27 @@ class SlideResult:
 
 @dataclass
 class _Prepared:
-    """A slide made ready in the background: its request and grid, or 'already done'."""
+    """A slide made ready in the background: 'already done', or its grid with the output's
+    lock held and its partial file open at ``ranges`` (the grid batches still to run)."""
 
     job: SlideJob
     request: dict[str, Any]
+    started: float
     done: dict[str, Any] | None = None
     grid: TileGrid | None = None
     n_tissue: int = 0
-    seconds: float = 0.0
+    writer: FeatureWriter | None = None
+    lock: Any = None
+    ranges: list[range] = field(default_factory=list)
+    result: SlideResult | None = None
+
+    def release(self) -> None:
+        """Close the partial file (kept, to be resumed) and free the lock; idempotent."""
+        writer, lock, self.writer, self.lock = self.writer, self.lock, None, None
+        if writer is not None:
+            writer.close()
+        if lock is not None:
+            lock.release()
 
 
 class SlideExtractor:
@@ -170,55 +185,86 @@ class SlideExtractor:
         says what is kept, resumed or refused). Errors are raised."""
         tiling.check()
         job = SlideJob(Path(slide_path), Path(out_h5), None if preview is None else Path(preview))
-        prepared = self._prepare(job, tiling, overwrite)
-        if prepared.grid is not None:
-            self.runner.plan(len(prepared.grid))
-        return self._run(prepared, tiling, overwrite)
+        (result,) = self._results([job], tiling, overwrite)
+        if result.error is not None:
+            raise result.error
+        return result
 
     def extract_many(self, jobs: Iterable[SlideJob | tuple], *, tiling: Tiling = Tiling(),
                      overwrite: bool = False) -> Iterator[SlideResult]:
-        """Extract ``jobs`` (``SlideJob`` or ``(slide, out_h5[, preview])``) in order,
-        preparing the next slide's mask and grid while the current one runs.
+        """Extract ``jobs`` (``SlideJob`` or ``(slide, out_h5[, preview])``), yielding one
+        ``SlideResult`` per job in order.
 
-        Yields one ``SlideResult`` per job. A slide that cannot be done (not a slide, no
+        The next slide's mask and grid are prepared while the current one runs, and the
+        model's batches run across slide boundaries (``histohub.slide_stream``), so a cohort
+        of small slides runs full batches. A slide that cannot be done (not a slide, no
         mpp, an output it must not replace, busy in another process, a full disk) gives a
-        result with ``error`` set, and the others go on; any other exception stops it.
+        result with ``error`` set, and the others go on; any other exception stops it (the
+        partial files stay, to be resumed).
         """
         tiling.check()
         jobs = [job if isinstance(job, SlideJob) else SlideJob(*map(_path, job))
                 for job in jobs]
+        yield from self._results(jobs, tiling, overwrite)
+
+    def _results(self, jobs: list[SlideJob], tiling: Tiling, overwrite: bool
+                 ) -> Iterator[SlideResult]:
+        """Prepare (background thread) -> read (reader threads) -> model (full batches,
+        across slides) -> write back per slide; results in job order."""
+        from tqdm.auto import tqdm
+
+        if not jobs:
+            return
+        self._fingerprint()  # once, here: the background thread then reads the cached digest
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="histohub-prepare")
-        self._fingerprint()  # once, here: the background thread then reads the cached digest
-        pending: Future | None = None
-        if jobs:
-            pending = self._pool.submit(self._prepare, jobs[0], tiling, overwrite)
+        schedule = Schedule(self._pool, jobs, lambda job: self._prepare(job, tiling, overwrite),
+                            release=lambda unit: getattr(unit, "release", _nothing)())
+        stream = self._stream(schedule)
+        batcher = CrossBatcher(self._features, self.batch_size)
+        bar = tqdm(total=0, unit="patch", desc="patches", disable=not self.progress,
+                   leave=False, dynamic_ncols=True)
+        results: dict[int, SlideResult] = {}
+        seen: set[int] = set()
         tiled: list[int] = []
-        for index, job in enumerate(jobs):
-            current, pending = pending, None
-            if index + 1 < len(jobs):
-                pending = self._pool.submit(self._prepare, jobs[index + 1], tiling, overwrite)
-            started = time.perf_counter()
-            try:
-                prepared = current.result()
-                if prepared.grid is not None:
-                    tiled.append(len(prepared.grid))
-                    self.runner.plan(_job_patches(tiled, len(jobs) - index - 1))
-                result = self._run(prepared, tiling, overwrite)
-            except HistohubError as error:
-                log.error("%s", error)
-                result = SlideResult(job.slide, job.output, 0, error=error,
-                                     seconds=time.perf_counter() - started)
-            yield result
+        due = 0
+        try:
+            for batch in chain(stream, [None]):
+                if batch is None:
+                    complete = batcher.finish()
+                else:
+                    if batch.slot not in seen:
+                        seen.add(batch.slot)
+                        self._admit(batch.unit, tiled, len(jobs) - batch.slot - 1, bar)
+                    complete = batcher.add(batch)
+                for done in complete:
+                    self._write_back(done, jobs[done.slot], results, batcher, overwrite, bar)
+                while due in results:
+                    yield results.pop(due)
+                    due += 1
+        finally:
+            stream.close()
+            schedule.close()
+            bar.close()
 
-    # -- the two halves
+    # -- the stages
 
     def _fingerprint(self) -> str:
         return model_fingerprint(self.runner.eager)
 
+    def _feature_dim_now(self) -> int:
+        """The model's feature size; a module without ``histohub_info`` runs one forward
+        pass, the first time a slide needs a file (never while the model runs a batch: the
+        first file is opened before the first batch)."""
+        if self._feature_dim is None:
+            size = self.spec.preprocessing.input_size
+            self._feature_dim = int(self.runner.run(torch.zeros(1, 3, size, size)).shape[1])
+        return self._feature_dim
+
     def _prepare(self, job: SlideJob, tiling: Tiling, overwrite: bool) -> _Prepared:
         """Everything before the model: refuse foreign outputs, identify the request, find
-        it done, or tile the slide (and draw the preview)."""
+        it done, or tile the slide (and draw the preview), take the output's lock and open
+        its partial file (resumed where a killed run stopped)."""
         started = time.perf_counter()
         if not overwrite:
             _h5.refuse_foreign(job.output)
@@ -232,7 +278,7 @@ class SlideExtractor:
             done = None if overwrite else _h5.find_done(job.output, request,
                                                         max_patches=tiling.max_patches)
             if done is not None:
-                return _Prepared(job, request, done=done)
+                return _Prepared(job, request, started, done=done)
             grid = tile_grid(slide, target_mpp=target, patch_size=pre.input_size,
                              min_foreground=tiling.min_foreground, method=tiling.mask,
                              mpp_override=tiling.mpp)
@@ -242,25 +288,23 @@ class SlideExtractor:
                                foreground=grid.foreground[:tiling.max_patches])
             if job.preview is not None:
                 _write_preview(slide, grid, job.preview)
-        return _Prepared(job, request, grid=grid, n_tissue=n_tissue,
-                         seconds=time.perf_counter() - started)
-
-    def _run(self, prepared: _Prepared, tiling: Tiling, overwrite: bool) -> SlideResult:
-        """Under the output's lock: done by now (another process)? else run the grid."""
-        started = time.perf_counter() - prepared.seconds
-        job = prepared.job
-        if prepared.done is not None:
-            return _skipped(job, prepared.done)
-        with _output_lock(job.output):
-            done = None if overwrite else _h5.find_done(job.output, prepared.request,
+        prepared = _Prepared(job, request, started, grid=grid, n_tissue=n_tissue,
+                             lock=_output_lock(job.output))
+        try:
+            # under the lock: finished by another process meanwhile?
+            done = None if overwrite else _h5.find_done(job.output, request,
                                                         max_patches=tiling.max_patches)
-            if done is not None:  # finished by another process meanwhile
-                return _skipped(job, done)
-            result = self._write(prepared, tiling, overwrite)
-        result.seconds = time.perf_counter() - started
-        return result
+            if done is not None:
+                prepared.release()
+                return replace(prepared, done=done, grid=None)
+            prepared.result = self._open(prepared, tiling, overwrite)
+        except BaseException:
+            prepared.release()
+            raise
+        return prepared
 
-    def _write(self, prepared: _Prepared, tiling: Tiling, overwrite: bool) -> SlideResult:
+    def _open(self, prepared: _Prepared, tiling: Tiling, overwrite: bool) -> SlideResult:
+        """The partial feature file (new or resumed) and the grid batches still to run."""
         job, grid = prepared.job, prepared.grid
         result = SlideResult(job.slide, job.output, 0, n_grid=len(grid))
         if len(grid) == 0:
@@ -269,89 +313,91 @@ class SlideExtractor:
                        "or a lower --min-foreground, and check the preview (--preview)")
             log.warning(message)
             result.warnings.append(message)
-        if self._feature_dim is None:  # a module without histohub_info: one forward pass
-            size = self.spec.preprocessing.input_size
-            self._feature_dim = int(self.runner.run(torch.zeros(1, 3, size, size)).shape[1])
+        feature_dim = self._feature_dim_now()
         attrs = _h5.feature_attrs(prepared.request, grid, model_sha256=self.spec.sha256,
-                                  feature_dim=self._feature_dim, n_tissue=prepared.n_tissue,
+                                  feature_dim=feature_dim, n_tissue=prepared.n_tissue,
                                   max_patches=tiling.max_patches)
-        writer = _h5.FeatureWriter(job.output, attrs=attrs, feature_dim=self._feature_dim,
-                                   coords_attrs=_h5.coords_attrs(grid), resume=not overwrite,
-                                   chunk_rows=max(1, min(CHUNK_ROWS, len(grid))))
-        try:
-            result.resumed_at = writer.next_index
-            self._run_grid(writer, grid, result)
-            result.n_patches, result.n_failed = writer.n_patches, writer.n_failed
-            result.n_nonfinite = writer.n_nonfinite
-            writer.finish(overwrite=overwrite)
-        finally:
-            writer.close()
-        if result.n_failed:
-            result.warnings.append(f"{job.slide.name}: {result.n_failed} patches could not "
-                                   "be read and were skipped (failed_coords)")
-        if result.n_nonfinite:
-            result.warnings.append(f"{job.slide.name}: {result.n_nonfinite} patches gave "
-                                   "NaN/inf features and were left out (nonfinite_coords)")
+        prepared.writer = FeatureWriter(
+            job.output, attrs=attrs, feature_dim=feature_dim,
+            coords_attrs=_h5.coords_attrs(grid), resume=not overwrite,
+            chunk_rows=max(1, min(CHUNK_ROWS, len(grid))))
+        result.resumed_at = prepared.writer.next_index
+        prepared.ranges = batch_ranges(result.resumed_at, len(grid), self.batch_size)
         return result
 
-    # -- the grid through the model
-
-    def _run_grid(self, writer: _h5.FeatureWriter, grid: TileGrid, result: SlideResult
-                  ) -> None:
-        from tqdm.auto import tqdm
-
-        ranges = batch_ranges(writer.next_index, len(grid), self.batch_size)
-        name = Path(grid.slide_path).name
-        with tqdm(total=len(grid), initial=writer.next_index, unit="patch", desc=name[:30],
-                  disable=not self.progress, leave=False, dynamic_ncols=True) as bar:
-            for positions, (pixels, ok, failed) in zip(ranges, self._batches(grid, ranges)):
-                features = np.zeros((0, writer.feature_dim), np.float32)
-                nonfinite = np.zeros(0, np.int64)
-                if len(ok):
-                    out = self.runner.run_pixels(torch.as_tensor(pixels)).numpy()
-                    finite = np.isfinite(out).all(axis=1)
-                    if not finite.all():
-                        log.warning("%s: %d patches gave NaN/inf features, left out (coords "
-                                    "%s)", name, int((~finite).sum()),
-                                    grid.coords[ok[~finite]][:3].tolist())
-                    features, nonfinite, ok = out[finite], ok[~finite], ok[finite]
-                writer.append(features, grid.coords[ok], next_index=positions.stop,
-                              failed_coords=grid.coords[failed],
-                              nonfinite_coords=grid.coords[nonfinite])
-                result.patches_run += len(positions)
-                bar.update(len(positions))
-
-    def _batches(self, grid: TileGrid, ranges: list[range]) -> Iterator:
-        """``(uint8 (b, S, S, 3), positions read, positions failed)`` for each range, read
-        ahead of the model by reader threads (batches dealt round-robin) or processes."""
+    def _stream(self, schedule: Schedule) -> Iterator[Batch]:
+        """Every slide's batches in order, read ahead of the model by reader threads
+        (batches dealt round-robin) or DataLoader worker processes."""
         interpolation = self.spec.preprocessing.interpolation
         if self.num_workers > 0:
-            return _worker_batches(grid, ranges, interpolation, self.num_workers,
-                                   self.runner.pin_memory)
-        allocate = _pinned if self.runner.pin_memory else None
-        threads = max(1, min(self.read_threads, len(ranges)))
-        depth = max(1, PREFETCH_BATCHES // threads)
-        return interleave([
-            prefetch(BatchReader(grid, interpolation=interpolation, allocate=allocate)
-                     .read_all(ranges[k::threads]), depth=depth)
-            for k in range(threads)])
+            return worker_stream(schedule, num_workers=self.num_workers,
+                                 interpolation=interpolation, pin_memory=self.runner.pin_memory)
+        return reader_stream(schedule, threads=self.read_threads, interpolation=interpolation,
+                             allocate=_pinned if self.runner.pin_memory else None)
+
+    def _admit(self, unit: Any, tiled: list[int], slides_left: int, bar) -> None:
+        """A slide's first batch is here: tell the runner how big the job is (compile?)."""
+        if isinstance(unit, _Prepared) and unit.result is not None:
+            tiled.append(len(unit.grid))
+            self.runner.plan(_job_patches(tiled, slides_left))
+            bar.total += len(unit.grid) - unit.result.resumed_at
+            bar.set_postfix_str(unit.job.slide.name[:30], refresh=False)
+            bar.refresh()
+
+    def _features(self, pixels: torch.Tensor) -> np.ndarray:
+        return self.runner.run_pixels(pixels).numpy()
+
+    def _write_back(self, batch: Batch, job: SlideJob, results: dict[int, SlideResult],
+                    batcher: CrossBatcher, overwrite: bool, bar) -> None:
+        """Append a batch to its slide's file; after its last batch, finish the file."""
+        unit = batch.unit
+        if isinstance(unit, HistohubError):
+            log.error("%s", unit)
+            results[batch.slot] = SlideResult(job.slide, job.output, 0, error=unit)
+            return
+        if unit.done is not None:
+            results[batch.slot] = _skipped(job, unit.done)
+            return
+        result = unit.result
+        if result.error is not None:  # failed at an earlier batch (reported then)
+            return
+        try:
+            if batch.positions is not None:
+                self._append(unit, batch)
+                result.patches_run += len(batch.positions)
+                bar.update(len(batch.positions))
+            if batch.last:
+                _finish(unit, overwrite)
+        except HistohubError as error:  # a full disk, an output that appeared meanwhile
+            log.error("%s", error)
+            result.error = error
+            unit.release()
+            batcher.drop(batch.slot)
+        else:
+            if not batch.last:
+                return
+        result.seconds = time.perf_counter() - unit.started
+        results[batch.slot] = result
+
+    def _append(self, unit: _Prepared, batch: Batch) -> None:
+        grid, writer, ok = unit.grid, unit.writer, batch.ok
+        features = batch.features if batch.features is not None else \
+            np.zeros((0, writer.feature_dim), np.float32)
+        nonfinite = np.zeros(0, np.int64)
+        finite = np.isfinite(features).all(axis=1)
+        if not finite.all():
+            log.warning("%s: %d patches gave NaN/inf features, left out (coords %s)",
+                        unit.job.slide.name, int((~finite).sum()),
+                        grid.coords[ok[~finite]][:3].tolist())
+            features, nonfinite, ok = features[finite], ok[~finite], ok[finite]
+        writer.append(features, grid.coords[ok], next_index=batch.positions.stop,
+                      failed_coords=grid.coords[batch.failed],
+                      nonfinite_coords=grid.coords[nonfinite])
 
 
 def _pinned(shape: tuple[int, ...]) -> np.ndarray:
     """A page-locked uint8 host array: the copy to the GPU runs asynchronously from it."""
     return torch.empty(shape, dtype=torch.uint8, pin_memory=True).numpy()
-
-
-def _worker_batches(grid: TileGrid, ranges: list[range], interpolation: str,
-                    num_workers: int, pin_memory: bool) -> Iterator:
-    """Read batches in DataLoader worker processes (each with its own slide handle)."""
-    loader = torch.utils.data.DataLoader(
-        SlidePatches(grid, interpolation), batch_sampler=ranges,
-        num_workers=num_workers, pin_memory=pin_memory, collate_fn=stack_patches,
-        multiprocessing_context="spawn" if sys.platform == "darwin" else None)
-    for positions, (pixels, ok) in zip(ranges, loader):
-        positions = np.asarray(positions, np.int64)
-        yield pixels, positions[ok], positions[~ok]
 
 
 def _job_patches(tiled: list[int], slides_left: int) -> int:
@@ -402,23 +448,41 @@ def _write_preview(slide, grid: TileGrid, path: Path) -> None:
         raise _h5.disk_full_error(path, error) from error
 
 
-@contextmanager
-def _output_lock(out_h5: Path) -> Iterator[None]:
-    """Hold ``.<name>.h5.lock`` next to the output so two processes never write one slide
-    (released by the system if the holder dies)."""
+def _output_lock(out_h5: Path) -> Any:
+    """Take ``.<name>.h5.lock`` next to the output so two processes never write one slide
+    (released by the system if the holder dies); returns the held lock (any thread may
+    release it)."""
     from filelock import FileLock, Timeout
 
     out_h5.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(out_h5.parent / f".{out_h5.name}.lock"))
+    lock = FileLock(str(out_h5.parent / f".{out_h5.name}.lock"), thread_local=False)
     try:
         lock.acquire(timeout=0)
     except Timeout:
         raise HistohubError(f"{out_h5} is being written by another histohub process; "
                             "skipped (run again once it has finished)") from None
+    return lock
+
+
+def _finish(unit: _Prepared, overwrite: bool) -> None:
+    """Rename the finished partial file into place, fill in the result, free the lock."""
+    result, writer, name = unit.result, unit.writer, unit.job.slide.name
+    result.n_patches, result.n_failed = writer.n_patches, writer.n_failed
+    result.n_nonfinite = writer.n_nonfinite
     try:
-        yield
+        writer.finish(overwrite=overwrite)
     finally:
-        lock.release()
+        unit.release()
+    if result.n_failed:
+        result.warnings.append(f"{name}: {result.n_failed} patches could not be read and "
+                               "were skipped (failed_coords)")
+    if result.n_nonfinite:
+        result.warnings.append(f"{name}: {result.n_nonfinite} patches gave NaN/inf features "
+                               "and were left out (nonfinite_coords)")
+
+
+def _nothing() -> None:
+    pass
 
 
 def extract_slide(model_or_name: nn.Module | str | os.PathLike, slide_path: str | os.PathLike,
@@ -462,8 +526,8 @@ def extract_slide(model_or_name: nn.Module | str | os.PathLike, slide_path: str 
     tiling.check()
     if not overwrite:
         _h5.refuse_foreign(out_h5)  # before the model loads
-    extractor = SlideExtractor(model_or_name, device=device, batch_size=batch_size,
-                               num_workers=num_workers, read_threads=read_threads, amp=amp,
-                               compile=compile, progress=progress)
-    return extractor.extract(slide_path, out_h5, tiling=tiling, overwrite=overwrite,
-                             preview=preview)
+    with SlideExtractor(model_or_name, device=device, batch_size=batch_size,
+                        num_workers=num_workers, read_threads=read_threads, amp=amp,
+                        compile=compile, progress=progress) as extractor:
+        return extractor.extract(slide_path, out_h5, tiling=tiling, overwrite=overwrite,
+                                 preview=preview)

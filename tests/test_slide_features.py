@@ -451,15 +451,24 @@ def test_compile_auto_compiles_once_for_a_big_enough_job(slide, tmp_path, monkey
     assert extractor.runner.compile_mode == "auto"
 
 
-def test_a_slide_finished_elsewhere_meanwhile_is_not_written_again(slide, tmp_path):
+def test_a_slide_finished_elsewhere_meanwhile_is_not_written_again(slide, tmp_path,
+                                                                    monkeypatch):
     """Prepared as 'to do', then finished by another process before the lock is taken: the
     check under the lock finds it done."""
-    from histohub.slide_features import SlideExtractor, SlideJob, Tiling
+    import histohub.slide_features as slide_features
 
     out = tmp_path / "s.h5"
-    extractor = SlideExtractor(Tiny(), batch_size=16, progress=False)
-    prepared = extractor._prepare(SlideJob(slide, out), Tiling(), False)
-    extract_slide(Tiny(), slide, out, batch_size=16, progress=False)  # "another process"
-    stamp = out.stat().st_mtime_ns
-    result = extractor._run(prepared, Tiling(), False)
-    assert result.skipped and result.patches_run == 0 and out.stat().st_mtime_ns == stamp
+    take_lock, stamps = slide_features._output_lock, []
+
+    def another_process_first(path):
+        if not stamps:  # "another process" finishes the slide just before our lock
+            stamps.append(None)
+            extract_slide(Tiny(), slide, out, batch_size=16, progress=False)
+            stamps.append(out.stat().st_mtime_ns)
+        return take_lock(path)
+
+    monkeypatch.setattr(slide_features, "_output_lock", another_process_first)
+    model = Tiny()
+    result = extract_slide(model, slide, out, batch_size=16, progress=False)
+    assert result.skipped and result.patches_run == 0 and model.calls == 0
+    assert out.stat().st_mtime_ns == stamps[-1]

@@ -1,0 +1,230 @@
+"""The patches of a cohort as one stream: slides prepared one ahead, read in batches by
+reader threads (or DataLoader processes) slide after slide, and run through the model in
+full batches that cross slide boundaries.
+
+Why across slides: on a CPU a batch of 10 patches costs far more per patch than a batch of
+32, and a cohort of small slides is mostly such short tails (each slide's last batch); with
+one model batch per slide boundary the cohort ran at 0.85x the model alone
+(``benchmarks/bench_slides.py``). Reader batches stay one slide's each, aligned to the
+batch size, so a resumed file restarts where an uninterrupted run would; only the model's
+batches mix slides, and every feature goes back to the batch it came from.
+
+- ``Schedule``: prepares job ``i`` (and the next) in one background thread, on demand.
+- ``reader_stream`` / ``worker_stream``: ``Batch`` after ``Batch`` in job order.
+- ``CrossBatcher``: rows of consecutive batches -> the model in batches of ``batch_size``
+  -> batches handed back complete, in order.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import HistohubError
+from .features import PREFETCH_BATCHES, interleave, prefetch
+from .patch_batches import BatchReader, SlidePatches, stack_patches
+
+
+@dataclass
+class Batch:
+    """One reader batch of one job: uint8 ``pixels`` ``(b, S, S, 3)`` of the grid positions
+    ``ok`` ``(b,)``, the positions ``failed`` to decode, ``positions`` the range it covers.
+
+    ``unit`` is what the job's preparation returned (or the ``HistohubError`` it raised). A
+    job with nothing to read (done, failed, empty grid) gives one ``Batch`` with
+    ``positions=None``. ``features`` ``(b, D)`` is set by ``CrossBatcher``.
+    """
+
+    slot: int
+    unit: Any
+    positions: range | None = None
+    pixels: Any = None
+    ok: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    failed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    features: np.ndarray | None = None
+
+    @property
+    def rows(self) -> int:
+        return len(self.ok)
+
+    @property
+    def last(self) -> bool:
+        """Whether this is the job's last batch."""
+        ranges = getattr(self.unit, "ranges", None)
+        return self.positions is None or not ranges or self.positions == ranges[-1]
+
+
+class Schedule:
+    """Prepares ``jobs[i]`` in a background thread when asked, and ``jobs[i + 1]`` with it.
+
+    ``prepare(job)`` returns a unit; a unit with a ``ranges`` attribute (grid ranges to read)
+    and a ``grid`` is read, anything else passes as one empty ``Batch``. A ``HistohubError``
+    it raises becomes the unit. ``close()`` cancels what has not started and hands every
+    prepared unit to ``release``.
+    """
+
+    def __init__(self, pool: ThreadPoolExecutor, jobs: Sequence[Any],
+                 prepare: Callable[[Any], Any], release: Callable[[Any], None]) -> None:
+        self._pool, self._jobs, self._prepare, self._release = pool, jobs, prepare, release
+        self._futures: list[Future | None] = [None] * len(jobs)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def get(self, i: int) -> Any:
+        with self._lock:
+            for j in range(i, min(i + 2, len(self._jobs))):
+                if self._futures[j] is None:
+                    self._futures[j] = self._pool.submit(self._prepare, self._jobs[j])
+        try:
+            return self._futures[i].result()
+        except HistohubError as error:
+            return error
+
+    def close(self) -> None:
+        with self._lock:
+            futures, self._futures = self._futures, [None] * len(self._jobs)
+        for future in futures:
+            if future is None or future.cancel():
+                continue
+            try:
+                unit = future.result()
+            except BaseException:  # noqa: BLE001 - nothing was left open by a failed prepare
+                continue
+            self._release(unit)
+
+
+def _units(schedule: Schedule) -> Iterator[tuple[int, Any, list[range | None]]]:
+    for slot in range(len(schedule)):
+        unit = schedule.get(slot)
+        yield slot, unit, list(getattr(unit, "ranges", None) or [None])
+
+
+def reader_stream(schedule: Schedule, *, threads: int, interpolation: str,
+                  allocate: Callable[[tuple[int, ...]], np.ndarray] | None = None
+                  ) -> Iterator[Batch]:
+    """Every job's batches in order, read ``PREFETCH_BATCHES`` ahead of the consumer by
+    ``threads`` reader threads: the k-th batch of the stream (counted across jobs) is read
+    by thread ``k % threads``, each with its own slide handle."""
+    depth = max(1, PREFETCH_BATCHES // threads)
+    return interleave([prefetch(_thread_batches(schedule, k, threads, interpolation, allocate),
+                                depth=depth) for k in range(threads)])
+
+
+def _thread_batches(schedule: Schedule, k: int, threads: int, interpolation: str,
+                    allocate: Callable | None) -> Iterator[Batch]:
+    count = 0
+    for slot, unit, ranges in _units(schedule):
+        reader = None
+        try:
+            for positions in ranges:
+                if count % threads == k:
+                    if positions is None:
+                        yield Batch(slot, unit)
+                    else:
+                        reader = reader or BatchReader(unit.grid, interpolation=interpolation,
+                                                       allocate=allocate)
+                        yield Batch(slot, unit, positions, *reader.read(positions))
+                count += 1
+        finally:
+            if reader is not None:
+                reader.close()
+
+
+def worker_stream(schedule: Schedule, *, num_workers: int, interpolation: str,
+                  pin_memory: bool) -> Iterator[Batch]:
+    """Every job's batches in order, read by ``num_workers`` DataLoader worker processes
+    (each with its own slide handle), one DataLoader per slide."""
+    import sys
+
+    for slot, unit, ranges in _units(schedule):
+        if ranges == [None]:
+            yield Batch(slot, unit)
+            continue
+        loader = torch.utils.data.DataLoader(
+            SlidePatches(unit.grid, interpolation), batch_sampler=ranges,
+            num_workers=num_workers, pin_memory=pin_memory, collate_fn=stack_patches,
+            multiprocessing_context="spawn" if sys.platform == "darwin" else None)
+        for positions, (pixels, ok) in zip(ranges, loader):
+            read = np.asarray(positions, np.int64)
+            yield Batch(slot, unit, positions, pixels, read[ok], read[~ok])
+
+
+class CrossBatcher:
+    """Runs the rows of consecutive ``Batch``es through ``model`` in batches of
+    ``batch_size`` rows, whichever batch they come from.
+
+    ``model``: uint8 ``(n, S, S, 3)`` tensor -> float32 ``(n, D)`` array. ``add(batch)``
+    and ``finish()`` return the batches now complete (``features`` set), in the order added.
+    ``drop(slot)`` discards a job's rows not yet run (its batches still come back, without
+    features).
+    """
+
+    def __init__(self, model: Callable[[torch.Tensor], np.ndarray], batch_size: int) -> None:
+        self._model, self.batch_size = model, batch_size
+        self._waiting: deque[Batch] = deque()            # added, not yet handed back
+        self._unrun: deque[tuple[Batch, int]] = deque()  # (batch, first row not yet run)
+        self._parts: dict[int, list[np.ndarray]] = {}    # id(batch) -> features so far
+        self._dropped: set[int] = set()
+
+    @property
+    def pending_rows(self) -> int:
+        return sum(b.rows - start for b, start in self._unrun)
+
+    def add(self, batch: Batch) -> list[Batch]:
+        self._waiting.append(batch)
+        if batch.rows and batch.slot not in self._dropped:
+            self._parts[id(batch)] = []
+            self._unrun.append((batch, 0))
+        while self.pending_rows >= self.batch_size:
+            self._run(self.batch_size)
+        return self._complete()
+
+    def finish(self) -> list[Batch]:
+        while self._unrun:
+            self._run(min(self.pending_rows, self.batch_size))
+        return self._complete()
+
+    def drop(self, slot: int) -> None:
+        self._dropped.add(slot)
+        self._unrun = deque((b, s) for b, s in self._unrun if b.slot != slot)
+        for batch in self._waiting:
+            if batch.slot == slot:
+                self._parts.pop(id(batch), None)
+
+    def _run(self, n: int) -> None:
+        pieces: list[tuple[Batch, int, int]] = []
+        while n > 0:
+            batch, start = self._unrun.popleft()
+            stop = min(batch.rows, start + n)
+            pieces.append((batch, start, stop))
+            n -= stop - start
+            if stop < batch.rows:
+                self._unrun.appendleft((batch, stop))
+        tensors = [torch.as_tensor(b.pixels[a:z]) for b, a, z in pieces]
+        features = self._model(tensors[0] if len(tensors) == 1 else torch.cat(tensors))
+        row = 0
+        for batch, start, stop in pieces:
+            self._parts[id(batch)].append(features[row:row + stop - start])
+            row += stop - start
+
+    def _complete(self) -> list[Batch]:
+        done = []
+        while self._waiting:
+            batch = self._waiting[0]
+            parts = self._parts.get(id(batch))
+            if parts is not None:
+                if sum(len(p) for p in parts) < batch.rows:
+                    break
+                batch.features = parts[0] if len(parts) == 1 else np.concatenate(parts)
+                del self._parts[id(batch)]
+            done.append(self._waiting.popleft())
+        return done

@@ -1,0 +1,135 @@
+"""A cohort as one stream: full model batches across slides, features back to their slide,
+results in order, nothing left locked or half-written when a run stops early."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from histohub._h5 import is_complete, partial_path, read_features
+from histohub.slide_features import SlideExtractor, SlideJob, extract_slide
+from histohub.slide_stream import Batch, CrossBatcher
+from test_features import Tiny
+from wsi_factory import tissue_image, write_slide
+
+
+class Recording(Tiny):
+    """``Tiny`` that remembers the size of every batch it ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(x.shape[0])
+        return super().forward(x)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> list[Path]:
+    """Four small slides at 0.5 um/px with 2, 5, 1 and 7 tissue patches of 224 px."""
+    folder = tmp_path_factory.mktemp("cohort")
+    shapes = [(2, 1), (5, 1), (1, 1), (7, 1)]
+    slides = []
+    for i, (cols, rows) in enumerate(shapes):
+        image = tissue_image(224 * (rows + 1), 224 * (cols + 1), [(0, 0, 224 * cols, 224 * rows)],
+                             seed=i)
+        slides.append(write_slide(folder / f"s{i}.tif", image, mpp=0.5, levels=1))
+    return slides
+
+
+def test_model_batches_cross_slide_boundaries(cohort, tmp_path):
+    """15 patches in slides of 2/5/1/7 at batch size 4: 4 + 4 + 4 + 3 forward passes, where
+    slide by slide would take 1 + 2 + 1 + 2 short ones, and every file holds what a
+    single-slide run writes."""
+    model = Recording()
+    jobs = [SlideJob(s, tmp_path / f"{s.stem}.h5") for s in cohort]
+    with SlideExtractor(model, batch_size=4, progress=False) as extractor:
+        results = list(extractor.extract_many(jobs))
+    assert [r.slide_path for r in results] == cohort
+    assert [r.n_patches for r in results] == [2, 5, 1, 7]
+    assert model.sizes == [1, 4, 4, 4, 3]  # 1: the feature-size probe (no histohub_info)
+    for slide, result in zip(cohort, results):
+        alone = extract_slide(Tiny(), slide, tmp_path / "alone" / f"{slide.stem}.h5",
+                              batch_size=4, progress=False)
+        a, b = read_features(result.output), read_features(alone.output)
+        np.testing.assert_array_equal(a["coords"], b["coords"])
+        np.testing.assert_allclose(a["features"], b["features"], rtol=1e-5, atol=1e-6)
+        assert is_complete(result.output) and not partial_path(result.output).exists()
+
+
+def test_a_failing_slide_leaves_its_neighbours_whole(cohort, tmp_path):
+    """The second output is another tool's file: that slide reports an error, the others
+    are written in full, and the foreign file is untouched."""
+    outputs = [tmp_path / f"{s.stem}.h5" for s in cohort]
+    outputs[1].write_bytes(b"not histohub's")
+    with SlideExtractor(Tiny(), batch_size=4, progress=False) as extractor:
+        results = list(extractor.extract_many(list(zip(cohort, outputs))))
+    assert [r.error is None for r in results] == [True, False, True, True]
+    assert [r.n_patches for r in results] == [2, 0, 1, 7]
+    assert outputs[1].read_bytes() == b"not histohub's"
+    for out in (outputs[0], outputs[2], outputs[3]):
+        assert is_complete(out)
+
+
+def test_stopping_early_releases_every_slide(cohort, tmp_path):
+    """Leaving the loop after the first result: no lock is left held, the slides already
+    opened keep a partial file, and the next run finishes all of them."""
+    jobs = [SlideJob(s, tmp_path / f"{s.stem}.h5") for s in cohort]
+    with SlideExtractor(Recording(), batch_size=4, progress=False) as extractor:
+        results = extractor.extract_many(jobs)
+        first = next(results)
+        results.close()
+    assert first.n_patches == 2 and is_complete(jobs[0].output)
+    assert not is_complete(jobs[3].output)
+    model = Recording()
+    with SlideExtractor(model, batch_size=4, progress=False) as extractor:
+        again = list(extractor.extract_many(jobs))  # a held lock would make a slide "busy"
+    assert [r.error for r in again] == [None] * 4
+    assert [r.n_patches for r in again] == [2, 5, 1, 7] and again[0].skipped
+    assert sum(model.sizes) - 1 == sum(r.patches_run for r in again) <= 13
+
+
+def test_cross_batcher_hands_batches_back_in_order_with_their_rows():
+    """Rows of 3 + 0 + 5 + 2 at batch size 4: model batches of 4, 4, 2; each batch gets
+    back exactly its own rows' features."""
+    seen: list[int] = []
+
+    def model(pixels: torch.Tensor) -> np.ndarray:
+        seen.append(len(pixels))
+        return pixels[:, 0, 0, :1].numpy().astype(np.float32)
+
+    def batch(slot: int, values: list[int]) -> Batch:
+        pixels = np.zeros((len(values), 2, 2, 3), np.uint8)
+        pixels[:, 0, 0, 0] = values
+        return Batch(slot, None, range(0), pixels, np.arange(len(values)))
+
+    batcher = CrossBatcher(model, 4)
+    batches = [batch(0, [1, 2, 3]), batch(0, []), batch(1, [4, 5, 6, 7, 8]), batch(2, [9, 10])]
+    done = []
+    for b in batches:
+        done += batcher.add(b)
+    done += batcher.finish()
+    assert seen == [4, 4, 2]
+    assert done == batches
+    assert [b.features[:, 0].tolist() if b.rows else [] for b in done] == \
+        [[1, 2, 3], [], [4, 5, 6, 7, 8], [9, 10]]
+
+
+def test_cross_batcher_drop_skips_a_slots_rows():
+    runs: list[int] = []
+
+    def model(pixels: torch.Tensor) -> np.ndarray:
+        runs.append(len(pixels))
+        return np.zeros((len(pixels), 1), np.float32)
+
+    batcher = CrossBatcher(model, 4)
+    a = Batch(0, None, range(0), np.zeros((3, 1, 1, 3), np.uint8), np.arange(3))
+    b = Batch(1, None, range(0), np.zeros((2, 1, 1, 3), np.uint8), np.arange(2))
+    assert batcher.add(a) == []
+    batcher.drop(0)
+    done = batcher.add(b) + batcher.finish()
+    assert runs == [2] and done == [a, b] and a.features is None and len(b.features) == 2
