@@ -24,8 +24,9 @@ loaded by every arm with ``histohub.load_pretrained(path)``) and the same patche
 0.5 um/px, >= 50% tissue), each arm in a fresh process, rounds interleaved (A, B, C, ...,
 A, B, C, ...), medians of the rounds:
 
-- histohub:  ``histohub.extract_slide`` with its defaults, looping over the slides in one
-             process with one model (HDF5 outputs written);
+- histohub:  the library's defaults in one process with one model: ``extract_slide`` for
+             one slide, one ``SlideExtractor``'s ``extract_many`` for several (HDF5
+             outputs written);
 - cli:       ``histohub extract SLIDES --model WEIGHTS --out DIR`` with its defaults, run
              in-process through the ``histohub`` console-script entry point (what a user
              runs; it may share work across slides that separate ``extract_slide`` calls
@@ -116,7 +117,7 @@ SIZES: dict[str, dict[str, Any]] = {
 MODEL_ARMS = ("histohub", "cli", "eager", "compiled", "naive")
 HISTOHUB_ARMS = ("histohub", "cli")
 ARM_LABELS = {
-    "histohub": "histohub extract_slide (defaults)",
+    "histohub": "histohub library (defaults)",
     "cli": "histohub extract (CLI defaults)",
     "eager": "model alone, eager, channels_last, b32",
     "compiled": "model alone, torch.compile, channels_last, b32",
@@ -347,7 +348,9 @@ def _read_patch(slide: Any, x: int, y: int, size0: int) -> np.ndarray:
 
 
 def arm_histohub(slides: list[dict[str, Any]], out: Path, weights: Path) -> dict[str, Any]:
-    """``extract_slide`` defaults over ``slides`` in this process, one model."""
+    """histohub's library defaults, one model in this process: ``extract_slide`` for one
+    slide; for several, one ``SlideExtractor`` and ``extract_many`` (what the library offers
+    for a cohort, and what ``histohub extract`` runs)."""
     import torch
 
     import histohub
@@ -362,12 +365,19 @@ def arm_histohub(slides: list[dict[str, Any]], out: Path, weights: Path) -> dict
 
     model.register_forward_hook(on_forward)
     rss = memory_mib("VmRSS")
-    patches = 0
+    mpps = {slide["mpp"] for slide in slides}
     start = time.perf_counter()
-    for i, slide in enumerate(slides):
-        options = {"mpp": slide["mpp"]} if slide["mpp"] is not None else {}
-        result = histohub.extract_slide(model, slide["path"], out / f"{i:03d}.h5", **options)
-        patches += result.n_patches
+    if len(slides) == 1:
+        options = {"mpp": slides[0]["mpp"]} if slides[0]["mpp"] is not None else {}
+        patches = histohub.extract_slide(model, slides[0]["path"], out / "000.h5",
+                                         **options).n_patches
+    elif len(mpps) == 1:
+        jobs = [(slide["path"], out / f"{i:03d}.h5") for i, slide in enumerate(slides)]
+        with histohub.SlideExtractor(model) as extractor:
+            results = list(extractor.extract_many(jobs, tiling=histohub.Tiling(mpp=mpps.pop())))
+        patches = sum(result.n_patches for result in results)
+    else:
+        raise ValueError("one mpp for all the slides of a cohort run")
     seconds = time.perf_counter() - start
     return {"patches": patches, "seconds": seconds,
             "first_s": first[0] - start if first else None, "rss_start_mib": rss}
