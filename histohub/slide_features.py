@@ -32,7 +32,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -45,90 +45,17 @@ from . import _h5
 from ._h5_writer import FeatureWriter
 from .errors import HistohubError, SlideError
 from .features import check_options
-from .grid_preview import preview as write_preview
-from .model_runner import ModelRunner, ModelSpec, model_fingerprint, resolve_model, tune_allocator
+from .model_runner import ModelRunner, model_fingerprint, resolve_model, tune_allocator
 from .patch_batches import batch_ranges
+from .slide_jobs import SlideJob, SlideResult, Tiling, skipped_result
+from .slide_outputs import OpenOutput, output_lock, request_attrs, write_preview
 from .slide_stream import Batch, CrossBatcher, Schedule, reader_stream, worker_stream
-from .wsi import TileGrid, open_slide, slide_fingerprint, tile_grid
+from .wsi import open_slide, tile_grid
 
 log = logging.getLogger(__name__)
 
 #: Rows per HDF5 chunk at most (fewer for slides with fewer patches).
 CHUNK_ROWS = 256
-
-
-@dataclass(frozen=True)
-class Tiling:
-    """How slides are cut into patches.
-
-    ``mpp``: the slides' microns per pixel, for files that do not record it.
-    ``target_mpp``: tile at this mpp (default: the model's). ``mask``: 'hsv' (the paper's
-    rule) or 'otsu'. ``min_foreground``: tissue fraction a patch needs. ``max_patches``:
-    keep the first N grid patches (for quick trials).
-    """
-
-    mpp: float | None = None
-    target_mpp: float | None = None
-    mask: str = "hsv"
-    min_foreground: float = 0.5
-    max_patches: int | None = None
-
-    def check(self) -> None:
-        check_options(mpp=self.mpp, target_mpp=self.target_mpp, mask=self.mask,
-                      min_foreground=self.min_foreground, max_patches=self.max_patches)
-
-
-@dataclass(frozen=True)
-class SlideJob:
-    """One slide to extract: its file, the feature file, and an optional preview PNG."""
-
-    slide: Path
-    output: Path
-    preview: Path | None = None
-
-
-@dataclass
-class SlideResult:
-    """What the extraction did for one slide. ``error``: set (and nothing written) when
-    ``extract_many`` could not do this slide; ``extract_slide`` raises instead."""
-
-    slide_path: Path
-    output: Path
-    n_patches: int
-    n_failed: int = 0
-    n_nonfinite: int = 0
-    n_grid: int = 0
-    seconds: float = 0.0
-    skipped: bool = False   # already complete, not recomputed
-    resumed_at: int = 0     # grid position a partial run was continued from
-    patches_run: int = 0    # patches put through the model in this call
-    warnings: list[str] = field(default_factory=list)
-    error: HistohubError | None = None
-
-
-@dataclass
-class _Prepared:
-    """A slide made ready in the background: 'already done', or its grid with the output's
-    lock held and its partial file open at ``ranges`` (the grid batches still to run)."""
-
-    job: SlideJob
-    request: dict[str, Any]
-    started: float
-    done: dict[str, Any] | None = None
-    grid: TileGrid | None = None
-    n_tissue: int = 0
-    writer: FeatureWriter | None = None
-    lock: Any = None
-    ranges: list[range] = field(default_factory=list)
-    result: SlideResult | None = None
-
-    def release(self) -> None:
-        """Close the partial file (kept, to be resumed) and free the lock; idempotent."""
-        writer, lock, self.writer, self.lock = self.writer, self.lock, None, None
-        if writer is not None:
-            writer.close()
-        if lock is not None:
-            lock.release()
 
 
 class SlideExtractor:
@@ -261,7 +188,7 @@ class SlideExtractor:
             self._feature_dim = int(self.runner.run(torch.zeros(1, 3, size, size)).shape[1])
         return self._feature_dim
 
-    def _prepare(self, job: SlideJob, tiling: Tiling, overwrite: bool) -> _Prepared:
+    def _prepare(self, job: SlideJob, tiling: Tiling, overwrite: bool) -> OpenOutput:
         """Everything before the model: refuse foreign outputs, identify the request, find
         it done, or tile the slide (and draw the preview), take the output's lock and open
         its partial file (resumed where a killed run stopped)."""
@@ -274,11 +201,11 @@ class SlideExtractor:
             raise SlideError(f"the model {self.spec.name!r} does not state the microns per "
                              "pixel it expects; pass target_mpp= (--target-mpp), e.g. 0.5")
         with open_slide(job.slide) as slide:
-            request = _request(self.spec, self._fingerprint(), slide, tiling, target)
+            request = request_attrs(self.spec, self._fingerprint(), slide, tiling, target)
             done = None if overwrite else _h5.find_done(job.output, request,
                                                         max_patches=tiling.max_patches)
             if done is not None:
-                return _Prepared(job, request, started, done=done)
+                return OpenOutput(job, request, started, done=done)
             grid = tile_grid(slide, target_mpp=target, patch_size=pre.input_size,
                              min_foreground=tiling.min_foreground, method=tiling.mask,
                              mpp_override=tiling.mpp)
@@ -287,9 +214,9 @@ class SlideExtractor:
                 grid = replace(grid, coords=grid.coords[:tiling.max_patches],
                                foreground=grid.foreground[:tiling.max_patches])
             if job.preview is not None:
-                _write_preview(slide, grid, job.preview)
-        prepared = _Prepared(job, request, started, grid=grid, n_tissue=n_tissue,
-                             lock=_output_lock(job.output))
+                write_preview(slide, grid, job.preview)
+        prepared = OpenOutput(job, request, started, grid=grid, n_tissue=n_tissue,
+                             lock=output_lock(job.output))
         try:
             # under the lock: finished by another process meanwhile?
             done = None if overwrite else _h5.find_done(job.output, request,
@@ -303,7 +230,7 @@ class SlideExtractor:
             raise
         return prepared
 
-    def _open(self, prepared: _Prepared, tiling: Tiling, overwrite: bool) -> SlideResult:
+    def _open(self, prepared: OpenOutput, tiling: Tiling, overwrite: bool) -> SlideResult:
         """The partial feature file (new or resumed) and the grid batches still to run."""
         job, grid = prepared.job, prepared.grid
         result = SlideResult(job.slide, job.output, 0, n_grid=len(grid))
@@ -337,7 +264,7 @@ class SlideExtractor:
 
     def _admit(self, unit: Any, tiled: list[int], slides_left: int, bar) -> None:
         """A slide's first batch is here: tell the runner how big the job is (compile?)."""
-        if isinstance(unit, _Prepared) and unit.result is not None:
+        if isinstance(unit, OpenOutput) and unit.result is not None:
             tiled.append(len(unit.grid))
             self.runner.plan(_job_patches(tiled, slides_left))
             bar.total += len(unit.grid) - unit.result.resumed_at
@@ -356,18 +283,18 @@ class SlideExtractor:
             results[batch.slot] = SlideResult(job.slide, job.output, 0, error=unit)
             return
         if unit.done is not None:
-            results[batch.slot] = _skipped(job, unit.done)
+            results[batch.slot] = skipped_result(job, unit.done)
             return
         result = unit.result
         if result.error is not None:  # failed at an earlier batch (reported then)
             return
         try:
             if batch.positions is not None:
-                self._append(unit, batch)
+                unit.append(batch)
                 result.patches_run += len(batch.positions)
                 bar.update(len(batch.positions))
             if batch.last:
-                _finish(unit, overwrite)
+                unit.finish(overwrite)
         except HistohubError as error:  # a full disk, an output that appeared meanwhile
             log.error("%s", error)
             result.error = error
@@ -379,20 +306,6 @@ class SlideExtractor:
         result.seconds = time.perf_counter() - unit.started
         results[batch.slot] = result
 
-    def _append(self, unit: _Prepared, batch: Batch) -> None:
-        grid, writer, ok = unit.grid, unit.writer, batch.ok
-        features = batch.features if batch.features is not None else \
-            np.zeros((0, writer.feature_dim), np.float32)
-        nonfinite = np.zeros(0, np.int64)
-        finite = np.isfinite(features).all(axis=1)
-        if not finite.all():
-            log.warning("%s: %d patches gave NaN/inf features, left out (coords %s)",
-                        unit.job.slide.name, int((~finite).sum()),
-                        grid.coords[ok[~finite]][:3].tolist())
-            features, nonfinite, ok = features[finite], ok[~finite], ok[finite]
-        writer.append(features, grid.coords[ok], next_index=batch.positions.stop,
-                      failed_coords=grid.coords[batch.failed],
-                      nonfinite_coords=grid.coords[nonfinite])
 
 
 def _pinned(shape: tuple[int, ...]) -> np.ndarray:
@@ -408,77 +321,6 @@ def _job_patches(tiled: list[int], slides_left: int) -> int:
 
 def _path(value: Any) -> Path | None:
     return None if value is None else Path(value)
-
-
-def _skipped(job: SlideJob, done: dict[str, Any]) -> SlideResult:
-    log.info("%s: already done (%s); pass overwrite=True to redo it", job.slide.name,
-             job.output)
-    return SlideResult(job.slide, job.output, int(done["n_patches"]), int(done["n_failed"]),
-                       int(done["n_nonfinite"]), int(done["n_grid"]), skipped=True)
-
-
-def _request(spec: ModelSpec, fingerprint: str, slide, tiling: Tiling, target_mpp: float
-             ) -> dict[str, Any]:
-    """The ``REQUEST_ATTRS`` of this call, known without tiling the slide."""
-    from .wsi import _slide_mpp
-
-    pre = spec.preprocessing
-    size, slide_digest = slide_fingerprint(slide.path)
-    mpp = tiling.mpp
-    return {
-        "model_name": spec.name, "arch": spec.arch, "model_fingerprint": fingerprint,
-        "norm_mean": tuple(float(v) for v in pre.mean),
-        "norm_std": tuple(float(v) for v in pre.std), "interpolation": pre.interpolation,
-        "slide_size": size, "slide_fingerprint": slide_digest,
-        "slide_width": slide.dimensions[0], "slide_height": slide.dimensions[1],
-        # as tile_grid will take it (an mpp given by the user is checked, and warned about, there)
-        "slide_mpp": float(mpp) if mpp is not None else _slide_mpp(slide, None)[0],
-        "target_mpp": float(target_mpp), "patch_size": pre.input_size,
-        "mask_method": tiling.mask, "min_foreground": float(tiling.min_foreground),
-    }
-
-
-def _write_preview(slide, grid: TileGrid, path: Path) -> None:
-    try:
-        write_preview(slide, grid, path)
-    except OSError as error:
-        if not _h5.is_disk_full(error):
-            raise
-        path.unlink(missing_ok=True)
-        raise _h5.disk_full_error(path, error) from error
-
-
-def _output_lock(out_h5: Path) -> Any:
-    """Take ``.<name>.h5.lock`` next to the output so two processes never write one slide
-    (released by the system if the holder dies); returns the held lock (any thread may
-    release it)."""
-    from filelock import FileLock, Timeout
-
-    out_h5.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(out_h5.parent / f".{out_h5.name}.lock"), thread_local=False)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise HistohubError(f"{out_h5} is being written by another histohub process; "
-                            "skipped (run again once it has finished)") from None
-    return lock
-
-
-def _finish(unit: _Prepared, overwrite: bool) -> None:
-    """Rename the finished partial file into place, fill in the result, free the lock."""
-    result, writer, name = unit.result, unit.writer, unit.job.slide.name
-    result.n_patches, result.n_failed = writer.n_patches, writer.n_failed
-    result.n_nonfinite = writer.n_nonfinite
-    try:
-        writer.finish(overwrite=overwrite)
-    finally:
-        unit.release()
-    if result.n_failed:
-        result.warnings.append(f"{name}: {result.n_failed} patches could not be read and "
-                               "were skipped (failed_coords)")
-    if result.n_nonfinite:
-        result.warnings.append(f"{name}: {result.n_nonfinite} patches gave NaN/inf features "
-                               "and were left out (nonfinite_coords)")
 
 
 def _nothing() -> None:

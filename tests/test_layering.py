@@ -28,7 +28,8 @@ PACKAGE = REPO / "histohub"
 TRAINING = ("training", "simclr", "downstream", "cli_errors")
 DOWNLOADS = ("histohub._download", "requests", "huggingface_hub", "urllib3", "filelock")
 SLIDES = ("histohub.wsi", "histohub.tissue", "histohub.patch_batches", "histohub.grid_preview",
-          "histohub.slide_features", "histohub.cluster", "histohub._h5", "histohub._h5_writer",
+          "histohub.slide_features", "histohub.slide_jobs", "histohub.slide_outputs",
+          "histohub.slide_stream", "histohub.cluster", "histohub._h5", "histohub._h5_writer",
           "openslide", "h5py")
 RULES = {
     "histohub": TRAINING,

@@ -458,7 +458,7 @@ def test_a_slide_finished_elsewhere_meanwhile_is_not_written_again(slide, tmp_pa
     import histohub.slide_features as slide_features
 
     out = tmp_path / "s.h5"
-    take_lock, stamps = slide_features._output_lock, []
+    take_lock, stamps = slide_features.output_lock, []
 
     def another_process_first(path):
         if not stamps:  # "another process" finishes the slide just before our lock
@@ -467,7 +467,7 @@ def test_a_slide_finished_elsewhere_meanwhile_is_not_written_again(slide, tmp_pa
             stamps.append(out.stat().st_mtime_ns)
         return take_lock(path)
 
-    monkeypatch.setattr(slide_features, "_output_lock", another_process_first)
+    monkeypatch.setattr(slide_features, "output_lock", another_process_first)
     model = Tiny()
     result = extract_slide(model, slide, out, batch_size=16, progress=False)
     assert result.skipped and result.patches_run == 0 and model.calls == 0
