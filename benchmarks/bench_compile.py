@@ -1,5 +1,5 @@
 """What ``torch.compile`` costs and saves for ResNet18 on this CPU: the basis of
-``histohub.features.COMPILE_MIN_PATCHES`` (the job size at which ``compile="auto"``
+``histohub.model_runner.COMPILE_MIN_PATCHES`` (the job size at which ``compile="auto"``
 compiles).
 
 Not a test. In one process (glibc allocator tuned, channels_last, batch ``--batch``): a

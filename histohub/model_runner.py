@@ -102,17 +102,21 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, *, device: str | torch.device = "cpu",
                  amp: bool | str = False, compile: bool | str = False, batch_size: int = 64,
-                 preprocessing: Preprocessing | None = None) -> None:
+                 preprocessing: Preprocessing | None = None, fingerprint: bool = False
+                 ) -> None:
         for name, value in (("batch_size", batch_size), ("amp", amp), ("compile", compile)):
             check_option(name, value, **MODEL_OPTIONS[name])
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.preprocessing = preprocessing
+        # hashed before channels_last: in the layout weights load in, hashing copies nothing
+        digest = model_fingerprint(model) if fingerprint else None
         self.eager = model.eval().to(device=self.device, memory_format=torch.channels_last)
+        if digest is not None:
+            remember_fingerprint(self.eager, digest)
         self.autocast = _autocast(self.device, amp)
         self.compile_mode = compile
         self.compiled: nn.Module | None = None
-        self._norm: tuple[torch.Tensor, torch.Tensor] | None = None
         if compile is True:
             self._compile()
 
@@ -214,12 +218,19 @@ def model_fingerprint(model: nn.Module) -> str:
         digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
         flat = tensor.to("cpu").contiguous().reshape(-1)
         digest.update(flat.view(torch.uint8).numpy())
+    remember_fingerprint(model, digest.hexdigest())
+    return digest.hexdigest()
+
+
+def remember_fingerprint(model: nn.Module, digest: str) -> None:
+    """Record ``digest`` as the fingerprint of ``model``'s weights as they are now in memory,
+    e.g. after moving them or changing their memory format, which keeps their values."""
+    tensors = model.state_dict(keep_vars=True)
     try:
         _FINGERPRINTS[model] = ({name: (weakref.ref(t), t.data_ptr(), t._version)
-                                 for name, t in tensors.items()}, digest.hexdigest())
+                                 for name, t in tensors.items()}, digest)
     except RuntimeError:  # inference tensors have no version counter: not cached
         pass
-    return digest.hexdigest()
 
 
 def _unchanged(seen: dict[str, tuple], tensors: dict[str, torch.Tensor]) -> bool:

@@ -45,6 +45,7 @@ from . import _h5
 from ._h5_writer import FeatureWriter
 from .errors import HistohubError, SlideError
 from .features import check_options
+from .grid_preview import grid_summary
 from .model_runner import ModelRunner, model_fingerprint, resolve_model, tune_allocator
 from .patch_batches import batch_ranges
 from .slide_jobs import SlideJob, SlideResult, Tiling, skipped_result
@@ -66,7 +67,7 @@ class SlideExtractor:
     ``read_threads``: reader threads (1 or 2); ``num_workers``: DataLoader worker processes
     instead (0: threads). ``amp``: autocast (True = bfloat16, or 'fp16').
     ``compile``: ``torch.compile`` the model: True, False, or "auto" (default): on a CPU,
-    once the job holds ``features.COMPILE_MIN_PATCHES`` patches (not on a GPU, where
+    once the job holds ``model_runner.COMPILE_MIN_PATCHES`` patches (not on a GPU, where
     reading is the bottleneck); once, never again for the next slide.
 
     >>> with SlideExtractor("resnet18-ssl") as extractor:       # doctest: +SKIP
@@ -85,7 +86,8 @@ class SlideExtractor:
             tune_allocator()
         model, self.spec = resolve_model(model_or_name, device=device, progress=progress)
         self.runner = ModelRunner(model, device=device, amp=amp, compile=compile,
-                                  batch_size=batch_size, preprocessing=self.spec.preprocessing)
+                                  batch_size=batch_size, preprocessing=self.spec.preprocessing,
+                                  fingerprint=True)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.read_threads, self.progress = read_threads, progress
         self._feature_dim = self.spec.feature_dim
@@ -210,6 +212,7 @@ class SlideExtractor:
                              min_foreground=tiling.min_foreground, method=tiling.mask,
                              mpp_override=tiling.mpp)
             n_tissue = len(grid)
+            log.info("%s: %s", job.slide.name, grid_summary(grid))
             if tiling.max_patches is not None:
                 grid = replace(grid, coords=grid.coords[:tiling.max_patches],
                                foreground=grid.foreground[:tiling.max_patches])

@@ -1,4 +1,4 @@
-"""Batched inference: in-memory inputs, folders, datasets; the model runner and its helpers."""
+"""Batched inference: in-memory inputs, folders, datasets, prefetching, options."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ from PIL import Image
 from torch import nn
 
 from histohub.features import extract_features, prefetch
-from histohub.model_runner import tune_allocator
 from histohub.transforms import get_transform, normalize_batch
-
 
 
 class Tiny(nn.Module):
@@ -159,14 +157,6 @@ def test_prefetch_order_errors_and_early_stop():
     assert len(produced) <= 3 + 2 + 2  # the producer stopped soon after the consumer
 
 
-def test_tune_allocator_can_be_turned_off(monkeypatch):
-    import histohub.model_runner as model_runner
-
-    monkeypatch.setattr(model_runner, "_ALLOCATOR_TUNED", None)
-    monkeypatch.setenv("HISTOHUB_MALLOPT", "0")
-    assert tune_allocator() is False
-
-
 @pytest.mark.parametrize(("options", "message"), [
     ({"batch_size": 0}, "batch_size=0"), ({"num_workers": -2}, "num_workers=-2"),
     ({"amp": "int8"}, "amp='int8'")])
@@ -176,14 +166,3 @@ def test_extract_features_checks_options_first(options, message):
     with pytest.raises(OptionError, match=message):
         extract_features("no-such-model", torch.zeros(2, 3, 224, 224), progress=False,
                          **options)
-
-
-def test_model_fingerprint_is_the_weights_not_the_layout():
-    from histohub.model_runner import model_fingerprint
-
-    a, b = Tiny(), Tiny()
-    assert model_fingerprint(a) == model_fingerprint(b.to(memory_format=torch.channels_last))
-    with torch.no_grad():
-        b.conv.bias[0] += 1e-6
-    assert model_fingerprint(a) != model_fingerprint(b)
-    assert model_fingerprint(a) != model_fingerprint(Tiny().to(torch.float64))

@@ -1,0 +1,41 @@
+"""The model runner: weights' fingerprint, allocator tuning."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+import histohub.model_runner as model_runner
+from histohub.model_runner import ModelRunner, model_fingerprint, tune_allocator
+from test_features import Tiny
+
+
+def test_tune_allocator_can_be_turned_off(monkeypatch):
+    monkeypatch.setattr(model_runner, "_ALLOCATOR_TUNED", None)
+    monkeypatch.setenv("HISTOHUB_MALLOPT", "0")
+    assert tune_allocator() is False
+
+
+def test_model_fingerprint_is_the_weights_not_the_layout():
+    a, b = Tiny(), Tiny()
+    assert model_fingerprint(a) == model_fingerprint(b.to(memory_format=torch.channels_last))
+    with torch.no_grad():
+        b.conv.bias[0] += 1e-6
+    assert model_fingerprint(a) != model_fingerprint(b)
+    assert model_fingerprint(a) != model_fingerprint(Tiny().to(torch.float64))
+
+
+def test_runner_carries_the_fingerprint_across_channels_last(monkeypatch):
+    """Hashed once, before the weights move to channels_last (where hashing would copy
+    them): the runner's model answers from the cache with the digest of the weights."""
+    expected = model_fingerprint(Tiny())
+    calls = []
+    real = hashlib.sha256
+    monkeypatch.setattr(model_runner.hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
+    runner = ModelRunner(Tiny(), fingerprint=True)
+    assert runner.eager.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model_fingerprint(runner.eager) == expected and len(calls) == 1
+    with torch.no_grad():
+        runner.eager.conv.bias[0] += 1
+    assert model_fingerprint(runner.eager) != expected and len(calls) == 2
