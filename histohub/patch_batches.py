@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .wsi import PatchReader, TileGrid, TileReadError
+from .wsi import PatchReader, Slide, TileGrid, TileReadError
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +40,16 @@ class BatchReader:
     """Reads batches of a grid's patches into uint8 ``(b, S, S, 3)`` arrays.
 
     ``allocate(shape)`` gives the array to fill (default ``np.empty``; pinned host memory
-    for a GPU). One reader per thread (it holds its own OpenSlide handle); ``close()``
-    releases it. Undecodable tiles are logged and listed, never fatal.
+    for a GPU). One reader per thread (it holds its own OpenSlide handle, or takes over
+    ``slide``: see ``PatchReader``); ``close()`` releases it. Undecodable tiles are logged
+    and listed, never fatal.
     """
 
     def __init__(self, grid: TileGrid, *, interpolation: str = "bilinear",
-                 allocate: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> None:
+                 allocate: Callable[[tuple[int, ...]], np.ndarray] | None = None,
+                 slide: Slide | None = None) -> None:
         self.grid = grid
-        self._reader = PatchReader(grid, interpolation=interpolation)
+        self._reader = PatchReader(grid, interpolation=interpolation, slide=slide)
         self._allocate = allocate or (lambda shape: np.empty(shape, np.uint8))
 
     def read(self, positions: Sequence[int]) -> Batch:

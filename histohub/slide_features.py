@@ -202,27 +202,31 @@ class SlideExtractor:
         if target is None:
             raise SlideError(f"the model {self.spec.name!r} does not state the microns per "
                              "pixel it expects; pass target_mpp= (--target-mpp), e.g. 0.5")
-        with open_slide(job.slide) as slide:
-            request = request_attrs(self.spec, self._fingerprint(), slide, tiling, target)
-            done = None if overwrite else _h5.find_done(job.output, request,
+        # the handle stays open for the first reader (its tile cache holds the mask's tiles)
+        prepared = OpenOutput(job, {}, started, slide=open_slide(job.slide))
+        try:
+            slide = prepared.slide
+            prepared.request = request_attrs(self.spec, self._fingerprint(), slide, tiling,
+                                             target)
+            done = None if overwrite else _h5.find_done(job.output, prepared.request,
                                                         max_patches=tiling.max_patches)
             if done is not None:
-                return OpenOutput(job, request, started, done=done)
+                prepared.release()
+                return replace(prepared, done=done)
             grid = tile_grid(slide, target_mpp=target, patch_size=pre.input_size,
                              min_foreground=tiling.min_foreground, method=tiling.mask,
                              mpp_override=tiling.mpp)
-            n_tissue = len(grid)
+            prepared.n_tissue = len(grid)
             log.info("%s: %s", job.slide.name, grid_summary(grid))
             if tiling.max_patches is not None:
                 grid = replace(grid, coords=grid.coords[:tiling.max_patches],
                                foreground=grid.foreground[:tiling.max_patches])
+            prepared.grid = grid
             if job.preview is not None:
                 write_preview(slide, grid, job.preview)
-        prepared = OpenOutput(job, request, started, grid=grid, n_tissue=n_tissue,
-                             lock=output_lock(job.output))
-        try:
+            prepared.lock = output_lock(job.output)
             # under the lock: finished by another process meanwhile?
-            done = None if overwrite else _h5.find_done(job.output, request,
+            done = None if overwrite else _h5.find_done(job.output, prepared.request,
                                                         max_patches=tiling.max_patches)
             if done is not None:
                 prepared.release()

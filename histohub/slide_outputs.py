@@ -19,7 +19,7 @@ from .grid_preview import preview as draw_preview
 from .model_runner import ModelSpec
 from .slide_jobs import SlideJob, SlideResult, Tiling
 from .slide_stream import Batch
-from .wsi import TileGrid, slide_fingerprint
+from .wsi import Slide, TileGrid, slide_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 class OpenOutput:
     """A slide made ready to run: 'already done' (``done``), or its ``grid`` with the
     output's ``lock`` held and its partial file open (``writer``) at ``ranges``, the grid
-    batches still to run."""
+    batches still to run, and the ``slide`` handle that tiled it, for a reader to take over
+    (``take_slide``)."""
 
     job: SlideJob
     request: dict[str, Any]
@@ -40,14 +41,24 @@ class OpenOutput:
     lock: Any = None
     ranges: list[range] = field(default_factory=list)
     result: SlideResult | None = None
+    slide: Slide | None = None
+
+    def take_slide(self) -> Slide | None:
+        """The open slide handle, now the caller's to close (None when already taken)."""
+        slide, self.slide = self.slide, None
+        return slide
 
     def release(self) -> None:
-        """Close the partial file (kept, to be resumed) and free the lock; idempotent."""
-        writer, lock, self.writer, self.lock = self.writer, self.lock, None, None
+        """Close the partial file (kept, to be resumed), free the lock, close the slide
+        handle unless a reader took it; idempotent."""
+        writer, lock, slide = self.writer, self.lock, self.take_slide()
+        self.writer = self.lock = None
         if writer is not None:
             writer.close()
         if lock is not None:
             lock.release()
+        if slide is not None:
+            slide.close()
 
     def append(self, batch: Batch) -> None:
         """Append one batch (``features`` set); NaN/inf rows go to ``nonfinite_coords``."""

@@ -130,8 +130,11 @@ def _thread_batches(schedule: Schedule, k: int, threads: int, interpolation: str
                     if positions is None:
                         yield Batch(slot, unit)
                     else:
+                        # the first thread reads with the handle that tiled the slide
+                        take = getattr(unit, "take_slide", None) if k == 0 else None
                         reader = reader or BatchReader(unit.grid, interpolation=interpolation,
-                                                       allocate=allocate)
+                                                       allocate=allocate,
+                                                       slide=take() if take else None)
                         yield Batch(slot, unit, positions, *reader.read(positions))
                 count += 1
         finally:

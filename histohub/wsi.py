@@ -82,15 +82,21 @@ class Slide:
 
         Transparent pixels (outside the scanned area) come back white, as glass would.
         """
+        return np.array(self.read_image(location, level, size))
+
+    def read_image(self, location: tuple[int, int], level: int, size: tuple[int, int]):
+        """``read_region`` as an RGB ``PIL.Image`` (to resize before leaving PIL)."""
+        from PIL import Image
+
         image = self._handle.read_region(location, level, size)
         if image.getchannel("A").getextrema()[0] == 255:  # opaque (nearly always): in C
-            return np.array(image.convert("RGB"))
+            return image.convert("RGB")
         rgba = np.asarray(image)
         rgb = rgba[..., :3]
         if rgba[..., 3].min() < 255:  # OpenSlide returns premultiplied alpha
             alpha = rgba[..., 3:4].astype(np.uint16)
             rgb = (rgb + (255 - alpha)).clip(0, 255).astype(np.uint8)
-        return np.ascontiguousarray(rgb)
+        return Image.fromarray(np.ascontiguousarray(rgb))
 
     def thumbnail(self, downsample: float, *, block: int = 1024) -> np.ndarray:
         """RGB uint8 image of the whole slide at ``downsample`` (level-0 px per output px).
@@ -114,18 +120,20 @@ class Slide:
                 lw = max(1, min(round((ox + ow) * scale), level_w) - lx)
                 lh = max(1, min(round((oy + oh) * scale), level_h) - ly)
                 region = self._read_level_block(level, lx, ly, lw, lh)
-                if (lw, lh) != (ow, oh):
-                    region = np.asarray(Image.fromarray(region).resize((ow, oh),
-                                                                       Image.Resampling.BOX))
-                out[oy:oy + oh, ox:ox + ow] = region
+                if (lw, lh) != (ow, oh):  # resized in PIL: only the small image is copied out
+                    region = region.resize((ow, oh), Image.Resampling.BOX)
+                out[oy:oy + oh, ox:ox + ow] = np.asarray(region)
         return out
 
-    def _read_level_block(self, level: int, lx: int, ly: int, lw: int, lh: int) -> np.ndarray:
-        """RGB of a block in level px; a corrupt tile inside turns only itself white."""
+    def _read_level_block(self, level: int, lx: int, ly: int, lw: int, lh: int):
+        """RGB ``PIL.Image`` of a block in level px; a corrupt tile inside turns only itself
+        white."""
+        from PIL import Image
+
         level_ds = self.level_downsamples[level]
         try:
-            return self.read_region((round(lx * level_ds), round(ly * level_ds)), level,
-                                    (lw, lh))
+            return self.read_image((round(lx * level_ds), round(ly * level_ds)), level,
+                                   (lw, lh))
         except self._openslide.OpenSlideError:
             self._reopen()
         tile_w = int(self.properties.get(f"openslide.level[{level}].tile-width", 256))
@@ -143,7 +151,7 @@ class Slide:
                                 "background in the tissue mask", self.path.name, level, tx, ty,
                                 error)
                     self._reopen()
-        return out
+        return Image.fromarray(out)
 
     def _reopen(self) -> None:
         """OpenSlide handles stay in an error state after any failed read: open a new one."""
@@ -320,17 +328,20 @@ def _box_fractions(mask: np.ndarray, coords: np.ndarray, size0: int, mask_ds: fl
 class PatchReader:
     """Reads the patches of a ``TileGrid`` as RGB uint8 ``(patch_size, patch_size, 3)``.
 
-    Opens its own OpenSlide handle (one per process or thread that reads). A tile that fails
-    to decode raises ``TileReadError``; OpenSlide's handle is unusable after any error, so
-    the reader reopens it and the next patch reads normally.
+    Opens its own OpenSlide handle (one per process or thread that reads), or takes over
+    ``slide``, one already open (whose tile cache may hold the tiles just read for the
+    mask), and closes it when done. A tile that fails to decode raises ``TileReadError``;
+    OpenSlide's handle is unusable after any error, so the reader reopens it and the next
+    patch reads normally.
     """
 
-    def __init__(self, grid: TileGrid, *, interpolation: str = "bilinear") -> None:
+    def __init__(self, grid: TileGrid, *, interpolation: str = "bilinear",
+                 slide: Slide | None = None) -> None:
         from PIL import Image
 
         self.grid = grid
         self._resample = getattr(Image.Resampling, interpolation.upper())
-        self._slide: Slide | None = None
+        self._slide: Slide | None = slide
 
     def _handle(self) -> Slide:
         if self._slide is None:

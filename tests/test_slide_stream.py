@@ -133,3 +133,20 @@ def test_cross_batcher_drop_skips_a_slots_rows():
     batcher.drop(0)
     done = batcher.add(b) + batcher.finish()
     assert runs == [2] and done == [a, b] and a.features is None and len(b.features) == 2
+
+
+def test_the_reader_takes_over_the_handle_that_tiled_the_slide(cohort, tmp_path, monkeypatch):
+    """One OpenSlide handle per slide (opened to tile it, then read from, its tile cache
+    warm), and every handle closed at the end."""
+    import histohub.wsi as wsi
+
+    opened, closed = [], []
+    real_init, real_close = wsi.Slide.__init__, wsi.Slide.close
+    monkeypatch.setattr(wsi.Slide, "__init__",
+                        lambda self, path: opened.append(path) or real_init(self, path))
+    monkeypatch.setattr(wsi.Slide, "close", lambda self: closed.append(self) or real_close(self))
+    with SlideExtractor(Tiny(), batch_size=4, progress=False) as extractor:
+        results = list(extractor.extract_many([(s, tmp_path / f"{s.stem}.h5") for s in cohort]))
+    assert [r.n_patches for r in results] == [2, 5, 1, 7]
+    assert sorted(map(str, opened)) == sorted(map(str, cohort))
+    assert len(closed) == len(cohort)
