@@ -37,7 +37,8 @@ A, B, C, ...), medians of the rounds:
              (first call) reported apart, not in patches/s;
 - naive:     a CLAM-style loop in the main process: tissue mask of a thumbnail
              (``histohub.tissue_mask``), the grid, ``read_region`` per patch, the eager
-             channels_last model on batches of 32.
+             channels_last model on batches of 32; timed, like the histohub arm, from a
+             loaded model (so its channels_last conversion counts, as histohub's does).
 
 All arms run with glibc told to keep freed memory (``histohub.tune_allocator``, which
 ``extract_slide`` applies itself). Printed per arm: patches/s, the ratio to the best
@@ -461,10 +462,11 @@ def arm_naive(slides: list[dict[str, Any]], weights: Path) -> dict[str, Any]:
     import histohub
 
     _tune_allocator()
-    forward = _forward(build_model(weights), compiled=False)
+    model = build_model(weights)
     features, first, patches = [], None, 0
     rss = memory_mib("VmRSS")
     start = time.perf_counter()
+    forward = _forward(model, compiled=False)  # from a loaded model, as the histohub arm
     for slide in slides:
         with histohub.open_slide(slide["path"]) as handle:
             coords, size0 = naive_grid(handle, slide["mpp"])
