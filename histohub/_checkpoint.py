@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ._manifest_schema import KeyMap
-from .errors import CheckpointError, InputNotFoundError, KeyMappingError, UnsafeCheckpointError
+from .errors import CheckpointError, KeyMappingError, UnsafeCheckpointError, existing_file
 
 
 class LightningCallback:
@@ -82,12 +82,8 @@ def read_checkpoint(path: str | os.PathLike, *, format: str | None = None) -> di
 
     ``format``: ``"safetensors"``, ``"torch"`` or ``"lightning"``; sniffed when None.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise InputNotFoundError(f"{path} is a folder, not a checkpoint file; give the "
-                                 ".safetensors, .pt or .ckpt file inside it")
-    if not path.is_file():
-        raise InputNotFoundError(f"Checkpoint {path} does not exist")
+    path = existing_file(path, what="checkpoint",
+                         folder_hint="give the .safetensors, .pt or .ckpt file inside it")
     format = format or sniff_format(path)
     if format == "safetensors":
         from safetensors import SafetensorError
@@ -140,9 +136,9 @@ def map_state_dict(checkpoint: Mapping, key_map: KeyMap, expected: Mapping[str, 
 
     Raises KeyMappingError naming missing, unexpected and mis-shaped keys: a partial load
     (the upstream loader's silent failure) cannot happen; CheckpointError naming a tensor
-    whose dtype an encoder cannot hold (bool, integer, complex: see :func:`_check_dtypes`). The one tolerance: BatchNorm's
-    ``num_batches_tracked`` counters, absent from very old checkpoints and unused at
-    inference, are filled with zeros.
+    whose dtype an encoder cannot hold (bool, integer, complex: see :func:`_check_dtypes`).
+    The one tolerance: BatchNorm's ``num_batches_tracked`` counters, absent from very old
+    checkpoints and unused at inference, are filled with zeros.
     """
     state = checkpoint
     nested = key_map.state_dict_key

@@ -53,8 +53,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._version import __version__
-from .errors import (DiskFullError, FeatureFileError, InputNotFoundError, OutputExistsError,
-                     require)
+from .errors import DiskFullError, FeatureFileError, OutputExistsError, existing_file, require
 
 if TYPE_CHECKING:
     from .wsi import TileGrid
@@ -83,6 +82,7 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 def _h5py():
     return require("h5py", extra="wsi", purpose="Writing features to HDF5")
+
 
 
 def partial_path(path: str | os.PathLike) -> Path:
@@ -285,12 +285,9 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     problem for anything else.
     """
     h5py = _h5py()
-    path = Path(path)
-    if path.is_dir():
-        raise InputNotFoundError(f"{str(path)!r} is a folder; give the .h5 files in it (the "
-                                 "command line takes folders and globs).")
-    if not path.is_file():
-        raise InputNotFoundError(f"Feature file {str(path)!r} does not exist.")
+    path = existing_file(path, what="feature",
+                         folder_hint="give the .h5 files in it (the command line takes "
+                                     "folders and globs)")
     try:
         handle = h5py.File(path, "r")
     except OSError as error:

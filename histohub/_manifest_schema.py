@@ -229,8 +229,9 @@ def _parse_source(where: str, data: Any) -> Source:
     if "package" in data:
         path = data["package"]
         if set(data) != {"package"} or not _PACKAGE_FILE.match(path) or ".." in path.split("/"):
-            raise ManifestError(f"{where}: a package source is {{'package': 'weights/x.safetensors'}} "
-                                f"alone, a relative path inside histohub/ without '..', got {path!r}")
+            raise ManifestError(f"{where}: a package source is {{'package': "
+                                f"'weights/x.safetensors'}} alone, a relative path inside "
+                                f"histohub/ without '..', got {path!r}")
         return Source(package=path)
     if ("url" in data) == ("repo_id" in data):
         raise ManifestError(f"{where}: give either 'url' or 'repo_id' (+ 'filename', 'revision')")

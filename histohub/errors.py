@@ -9,6 +9,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import math
+import os
+from pathlib import Path
 import numbers
 from collections.abc import Iterable
 
@@ -98,6 +100,18 @@ class LockTimeoutError(HistohubError, TimeoutError):
 
 class InputNotFoundError(HistohubError, FileNotFoundError):
     """A file given as input does not exist, or is a folder where a file is expected."""
+
+
+def existing_file(path: str | os.PathLike, *, what: str, folder_hint: str) -> Path:
+    """``path`` as a ``Path`` when it is a file; ``InputNotFoundError`` otherwise, saying
+    what to give instead of a folder (``folder_hint``) or that the ``what`` file is missing.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InputNotFoundError(f"{path} is a folder, not a {what} file; {folder_hint}")
+    if not path.is_file():
+        raise InputNotFoundError(f"{what[:1].upper()}{what[1:]} file {path} does not exist")
+    return path
 
 
 class OptionError(HistohubError, ValueError):
