@@ -4,7 +4,8 @@ Kather 2016 tiles (classification, grouped by source image), EBHI-Seg (UNet segm
 with the real masks) and EBHI-Seg mask coverage as a 0-100 regression score. Small inputs
 and few epochs keep them cheap; each asserts what a broken pipeline would miss: frozen
 features that classify far above chance, a UNet that learns the masks, a regression in the
-scores' own units that is never much worse than predicting the training mean.
+scores' own units that is never much worse than predicting the training mean, and one that
+learns a score the images carry (their brightness) well below the mean's error.
 """
 
 from __future__ import annotations
@@ -86,3 +87,26 @@ def test_ebhi_mask_coverage_regression_random_vs_checkpoint(shared_data, checkpo
         # the ridge probe chooses its L2 on validation, so at worst it falls back to about
         # the training mean; predictions off in scale or offset land far above it
         assert np.isfinite(l1) and 0 < l1 < 1.1 * reference
+
+
+@pytest.mark.slow
+def test_regression_learns_a_score_the_images_carry(shared_data, tmp_path):
+    """The coverage test above only bounds the error by the training mean's, which a probe
+    that learned nothing also meets. Here the score is each image's mean brightness (0-100),
+    which random convolutional features carry: the probe must land well below the mean's
+    error, and a pipeline that scrambles images and scores, or their scale, cannot."""
+    from PIL import Image
+
+    images = sorted((shared_data / "ebhi-seg").glob("*/image/*.png"))[::5][:100]
+    rows = ["path,score"] + [
+        f"{path},{np.asarray(Image.open(path).convert('L'), np.float64).mean() / 2.55:.3f}"
+        for path in images]
+    table = tmp_path / "brightness.csv"
+    table.write_text("\n".join(rows) + "\n")
+    run = _run(tmp_path / "out", "--model", "random", "--task", "regression", "--data",
+               str(table), "--input-size", "64", "--fractions", "100", "--repeats", "2",
+               "--epochs", "10", "--no-groups")
+    result = run["results"]["random-resnet18"]
+    reference = result["reference"]["l1_predicting_training_mean"]
+    l1 = result["summary"]["1"]["l1"]["mean"]
+    assert reference > 2 and l1 < 0.75 * reference, (l1, reference)  # measured 0.55x
