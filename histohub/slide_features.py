@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +50,7 @@ from .grid_preview import grid_summary
 from .model_runner import ModelRunner, model_fingerprint, resolve_model, tune_allocator
 from .patch_batches import batch_ranges
 from .slide_jobs import SlideJob, SlideResult, Tiling, skipped_result
-from .slide_outputs import OpenOutput, output_lock, request_attrs, write_preview
+from .slide_outputs import OpenOutput, output_lock, request_attrs, warm_imports, write_preview
 from .slide_stream import Batch, CrossBatcher, Schedule, reader_stream, worker_stream
 from .wsi import open_slide, tile_grid
 
@@ -84,14 +85,26 @@ class SlideExtractor:
         device = torch.device(device)
         if device.type == "cpu":
             tune_allocator()
-        model, self.spec = resolve_model(model_or_name, device=device, progress=progress)
-        self.runner = ModelRunner(model, device=device, amp=amp, compile=compile,
-                                  batch_size=batch_size, preprocessing=self.spec.preprocessing,
-                                  fingerprint=True)
+        self._model, self.spec = resolve_model(model_or_name, device=device,
+                                               progress=progress)
+        self._runner_options = dict(device=device, amp=amp, compile=compile,
+                                    batch_size=batch_size,
+                                    preprocessing=self.spec.preprocessing, fingerprint=True)
+        self._runner: ModelRunner | None = None
+        self._runner_lock = threading.Lock()
         self.batch_size, self.num_workers = batch_size, num_workers
         self.read_threads, self.progress = read_threads, progress
         self._feature_dim = self.spec.feature_dim
         self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def runner(self) -> ModelRunner:
+        """The model placed on its device (fingerprinted, channels_last), made on first use:
+        ``extract_many`` makes it while the background thread tiles the first slide."""
+        with self._runner_lock:
+            if self._runner is None:
+                self._runner = ModelRunner(self._model, **self._runner_options)
+            return self._runner
 
     def __enter__(self) -> SlideExtractor:
         return self
@@ -144,11 +157,13 @@ class SlideExtractor:
 
         if not jobs:
             return
-        self._fingerprint()  # once, here: the background thread then reads the cached digest
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="histohub-prepare")
         schedule = Schedule(self._pool, jobs, lambda job: self._prepare(job, tiling, overwrite),
                             release=lambda unit: getattr(unit, "release", _nothing)())
+        schedule.start()  # the first slide is tiled while the model is made ready here
+        self._fingerprint()
+        warm_imports()
         stream = self._stream(schedule)
         batcher = CrossBatcher(self._features, self.batch_size)
         bar = tqdm(total=0, unit="patch", desc="patches", disable=not self.progress,
@@ -206,13 +221,13 @@ class SlideExtractor:
         prepared = OpenOutput(job, {}, started, slide=open_slide(job.slide))
         try:
             slide = prepared.slide
-            prepared.request = request_attrs(self.spec, self._fingerprint(), slide, tiling,
-                                             target)
-            done = None if overwrite else _h5.find_done(job.output, prepared.request,
-                                                        max_patches=tiling.max_patches)
-            if done is not None:
-                prepared.release()
-                return replace(prepared, done=done)
+            if not overwrite and job.output.exists():  # done already? known before tiling
+                prepared.request = self._request(slide, tiling, target)
+                done = _h5.find_done(job.output, prepared.request,
+                                     max_patches=tiling.max_patches)
+                if done is not None:
+                    prepared.release()
+                    return replace(prepared, done=done)
             grid = tile_grid(slide, target_mpp=target, patch_size=pre.input_size,
                              min_foreground=tiling.min_foreground, method=tiling.mask,
                              mpp_override=tiling.mpp)
@@ -224,6 +239,8 @@ class SlideExtractor:
             prepared.grid = grid
             if job.preview is not None:
                 write_preview(slide, grid, job.preview)
+            # a new output needs the model's fingerprint only now: made meanwhile
+            prepared.request = prepared.request or self._request(slide, tiling, target)
             prepared.lock = output_lock(job.output)
             # under the lock: finished by another process meanwhile?
             done = None if overwrite else _h5.find_done(job.output, prepared.request,
@@ -236,6 +253,9 @@ class SlideExtractor:
             prepared.release()
             raise
         return prepared
+
+    def _request(self, slide, tiling: Tiling, target_mpp: float) -> dict[str, Any]:
+        return request_attrs(self.spec, self._fingerprint(), slide, tiling, target_mpp)
 
     def _open(self, prepared: OpenOutput, tiling: Tiling, overwrite: bool) -> SlideResult:
         """The partial feature file (new or resumed) and the grid batches still to run."""

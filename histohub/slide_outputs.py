@@ -138,3 +138,11 @@ def output_lock(out_h5: Path) -> Any:
         raise HistohubError(f"{out_h5} is being written by another histohub process; "
                             "skipped (run again once it has finished)") from None
     return lock
+
+
+def warm_imports() -> None:
+    """Import what opening an output needs (h5py, filelock) in the calling thread, so that
+    the thread tiling the first slide does not pay for it."""
+    import filelock  # noqa: F401
+
+    _h5._h5py()

@@ -79,11 +79,15 @@ class Schedule:
     def __len__(self) -> int:
         return len(self._jobs)
 
-    def get(self, i: int) -> Any:
+    def start(self, i: int = 0) -> None:
+        """Submit ``jobs[i]`` and ``jobs[i + 1]`` unless already submitted."""
         with self._lock:
             for j in range(i, min(i + 2, len(self._jobs))):
                 if self._futures[j] is None:
                     self._futures[j] = self._pool.submit(self._prepare, self._jobs[j])
+
+    def get(self, i: int) -> Any:
+        self.start(i)
         try:
             return self._futures[i].result()
         except HistohubError as error:

@@ -150,3 +150,30 @@ def test_the_reader_takes_over_the_handle_that_tiled_the_slide(cohort, tmp_path,
     assert [r.n_patches for r in results] == [2, 5, 1, 7]
     assert sorted(map(str, opened)) == sorted(map(str, cohort))
     assert len(closed) == len(cohort)
+
+
+def test_the_model_is_made_ready_while_the_first_slide_is_tiled(cohort, tmp_path,
+                                                                 monkeypatch):
+    """Making the model ready waits for tiling to begin and tiling waits for the model (up
+    to 10 s each): both finish at once only if they run at the same time."""
+    import threading
+
+    import histohub.slide_features as slide_features
+
+    runner_started, tiling_started = threading.Event(), threading.Event()
+    real_runner, real_tile = slide_features.ModelRunner, slide_features.tile_grid
+
+    def runner(*args, **kwargs):
+        runner_started.set()
+        assert tiling_started.wait(timeout=10), "the model was made ready before tiling began"
+        return real_runner(*args, **kwargs)
+
+    def tile(*args, **kwargs):
+        tiling_started.set()
+        assert runner_started.wait(timeout=10), "the model was made ready only after tiling"
+        return real_tile(*args, **kwargs)
+
+    monkeypatch.setattr(slide_features, "ModelRunner", runner)
+    monkeypatch.setattr(slide_features, "tile_grid", tile)
+    result = extract_slide(Tiny(), cohort[0], tmp_path / "s.h5", batch_size=4, progress=False)
+    assert result.n_patches == 2
