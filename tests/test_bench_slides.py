@@ -1,4 +1,5 @@
-"""Smoke test of benchmarks/bench_slides.py: the slides it builds, and one tiny round."""
+"""Smoke test of benchmarks/bench_slides.py (and its bench_slides_data, bench_slides_arms):
+the slides it builds, and one tiny round."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import bench_slides_arms as arms  # benchmarks/ is on pytest's path
+import bench_slides_data as data
 import numpy as np
 import pytest
 
@@ -18,7 +21,7 @@ def bench():
     spec = importlib.util.spec_from_file_location("bench_slides", BENCH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    for path in (module.KATHER, module.CMU, module.TCGA):
+    for path in (data.KATHER, data.CMU, data.TCGA):
         if not path.exists():
             pytest.skip(f"real data not available at {path}")
     return module
@@ -27,12 +30,12 @@ def bench():
 @pytest.fixture(scope="module")
 def slides(bench, tmp_path_factory):
     """The --quick slides: a 1800 x 1500 px 'large' slide and a cohort of 3."""
-    return bench.build_slides(tmp_path_factory.mktemp("bench"), quick=True, log=lambda _: None)
+    return data.build_slides(tmp_path_factory.mktemp("bench"), quick=True, log=lambda _: None)
 
 
 @pytest.fixture(scope="module")
 def weights(bench, tmp_path_factory):
-    return bench.write_weights(tmp_path_factory.mktemp("weights"))
+    return arms.write_weights(tmp_path_factory.mktemp("weights"))
 
 
 def test_built_slide_reads_like_a_scan(bench, slides):
@@ -42,8 +45,8 @@ def test_built_slide_reads_like_a_scan(bench, slides):
 
     large = slides["large"][0]
     with histohub.open_slide(large["path"]) as slide:
-        assert slide.mpp == pytest.approx(bench.MPP)  # from the TIFF resolution tag
-        assert slide.dimensions == bench.SIZES["quick"]["large"]
+        assert slide.mpp == pytest.approx(data.MPP)  # from the TIFF resolution tag
+        assert slide.dimensions == data.SIZES["quick"]["large"]
         assert slide.level_count == 3
         image = slide.read_region((0, 0), 1, slide.level_dimensions[1])
     tissue = histohub.tissue_mask(image).mean()
@@ -52,16 +55,16 @@ def test_built_slide_reads_like_a_scan(bench, slides):
         page = tif.pages[0]
         assert page.compression == tifffile.COMPRESSION.JPEG
         assert (page.tilewidth, page.tilelength) == (256, 256)
-    assert large["patches"] == bench.count_patches(Path(large["path"])) > 10
+    assert large["patches"] == data.count_patches(Path(large["path"])) > 10
 
 
 def test_cohort_and_shared_slides(bench, slides):
     sizes = [histohub_dimensions(s["path"]) for s in slides["cohort"]]
     assert len(sizes) == 3 and len(set(sizes)) == 3
     assert all(s["patches"] > 0 for s in slides["cohort"])
-    assert len(bench.SIZES["full"]["cohort"]) >= 20
+    assert len(data.SIZES["full"]["cohort"]) >= 20
     assert slides["cmu"][0]["patches"] == 30  # as PERFORMANCE.md reports
-    assert slides["tcga"][0]["mpp"] == bench.TCGA_MPP
+    assert slides["tcga"][0]["mpp"] == data.TCGA_MPP
 
 
 def histohub_dimensions(path: str) -> tuple[int, int]:
@@ -72,10 +75,10 @@ def histohub_dimensions(path: str) -> tuple[int, int]:
 
 
 def test_compose_is_deterministic(bench):
-    pool = [np.full((bench.CELL, bench.CELL, 3), value, np.uint8) for value in (90, 160)]
-    first = bench.compose_slide(400, 300, pool, seed=3)
+    pool = [np.full((data.CELL, data.CELL, 3), value, np.uint8) for value in (90, 160)]
+    first = data.compose_slide(400, 300, pool, seed=3)
     assert first.shape == (300, 400, 3)
-    np.testing.assert_array_equal(first, bench.compose_slide(400, 300, pool, seed=3))
+    np.testing.assert_array_equal(first, data.compose_slide(400, 300, pool, seed=3))
     assert (first == 90).all(axis=2).any() and (first > 230).all(axis=2).any()
 
 
@@ -86,7 +89,7 @@ def test_weights_are_the_seeded_random_resnet18(bench, weights):
 
     torch.manual_seed(0)
     expected = histohub.load_pretrained("resnet18-ssl", pretrained=False, progress=False)
-    loaded = bench.build_model(weights)
+    loaded = arms.build_model(weights)
     assert not loaded.training
     for (name, a), b in zip(expected.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
@@ -94,7 +97,7 @@ def test_weights_are_the_seeded_random_resnet18(bench, weights):
 
 def test_one_round_of_every_arm(bench, slides, weights, tmp_path, capsys):
     smallest = [min(slides["cohort"], key=lambda s: s["patches"])]
-    runs = {arm: [bench.run_arm(arm, smallest, tmp_path / arm, weights)]
+    runs = {arm: [arms.run_arm(arm, smallest, tmp_path / arm, weights)]
             for arm in ("histohub", "cli", "eager", "naive")}
     patches = {arm: r[0]["patches"] for arm, r in runs.items()}
     assert set(patches.values()) == {smallest[0]["patches"]}, patches  # the same patches
@@ -109,7 +112,7 @@ def test_one_round_of_every_arm(bench, slides, weights, tmp_path, capsys):
     assert [line.split(" >=")[0] for line in targets] == ["cohort: histohub", "cohort: cli"]
 
     # the reader arm through the worker entry point, as the benchmark spawns it
-    arm = bench.reader_arms(bench.reader_options())[0]
+    arm = bench.reader_arms(arms.reader_options())[0]
     job = {"arm": arm, "slides": smallest, "out": str(tmp_path / "reader"),
            "weights": str(weights)}
     bench.main(["--worker", json.dumps(job)])
