@@ -108,9 +108,10 @@ def existing_file(path: str | os.PathLike, *, what: str, folder_hint: str) -> Pa
     """
     path = Path(path)
     if path.is_dir():
-        raise InputNotFoundError(f"{path} is a folder, not a {what} file; {folder_hint}")
+        raise InputNotFoundError(f"{str(path)!r} is a folder, not a {what} file; {folder_hint}")
     if not path.is_file():
-        raise InputNotFoundError(f"{what[:1].upper()}{what[1:]} file {path} does not exist")
+        raise InputNotFoundError(f"{what[:1].upper()}{what[1:]} file {str(path)!r} does not "
+                                 "exist")
     return path
 
 

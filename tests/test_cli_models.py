@@ -219,7 +219,7 @@ def test_convert_careless_paths_are_one_line_errors(capsys, legacy_ckpt, tmp_pat
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "folder.safetensors").mkdir()
     for argv, says in [
-        ((str(tmp_path / "missing.pt"), str(out)), "missing.pt does not exist"),
+        ((str(tmp_path / "missing.pt"), str(out)), "missing.pt' does not exist"),
         ((str(tmp_path), str(out)), "is a folder, not a checkpoint file"),
         ((str(legacy_ckpt), str(tmp_path / "folder.safetensors")), "is a folder"),
         ((str(legacy_ckpt), str(tmp_path / "a-file" / "x.safetensors")),
