@@ -259,12 +259,7 @@ def arm_reader(slides: list[dict[str, Any]], out: Path, *, option: str | None, r
         result = histohub.extract_slide(_noop_model(), slide["path"], out / f"{i:03d}.h5",
                                         progress=False, **options, **extra)
         patches += result.n_patches
-    seconds = time.perf_counter() - start
-    end = os.times()
-    cpu_s = sum(getattr(end, k) - getattr(cpu, k)
-                for k in ("user", "system", "children_user", "children_system"))
-    return {"patches": patches, "seconds": seconds, "first_s": None, "cpu_s": cpu_s,
-            "rss_start_mib": rss}
+    return _timed_run(patches, start, cpu, rss)
 
 
 def _decode_share(path: str, mpp: float | None, share: int, shares: int) -> None:
@@ -297,6 +292,13 @@ def arm_decode(slides: list[dict[str, Any]], *, processes: int) -> dict[str, Any
             worker.join()
             if worker.exitcode != 0:
                 raise RuntimeError(f"a decoding process exited with {worker.exitcode}")
+    return _timed_run(patches, start, cpu, rss)
+
+
+def _timed_run(patches: int, start: float, cpu: os.times_result, rss: float
+               ) -> dict[str, Any]:
+    """A reader arm's record: wall seconds since ``start`` and CPU seconds since ``cpu``
+    (this process and its reaped children)."""
     seconds = time.perf_counter() - start
     end = os.times()
     cpu_s = sum(getattr(end, k) - getattr(cpu, k)
