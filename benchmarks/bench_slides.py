@@ -287,10 +287,10 @@ def reader_part(slides: list[dict[str, Any]], *, rounds: int, work: Path, weight
     lines, ratios = reader_table(runs)
     ceiling = ratios.pop("decode", None)
     if ceiling is not None:
+        shares = [f"{option} reaches {(ratio - 1) / (ceiling - 1):.0%} of its gain"
+                  for option, ratio in ratios.items() if ceiling > 1.05]
         lines.append(f"the machine's ceiling (processes decoding, nothing else): 2 vs 1 "
-                     f"x{ceiling:.2f}; " + ", ".join(
-                         f"{option} reaches {(ratio - 1) / (ceiling - 1):.0%} of its gain"
-                         for option, ratio in ratios.items() if ceiling > 1.05))
+                     f"x{ceiling:.2f}" + "".join(f"; {share}" for share in shares))
     print("\n".join(lines), flush=True)
     if not ratios:
         return ["reader 2 vs 1: not measurable, extract_slide has no reader-count option"], runs
