@@ -161,18 +161,18 @@ class SlideExtractor:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="histohub-prepare")
         schedule = Schedule(self._pool, jobs, lambda job: self._prepare(job, tiling, overwrite),
                             release=lambda unit: getattr(unit, "release", _nothing)())
-        schedule.start()  # the first slide is tiled while the model is made ready here
-        self._fingerprint()
-        warm_imports()
-        stream = self._stream(schedule)
         batcher = CrossBatcher(self._features, self.batch_size)
         bar = tqdm(total=0, unit="patch", desc="patches", disable=not self.progress,
                    leave=False, dynamic_ncols=True)
         results: dict[int, SlideResult] = {}
         seen: set[int] = set()
         tiled: list[int] = []
-        due = 0
+        due, stream = 0, None
         try:
+            schedule.start()  # the first slide is tiled while the model is made ready here
+            self._fingerprint()
+            warm_imports()
+            stream = self._stream(schedule)
             for batch in chain(stream, [None]):
                 if batch is None:
                     complete = batcher.finish()
@@ -186,8 +186,9 @@ class SlideExtractor:
                 while due in results:
                     yield results.pop(due)
                     due += 1
-        finally:
-            stream.close()
+        finally:  # stop the readers, then free what the background thread opened
+            if stream is not None:
+                stream.close()
             schedule.close()
             bar.close()
 
