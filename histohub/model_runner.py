@@ -93,8 +93,9 @@ class ModelRunner:
 
     ``compile``: True compiles now, False never, ``"auto"`` once ``plan()`` is told of a
     job worth it (on a CPU, at least ``COMPILE_MIN_PATCHES`` patches). A compiled model
-    runs the full batches (one static shape); a shorter batch (a slide's last) runs the same
-    weights eagerly, so nothing is padded and nothing recompiles.
+    runs the full batches (one static shape); a shorter batch (a job's last: a cohort's
+    batches run across slide boundaries) runs the same weights eagerly, so nothing is padded
+    and nothing recompiles.
 
     Shape: ``run(batch)``: float ``(B, 3, S, S)`` -> float32 CPU ``(B, D)``;
     ``run_pixels(pixels)``: uint8 ``(B, S, S, 3)`` -> float32 CPU ``(B, D)``.

@@ -33,7 +33,7 @@ def batch_ranges(start: int, stop: int, batch_size: int) -> list[range]:
 
 #: One batch as read: uint8 ``(b, S, S, 3)`` pixels of the patches read, their grid
 #: positions ``(b,)``, and the positions whose tiles could not be decoded.
-Batch = tuple[np.ndarray, np.ndarray, np.ndarray]
+ReadBatch = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 class BatchReader:
@@ -52,7 +52,7 @@ class BatchReader:
         self._reader = PatchReader(grid, interpolation=interpolation, slide=slide)
         self._allocate = allocate or (lambda shape: np.empty(shape, np.uint8))
 
-    def read(self, positions: Sequence[int]) -> Batch:
+    def read(self, positions: Sequence[int]) -> ReadBatch:
         size = self.grid.patch_size
         pixels = self._allocate((len(positions), size, size, 3))
         ok: list[int] = []
