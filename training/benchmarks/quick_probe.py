@@ -2,13 +2,18 @@
 """A quick, converged linear probe of pretraining checkpoints against random weights.
 
     PYTHONPATH=training python training/benchmarks/quick_probe.py runs/cpu/checkpoint.pt [more.pt] \\
-        [--random-seeds 0 1] [--size 64] [--splits 10]
+        [bundled:resnet18-ssl-mini] [--random-seeds 0 1] [--size 64] [--split grouped|random]
 
 What chose the CPU recipe (training/README.md): frozen 512-d features of the shared sets
 (Kather 2016 tiles, 8 classes; EBHI-Seg images, 6 classes; 1,500 IDC patches, 2 classes),
 each image resized to ``--size`` px, mean = std = 0.5; standardised; scikit-learn's
-L-BFGS logistic regression on stratified random 50/50 splits; macro F1 (x100), mean over
-``--splits`` splits. Cheaper than ``run_benchmark.py`` (no grouped splits, no label
+L-BFGS logistic regression; macro F1 (x100). ``--split grouped`` (the default) predicts every
+image from a classifier that never saw its source (Kather: the source image
+``CRC-Prim-HE-NN``; EBHI: the case; IDC: the patient), by 5-fold stratified group
+cross-validation, mean over ``--splits`` shuffles of the folds: tiles of one source image
+are near-duplicates, so random splits reward memorising a source. ``--split random``:
+stratified random 50/50 splits, mean over ``--splits`` (the splits the recipe table's
+first runs used). Cheaper than ``run_benchmark.py`` (no grouped splits, no label
 fractions), for comparing runs while they train; report final numbers with
 ``run_benchmark.py``.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -33,14 +39,17 @@ def _files(root: Path) -> list[Path]:
                   and "label" not in p.parts)
 
 
-def probe_sets(data: Path, idc_count: int = 1500) -> dict[str, tuple[list[Path], list[str]]]:
-    """name -> (image paths, class labels)."""
+def probe_sets(data: Path, idc_count: int = 1500
+               ) -> dict[str, tuple[list[Path], list[str], list[str]]]:
+    """name -> (image paths, class labels, source groups)."""
     kather = _files(data / "kather2016-tiles")
     ebhi = _files(data / "ebhi-seg")
     idc = sorted(random.Random(0).sample(_files(data / "idc-breast-patches"), idc_count))
-    return {"kather": (kather, [p.parent.name for p in kather]),
-            "ebhi": (ebhi, [p.parent.parent.name for p in ebhi]),
-            "idc": (idc, [p.parent.name for p in idc])}
+    return {"kather": (kather, [p.parent.name for p in kather],
+                       [re.search(r"CRC-Prim-HE-(\d+)", p.name).group(1) for p in kather]),
+            "ebhi": (ebhi, [p.parent.parent.name for p in ebhi],
+                     [p.name.split("-")[0] for p in ebhi]),
+            "idc": (idc, [p.parent.name for p in idc], [p.parent.parent.name for p in idc])}
 
 
 def load_images(paths: list[Path], size: int) -> torch.Tensor:
@@ -68,23 +77,46 @@ def features(backbone: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
-def macro_f1(x: np.ndarray, y: np.ndarray, splits: int) -> float:
+def _fit_predict(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray
+                 ) -> np.ndarray:
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import f1_score
-    from sklearn.model_selection import StratifiedShuffleSplit
     from sklearn.preprocessing import StandardScaler
 
+    scaler = StandardScaler().fit(x[train])
+    classifier = LogisticRegression(max_iter=3000).fit(scaler.transform(x[train]), y[train])
+    return classifier.predict(scaler.transform(x[test]))
+
+
+def macro_f1(x: np.ndarray, y: np.ndarray, splits: int, groups: np.ndarray | None = None
+             ) -> float:
+    """Mean macro F1 (x100): out-of-fold over 5 group folds per shuffle when ``groups``
+    are given, else over stratified random 50/50 splits."""
+    from sklearn.metrics import f1_score
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedShuffleSplit
+
     scores = []
-    for train, test in StratifiedShuffleSplit(splits, test_size=0.5, random_state=0).split(x, y):
-        scaler = StandardScaler().fit(x[train])
-        classifier = LogisticRegression(max_iter=3000).fit(scaler.transform(x[train]), y[train])
-        scores.append(f1_score(y[test], classifier.predict(scaler.transform(x[test])),
-                               average="macro"))
+    if groups is None:
+        for train, test in StratifiedShuffleSplit(splits, test_size=0.5,
+                                                  random_state=0).split(x, y):
+            scores.append(f1_score(y[test], _fit_predict(x, y, train, test), average="macro"))
+        return 100 * float(np.mean(scores))
+    for shuffle in range(splits):
+        predicted = np.empty_like(y)
+        folds = StratifiedGroupKFold(5, shuffle=True, random_state=shuffle)
+        for train, test in folds.split(x, y, groups):
+            predicted[test] = _fit_predict(x, y, train, test)
+        scores.append(f1_score(y, predicted, average="macro"))
     return 100 * float(np.mean(scores))
 
 
 def backbone_of(spec: str) -> torch.nn.Module:
-    """``random:SEED`` or a run_pretrain.py checkpoint (read as data)."""
+    """``random:SEED``, ``bundled:NAME`` (a histohub model) or a run_pretrain.py checkpoint
+    (read as data)."""
+    if spec.startswith("bundled:"):
+        import histohub
+
+        return histohub.load_pretrained(spec.split(":", 1)[1]).float().to(
+            memory_format=torch.channels_last)
     model = SimCLRModel("resnet18")
     if spec.startswith("random:"):
         torch.manual_seed(int(spec.split(":")[1]))
@@ -100,18 +132,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoints", nargs="*")
     parser.add_argument("--random-seeds", type=int, nargs="*", default=[0, 1])
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--splits", type=int, default=10)
+    parser.add_argument("--split", choices=["grouped", "random"], default="grouped")
+    parser.add_argument("--splits", type=int, default=None,
+                        help="shuffles of the group folds (default 3) or random splits "
+                             "(default 10)")
     parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--sets", nargs="*", choices=["kather", "ebhi", "idc"],
+                        default=["kather", "ebhi", "idc"])
     args = parser.parse_args(argv)
     if not args.data.is_dir():
         print(f"error: {args.data} not found (give --data)", file=sys.stderr)
         return 2
-    sets = {name: (load_images(paths, args.size), np.array(labels))
-            for name, (paths, labels) in probe_sets(args.data).items()}
+    splits = args.splits or (3 if args.split == "grouped" else 10)
+    sets = {name: (load_images(paths, args.size), np.array(labels),
+                   np.array(groups) if args.split == "grouped" else None)
+            for name, (paths, labels, groups) in probe_sets(args.data).items()
+            if name in args.sets}
     print(f"{'model':<40} " + " ".join(f"{n:>7}" for n in sets))
     for spec in [f"random:{s}" for s in args.random_seeds] + args.checkpoints:
         backbone = backbone_of(spec)
-        scores = [macro_f1(features(backbone, x), y, args.splits) for x, y in sets.values()]
+        scores = [macro_f1(features(backbone, x), y, splits, groups)
+                  for x, y, groups in sets.values()]
         print(f"{spec[-40:]:<40} " + " ".join(f"{s:>7.1f}" for s in scores), flush=True)
     return 0
 
