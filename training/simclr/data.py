@@ -49,6 +49,7 @@ class DatasetSpec:
     min_foreground: float = 0.5
     mpp_override: float | None = None
     pattern: str | None = None  # images only: keep files whose path under ``path`` matches
+    max_images: int | None = None  # this dataset's cap, instead of ``max_per_dataset``
 
 
 def parse_datasets(entries: Sequence[Any], *, patches_per_slide: int = 100, mpp: float = 0.5,
@@ -204,7 +205,8 @@ def build_pool(specs: Sequence[DatasetSpec], *, patch_size: int, percent: float 
                              f"{'slide patches' if spec.kind == 'slides' else 'images'}"
                              + (f"; {len(bad)} slide(s) skipped, first: {bad[0][1]}" if bad else ""))
         count = capped_count(len(candidates), percent=percent, min_count=min_per_dataset,
-                             max_count=max_per_dataset)
+                             max_count=spec.max_images if spec.max_images is not None
+                             else max_per_dataset)
         chosen = sorted(rng.sample(range(len(candidates)), count))
         items.extend(candidates[i] for i in chosen)
         sources.extend([index] * count)

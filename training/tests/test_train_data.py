@@ -35,6 +35,11 @@ def test_pool_caps_each_dataset_and_finds_nested_images(tmp_path, write_images):
     pool.save(tmp_path / "pool.json")
     assert type(pool).load(tmp_path / "pool.json").items == pool.items
     assert "large (images): 11 of 120" in pool.describe()
+    own_cap = parse_datasets([str(tmp_path / "small"),
+                              {"path": str(tmp_path / "large"), "max_images": 3}])
+    capped = build_pool(own_cap, patch_size=16, percent=100, min_per_dataset=10,
+                        max_per_dataset=11)
+    assert [s["selected"] for s in capped.summary] == [4, 3]
 
 
 def test_dataset_errors_say_what_to_do(tmp_path):
