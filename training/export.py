@@ -53,15 +53,32 @@ def _slide_datasets(data: dict) -> list[dict]:
             or isinstance(d, str) and d.startswith("slides:")]
 
 
+def _slide_scales(data: dict) -> list[float]:
+    """Every resolution slide patches were stored at (um/px), sorted."""
+    return sorted({d.get("mpp", data["slide_mpp"]) if isinstance(d, dict) else data["slide_mpp"]
+                   for d in _slide_datasets(data)} or {data["slide_mpp"]})
+
+
 def _slide_mpp(data: dict) -> float:
-    """The resolution slide patches were stored at: the slide datasets' own ``mpp`` where
-    they set one (all alike), else ``data.slide_mpp``."""
-    values = {d.get("mpp", data["slide_mpp"]) if isinstance(d, dict) else data["slide_mpp"]
-              for d in _slide_datasets(data)} or {data["slide_mpp"]}
-    if len(values) > 1:
-        raise ValueError(f"slide datasets stored at several resolutions {sorted(values)}: "
-                         "one model input scale cannot be stated")
-    return values.pop()
+    """The resolution the model states for its slide patches: the one the slide datasets
+    were stored at, or, where they were stored at several, ``data.slide_mpp`` when it is
+    one of them (the config names the scale it was made for)."""
+    values = _slide_scales(data)
+    if len(values) == 1:
+        return values[0]
+    if data["slide_mpp"] in values:
+        return data["slide_mpp"]
+    raise ValueError(f"slide datasets stored at several resolutions {values}: set "
+                     "data.slide_mpp to the one the model is meant to be used at")
+
+
+def _other_scales(data: dict, stated: float, stored: int, size: int) -> str:
+    others = [v for v in _slide_scales(data) if v != stated]
+    if not others:
+        return ""
+    shown = ", ".join(f"{v} ({round(v * stored / size, 3)})" for v in others)
+    return (f"; also patches stored at {shown} um/px (as shown to it), so that it has seen "
+            "tissue at neighbouring scales too")
 
 
 def _per_slide(data: dict) -> int:
@@ -162,8 +179,12 @@ def build_entry(checkpoint: dict, *, weights_path: Path, sha256: str, size: int,
                                  f"{s['available']})" for s in summary)
                      + f". Draw: {data['percent']}% of each dataset, min "
                        f"{data['min_per_dataset']}, max {data['max_per_dataset']} per dataset"
+                     + "".join(f" ({d.get('name') or Path(d['path']).name}: max "
+                               f"{d['max_images']})" for d in data["datasets"]
+                               if isinstance(d, dict) and d.get("max_images") is not None)
                      + (f"; at most {_per_slide(data)} patches per slide at "
-                        f"{slide_mpp} um/px" if slides else "") + "."
+                        + ", ".join(f"{v}" for v in _slide_scales(data)) + " um/px"
+                        if slides else "") + "."
                      + (f" {data_note}" if data_note else ""))
     # Slide patches were stored at slide_mpp in cache_size px and views resized to
     # image_size: a whole stored patch reaches the model at slide_mpp * cache / image_size.
@@ -187,7 +208,9 @@ def build_entry(checkpoint: dict, *, weights_path: Path, sha256: str, size: int,
             "std": list(data["std"]), "interpolation": "bilinear", "mpp": mpp,
             "mpp_note": (f"The scale the model saw: slide patches stored at "
                          f"{slide_mpp} um/px in {stored} px, shown to it at "
-                         f"{config['image_size']} px." if slides else
+                         f"{config['image_size']} px"
+                         + _other_scales(data, slide_mpp, stored, config["image_size"])
+                         + "." if slides else
                          "Trained on image files whose resolution was not recorded."),
         },
         "license": license,

@@ -165,3 +165,29 @@ def test_half_export_into_the_package_states_the_scale_the_model_saw(tmp_path, m
     with pytest.raises(ValueError, match="decides --out"):
         export.export(tmp_path / "checkpoint.pt", name="tiny-ssl", into_package=True,
                       out=tmp_path / "elsewhere")
+
+
+def test_slides_at_several_scales_state_the_configs_scale_and_name_the_others(tmp_path):
+    """Slide patches stored at 0.5, 0.77 and 1.15 um/px: the entry states data.slide_mpp's
+    scale (0.77 stored in 96 px, shown at 64 px: 1.155) and names the other two; without a
+    slide_mpp among them, export refuses (one input scale must be stated)."""
+    payload = _payload()
+    payload["config"]["image_size"] = 64
+    data = payload["config"]["data"]
+    data["cache_size"], data["slide_mpp"] = 96, 0.77
+    data["datasets"] = [{"path": "/data/tiles", "max_images": 3}] + [
+        {"path": "/data/wsis", "kind": "slides", "mpp": mpp} for mpp in (0.5, 0.77, 1.15)]
+    payload["pool_summary"].append({"name": "wsis", "kind": "slides", "path": "/data/wsis",
+                                    "selected": 5, "available": 5})
+    save_checkpoint(tmp_path / "checkpoint.pt", payload)
+    entry = export.export(tmp_path / "checkpoint.pt", name="multi", out=tmp_path / "exp")
+    assert entry["preprocessing"]["mpp"] == 1.155
+    note = entry["preprocessing"]["mpp_note"]
+    assert "0.77 um/px in 96 px" in note and "0.5 (0.75), 1.15 (1.725)" in note
+    assert "at 0.5, 0.77, 1.15 um/px" in entry["training_data"]
+    assert "(tiles: max 3)" in entry["training_data"]
+
+    data["slide_mpp"] = 0.6
+    save_checkpoint(tmp_path / "checkpoint.pt", payload)
+    with pytest.raises(ValueError, match="set data.slide_mpp"):
+        export.export(tmp_path / "checkpoint.pt", name="multi2", out=tmp_path / "exp2")
