@@ -3,6 +3,8 @@ batch after batch.
 
 - ``resolve_model``: an ``nn.Module`` (used as is) or a manifest name / checkpoint path ->
   the model and its ``ModelSpec`` (name, architecture, weights' sha256, preprocessing).
+- ``local_model_spec``: the ``ModelSpec`` of a manifest model whose weights are already on
+  this machine, from the manifest alone, so slides can be tiled while the weights load.
 - ``ModelRunner``: eval, channels_last, optional autocast and ``torch.compile``; normalised
   float batches ``(B, 3, S, S)``, or uint8 pixels ``(B, S, S, 3)`` moved to the device
   (pinned memory, ``non_blocking``) and normalised there -> float32 CPU ``(B, D)``.
@@ -85,6 +87,36 @@ def resolve_model(model_or_name: nn.Module | str | os.PathLike, *, device: torch
         spec = ModelSpec(info.name, info.arch, info.sha256 or "", info.feature_dim,
                          info.preprocessing or _default_preprocessing())
     return model, spec
+
+
+def local_model_spec(model_or_name: nn.Module | str | os.PathLike) -> ModelSpec | None:
+    """The spec of a manifest model whose weights are here (bundled in the package, or
+    cached and verified), read from the manifest alone: nothing is read or hashed. None for
+    a module, a file path (an existing file always means the file), an unknown name or
+    weights still to download: those are resolved now, so their errors come first.
+
+    ``sha256`` is the pinned hash of the file the load is expected to use;
+    ``resolve_model`` gives the authoritative spec once the weights are loaded.
+    """
+    from pathlib import Path
+
+    from ._download import cache_status
+    from ._manifest import load_manifest
+    from .pretrained import _default_preprocessing
+
+    if isinstance(model_or_name, nn.Module):
+        return None
+    name = os.fspath(model_or_name)
+    entry = load_manifest().get(name)
+    if entry is None or Path(name).expanduser().is_file():
+        return None
+    for file in entry.weights:
+        bundled = any(s.package_path is not None and s.package_path.is_file()
+                      for s in file.sources)
+        if bundled or cache_status(file) == "verified":
+            return ModelSpec(entry.name, entry.arch, file.sha256 or "", entry.feature_dim,
+                             entry.preprocessing or _default_preprocessing())
+    return None
 
 
 class ModelRunner:

@@ -47,7 +47,8 @@ from ._h5_writer import FeatureWriter
 from .errors import HistohubError, SlideError
 from .features import check_options
 from .grid_preview import grid_summary
-from .model_runner import ModelRunner, model_fingerprint, resolve_model, tune_allocator
+from .model_runner import (ModelRunner, local_model_spec, model_fingerprint, resolve_model,
+                           tune_allocator)
 from .patch_batches import batch_ranges
 from .slide_jobs import SlideJob, SlideResult, Tiling, skipped_result
 from .slide_outputs import OpenOutput, output_lock, request_attrs, warm_imports, write_preview
@@ -85,12 +86,20 @@ class SlideExtractor:
         device = torch.device(device)
         if device.type == "cpu":
             tune_allocator()
-        self._model, self.spec = resolve_model(model_or_name, device=device,
-                                               progress=progress)
+        # weights already here (bundled, or cached and verified) load while the first slide
+        # is tiled; the others (a download, a file path) load now, so a failed download is
+        # reported before any slide is touched
+        self._model_source, self._device = model_or_name, device
+        self._model: nn.Module | None = None
+        spec = local_model_spec(model_or_name)
+        if spec is None:
+            self._model, spec = resolve_model(model_or_name, device=device, progress=progress)
+        self.spec = spec
         self._runner_options = dict(device=device, amp=amp, compile=compile,
                                     batch_size=batch_size,
                                     preprocessing=self.spec.preprocessing, fingerprint=True)
         self._runner: ModelRunner | None = None
+        self._runner_error: Exception | None = None
         self._runner_lock = threading.Lock()
         self.batch_size, self.num_workers = batch_size, num_workers
         self.read_threads, self.progress = read_threads, progress
@@ -99,11 +108,21 @@ class SlideExtractor:
 
     @property
     def runner(self) -> ModelRunner:
-        """The model placed on its device (fingerprinted, channels_last), made on first use:
-        ``extract_many`` makes it while the background thread tiles the first slide."""
+        """The model loaded (when it was not yet) and placed on its device (fingerprinted,
+        channels_last), made on first use: ``extract_many`` makes it while the background
+        thread tiles the first slide. A failure is raised again, not retried."""
         with self._runner_lock:
+            if self._runner_error is not None:
+                raise self._runner_error
             if self._runner is None:
-                self._runner = ModelRunner(self._model, **self._runner_options)
+                try:
+                    if self._model is None:
+                        self._model, self.spec = resolve_model(
+                            self._model_source, device=self._device, progress=self.progress)
+                    self._runner = ModelRunner(self._model, **self._runner_options)
+                except Exception as error:
+                    self._runner_error = error
+                    raise
             return self._runner
 
     def __enter__(self) -> SlideExtractor:
@@ -256,7 +275,8 @@ class SlideExtractor:
         return prepared
 
     def _request(self, slide, tiling: Tiling, target_mpp: float) -> dict[str, Any]:
-        return request_attrs(self.spec, self._fingerprint(), slide, tiling, target_mpp)
+        fingerprint = self._fingerprint()  # first: it loads the weights and settles spec
+        return request_attrs(self.spec, fingerprint, slide, tiling, target_mpp)
 
     def _open(self, prepared: OpenOutput, tiling: Tiling, overwrite: bool) -> SlideResult:
         """The partial feature file (new or resumed) and the grid batches still to run."""

@@ -39,3 +39,22 @@ def test_runner_carries_the_fingerprint_across_channels_last(monkeypatch):
     with torch.no_grad():
         runner.eager.conv.bias[0] += 1
     assert model_fingerprint(runner.eager) != expected and len(calls) == 2
+
+
+def test_local_model_spec_only_for_weights_already_here(tmp_path, monkeypatch):
+    """Known from the manifest alone: a model whose weights are bundled. Not a module, an
+    unknown name, a model still to download, or a file that shares a model's name."""
+    from histohub._manifest import get_entry
+    from histohub.model_runner import local_model_spec
+
+    monkeypatch.setenv("HISTOHUB_HOME", str(tmp_path / "home"))   # an empty cache
+    spec = local_model_spec("resnet18-ssl-mini")
+    entry = get_entry("resnet18-ssl-mini")
+    assert spec is not None and spec.sha256 == entry.weights[0].sha256
+    assert spec.preprocessing == entry.preprocessing and spec.feature_dim == 512
+    assert local_model_spec(Tiny()) is None
+    assert local_model_spec("no-such-model") is None
+    assert local_model_spec("resnet18-ssl") is None                 # weights to download
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "resnet18-ssl-mini").write_bytes(b"not the bundled model")
+    assert local_model_spec("resnet18-ssl-mini") is None            # the file wins

@@ -177,3 +177,61 @@ def test_the_model_is_made_ready_while_the_first_slide_is_tiled(cohort, tmp_path
     monkeypatch.setattr(slide_features, "tile_grid", tile)
     result = extract_slide(Tiny(), cohort[0], tmp_path / "s.h5", batch_size=4, progress=False)
     assert result.n_patches == 2
+
+
+def test_bundled_weights_load_while_the_first_slide_is_tiled(cohort, tmp_path, monkeypatch):
+    """A model whose weights are here (the bundled resnet18-ssl-mini) is known from the
+    manifest at once and loaded while the first slide is tiled; the file records the
+    weights' pinned sha256."""
+    import threading
+
+    import histohub.slide_features as slide_features
+    from histohub._manifest import get_entry
+
+    loading, tiling = threading.Event(), threading.Event()
+    real_resolve, real_tile = slide_features.resolve_model, slide_features.tile_grid
+    loads = []
+
+    def resolve(*args, **kwargs):
+        loads.append(args[0])
+        loading.set()
+        assert tiling.wait(timeout=10), "the weights were loaded before tiling began"
+        return real_resolve(*args, **kwargs)
+
+    def tile(*args, **kwargs):
+        tiling.set()
+        assert loading.wait(timeout=10), "the weights were loaded only after tiling"
+        return real_tile(*args, **kwargs)
+
+    monkeypatch.setattr(slide_features, "resolve_model", resolve)
+    monkeypatch.setattr(slide_features, "tile_grid", tile)
+    with SlideExtractor("resnet18-ssl-mini", batch_size=4, progress=False) as extractor:
+        assert loads == []                      # known from the manifest, nothing read yet
+        result = extractor.extract(cohort[1], tmp_path / "s.h5")
+    assert loads == ["resnet18-ssl-mini"] and result.n_patches > 0
+    features = read_features(tmp_path / "s.h5")
+    assert features["attrs"]["model_sha256"] == get_entry("resnet18-ssl-mini").weights[0].sha256
+
+
+def test_weights_that_fail_to_load_leave_no_trace_and_are_not_retried(cohort, tmp_path,
+                                                                       monkeypatch):
+    """A bundled model whose weights turn out bad (here: the load raises) fails the job
+    with that error, once; no lock, partial file or output is left behind."""
+    import histohub.slide_features as slide_features
+    from histohub.errors import FingerprintError
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(args[0])
+        raise FingerprintError("resnet18-ssl-mini: the loaded conv1.weight has L2 norm 1.00")
+
+    monkeypatch.setattr(slide_features, "resolve_model", broken)
+    jobs = [(s, tmp_path / f"{s.stem}.h5") for s in cohort]
+    with SlideExtractor("resnet18-ssl-mini", batch_size=4, progress=False) as extractor:
+        with pytest.raises(FingerprintError, match="L2 norm"):
+            list(extractor.extract_many(jobs))
+        with pytest.raises(FingerprintError, match="L2 norm"):   # the same error, not a retry
+            list(extractor.extract_many(jobs[:1]))
+    assert calls == ["resnet18-ssl-mini"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
