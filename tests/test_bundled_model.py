@@ -70,21 +70,21 @@ def test_torch_hub_local_gives_the_same_features(batch):
     assert transform(image).shape == (3, 64, 64)
 
 
-def test_its_fingerprint_is_verified_and_far_from_a_random_initialisation():
-    """The entry carries a measured conv1 norm (checked at every load); random
-    initialisations of ResNet18 land nowhere near it."""
+def test_its_fingerprint_is_verified_and_it_is_not_a_random_initialisation():
+    """The entry carries a measured conv1 norm (checked at every load). The weights were
+    trained: conv1 is at least 10% (relative L2) away from torchvision's initialisation
+    under seeds 0-4, seed 0 being the one training started from (measured 17%; about 140%
+    from the others). A short run moves the norm itself little, so distance is the test."""
     from histohub.models import build_encoder
 
     fingerprint = histohub.get_entry(NAME).weights[0].fingerprint
     assert fingerprint.verified and fingerprint.tensor == "conv1.weight"
-    loaded = histohub.load_pretrained(NAME).conv1.weight.norm().item()
-    assert loaded == pytest.approx(fingerprint.l2_norm, rel=fingerprint.rtol)
-    norms = []
+    loaded = histohub.load_pretrained(NAME).conv1.weight.detach()
+    assert loaded.norm().item() == pytest.approx(fingerprint.l2_norm, rel=fingerprint.rtol)
     for seed in range(5):
         torch.manual_seed(seed)
-        norms.append(build_encoder("resnet18").conv1.weight.norm().item())
-    spread = max(norms) - min(norms)
-    assert all(abs(loaded - n) > 10 * spread for n in norms)
+        initial = build_encoder("resnet18").conv1.weight.detach()
+        assert ((loaded - initial).norm() / initial.norm()).item() > 0.1, seed
 
 
 @pytest.mark.skipif(not (SHARED_SLIDES / "cmu_small_region.svs").is_file(),

@@ -4,7 +4,7 @@
 #
 #     bash training/reproduce_bundled.sh [RUN_FOLDER]      # default runs/resnet18-ssl-mini
 #
-# About 35 minutes of training on 2 idle cores (OMP_NUM_THREADS=2) plus a few minutes of
+# About 3 minutes of training on 2 idle cores (4 epochs) plus a few minutes of
 # benchmarks. An interrupted run continues from its last checkpoint when started again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
