@@ -73,6 +73,7 @@ def _slide_mpp(data: dict) -> float:
 
 
 def _other_scales(data: dict, stated: float, stored: int, size: int) -> str:
+    """The mpp note's words for slide scales besides ``stated`` ("" when there are none)."""
     others = [v for v in _slide_scales(data) if v != stated]
     if not others:
         return ""

@@ -13,9 +13,9 @@ image from a classifier that never saw its source (Kather: the source image
 cross-validation, mean over ``--splits`` shuffles of the folds: tiles of one source image
 are near-duplicates, so random splits reward memorising a source. ``--split random``:
 stratified random 50/50 splits, mean over ``--splits`` (the splits the recipe table's
-first runs used). Cheaper than ``run_benchmark.py`` (no grouped splits, no label
-fractions), for comparing runs while they train; report final numbers with
-``run_benchmark.py``.
+first runs used). Cheaper than ``run_benchmark.py`` (no label fractions, no validation
+part) and steadier on a few sources (every image is tested once per shuffle, where the
+benchmark tests one split), for comparing runs; the manifest records ``run_benchmark.py``.
 """
 
 from __future__ import annotations
