@@ -152,27 +152,31 @@ def test_the_reader_takes_over_the_handle_that_tiled_the_slide(cohort, tmp_path,
     assert len(closed) == len(cohort)
 
 
-def test_the_model_is_made_ready_while_the_first_slide_is_tiled(cohort, tmp_path,
-                                                                 monkeypatch):
-    """Making the model ready waits for tiling to begin and tiling waits for the model (up
-    to 10 s each): both finish at once only if they run at the same time."""
+def _at_the_same_time(first, second, what: str):
+    """``first`` and ``second`` wrapped so that each waits (up to 10 s) for the other to
+    begin: both finish only if they run at the same time. ``what`` names ``first``."""
     import threading
 
+    began = threading.Event(), threading.Event()
+
+    def wrap(call, mine: int, message: str):
+        def wrapped(*args, **kwargs):
+            began[mine].set()
+            assert began[1 - mine].wait(timeout=10), message
+            return call(*args, **kwargs)
+        return wrapped
+
+    return (wrap(first, 0, f"{what} before tiling began"),
+            wrap(second, 1, f"{what} only after tiling"))
+
+
+def test_the_model_is_made_ready_while_the_first_slide_is_tiled(cohort, tmp_path,
+                                                                 monkeypatch):
+    """Making the model ready and tiling the first slide run at the same time."""
     import histohub.slide_features as slide_features
 
-    runner_started, tiling_started = threading.Event(), threading.Event()
-    real_runner, real_tile = slide_features.ModelRunner, slide_features.tile_grid
-
-    def runner(*args, **kwargs):
-        runner_started.set()
-        assert tiling_started.wait(timeout=10), "the model was made ready before tiling began"
-        return real_runner(*args, **kwargs)
-
-    def tile(*args, **kwargs):
-        tiling_started.set()
-        assert runner_started.wait(timeout=10), "the model was made ready only after tiling"
-        return real_tile(*args, **kwargs)
-
+    runner, tile = _at_the_same_time(slide_features.ModelRunner, slide_features.tile_grid,
+                                     "the model was made ready")
     monkeypatch.setattr(slide_features, "ModelRunner", runner)
     monkeypatch.setattr(slide_features, "tile_grid", tile)
     result = extract_slide(Tiny(), cohort[0], tmp_path / "s.h5", batch_size=4, progress=False)
@@ -183,27 +187,14 @@ def test_bundled_weights_load_while_the_first_slide_is_tiled(cohort, tmp_path, m
     """A model whose weights are here (the bundled resnet18-ssl-mini) is known from the
     manifest at once and loaded while the first slide is tiled; the file records the
     weights' pinned sha256."""
-    import threading
-
     import histohub.slide_features as slide_features
     from histohub._manifest import get_entry
 
-    loading, tiling = threading.Event(), threading.Event()
-    real_resolve, real_tile = slide_features.resolve_model, slide_features.tile_grid
     loads = []
-
-    def resolve(*args, **kwargs):
-        loads.append(args[0])
-        loading.set()
-        assert tiling.wait(timeout=10), "the weights were loaded before tiling began"
-        return real_resolve(*args, **kwargs)
-
-    def tile(*args, **kwargs):
-        tiling.set()
-        assert loading.wait(timeout=10), "the weights were loaded only after tiling"
-        return real_tile(*args, **kwargs)
-
-    monkeypatch.setattr(slide_features, "resolve_model", resolve)
+    resolve, tile = _at_the_same_time(slide_features.resolve_model, slide_features.tile_grid,
+                                      "the weights were loaded")
+    monkeypatch.setattr(slide_features, "resolve_model",
+                        lambda *args, **kwargs: loads.append(args[0]) or resolve(*args, **kwargs))
     monkeypatch.setattr(slide_features, "tile_grid", tile)
     with SlideExtractor("resnet18-ssl-mini", batch_size=4, progress=False) as extractor:
         assert loads == []                      # known from the manifest, nothing read yet
