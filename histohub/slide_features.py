@@ -89,7 +89,7 @@ class SlideExtractor:
         # weights already here (bundled, or cached and verified) load while the first slide
         # is tiled; the others (a download, a file path) load now, so a failed download is
         # reported before any slide is touched
-        self._model_source, self._device = model_or_name, device
+        self._model_source = model_or_name
         self._model: nn.Module | None = None
         spec = local_model_spec(model_or_name)
         if spec is None:
@@ -118,7 +118,8 @@ class SlideExtractor:
                 try:
                     if self._model is None:
                         self._model, self.spec = resolve_model(
-                            self._model_source, device=self._device, progress=self.progress)
+                            self._model_source, device=self._runner_options["device"],
+                            progress=self.progress)
                     self._runner = ModelRunner(self._model, **self._runner_options)
                 except Exception as error:
                     self._runner_error = error

@@ -184,7 +184,7 @@ def build_entry(checkpoint: dict, *, weights_path: Path, sha256: str, size: int,
                                f"{d['max_images']})" for d in data["datasets"]
                                if isinstance(d, dict) and d.get("max_images") is not None)
                      + (f"; at most {_per_slide(data)} patches per slide at "
-                        + ", ".join(f"{v}" for v in _slide_scales(data)) + " um/px"
+                        + ", ".join(map(str, _slide_scales(data))) + " um/px"
                         if slides else "") + "."
                      + (f" {data_note}" if data_note else ""))
     # Slide patches were stored at slide_mpp in cache_size px and views resized to
