@@ -100,6 +100,10 @@ def _worker(rank: int, init_file: str, out: str) -> None:
         loss.backward()
         torch.save({"loss": loss.detach(), "local": local, "grads": _grads(model.module)},
                    f"{out}.{rank}")
+        # both ranks done before either tears gloo down: without it, a rank could destroy
+        # the group while the other's gloo thread still talked to it ("terminate called
+        # without an active exception", SIGABRT; seen once in CI). train.py ends likewise.
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
