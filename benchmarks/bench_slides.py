@@ -39,6 +39,10 @@ A, B, C, ...), medians of the rounds:
              (``histohub.tissue_mask``), the grid, ``read_region`` per patch, the eager
              channels_last model on batches of 32; timed, like the histohub arm, from a
              loaded model (so its channels_last conversion counts, as histohub's does).
+             The time it takes to load the model from the file (a second load, the file
+             read once before) is kept beside it: the CLI reads its model file within its
+             time, so on the 30-patch slide the CLI is also compared with the loop plus
+             that load.
 
 All arms run with glibc told to keep freed memory (``histohub.tune_allocator``, which
 ``extract_slide`` applies itself). Printed per arm: patches/s, the ratio to the best
@@ -313,7 +317,16 @@ def check_targets(scenario: str, runs: dict[str, list[dict[str, Any]]]) -> list[
             ratio = _ratio(runs[arm], runs["naive"])
             lines.append(f"cmu (30 patches): {arm} >= naive loop: x{ratio:.2f} "
                          f"{'MET' if ratio >= 1.0 else 'NOT MET'}")
+            if arm == "cli":  # the CLI reads its model file in its time; so does this
+                ratio = _ratio(runs[arm], _with_load(runs["naive"]))
+                lines.append(f"cmu (30 patches): cli >= naive loop timed from its model file "
+                             f"too: x{ratio:.2f} {'MET' if ratio >= 1.0 else 'NOT MET'}")
     return lines
+
+
+def _with_load(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The naive arm's runs with the time its model load took added to their seconds."""
+    return [{**run, "seconds": run["seconds"] + run["load_s"]} for run in runs]
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@ batch after batch.
 
 - ``resolve_model``: an ``nn.Module`` (used as is) or a manifest name / checkpoint path ->
   the model and its ``ModelSpec`` (name, architecture, weights' sha256, preprocessing).
-- ``local_model_spec``: the ``ModelSpec`` of a manifest model whose weights are already on
-  this machine, from the manifest alone, so slides can be tiled while the weights load.
+- ``local_model_spec``: the ``ModelSpec`` of a model whose weights are already on this
+  machine (a checkpoint file, a bundled or cached model), known before they are read, so
+  slides can be tiled while the weights load.
 - ``ModelRunner``: eval, channels_last, optional autocast and ``torch.compile``; normalised
   float batches ``(B, 3, S, S)``, or uint8 pixels ``(B, S, S, 3)`` moved to the device
   (pinned memory, ``non_blocking``) and normalised there -> float32 CPU ``(B, D)``.
@@ -90,16 +91,20 @@ def resolve_model(model_or_name: nn.Module | str | os.PathLike, *, device: torch
 
 
 def local_model_spec(model_or_name: nn.Module | str | os.PathLike) -> ModelSpec | None:
-    """The spec of a manifest model whose weights are here (bundled in the package, or
-    cached and verified), read from the manifest alone: nothing is read or hashed. None for
-    a module, a file path (an existing file always means the file), an unknown name or
-    weights still to download: those are resolved now, so their errors come first.
+    """The spec of a model whose weights are here, known before they are read: a
+    checkpoint file (an existing file always means the file; its first bytes are checked
+    now, so a file that is no checkpoint is refused at once), or a manifest model bundled
+    in the package or cached and verified (from the manifest alone). None for a module, an
+    unknown name or weights still to download: those are resolved now, so their errors
+    come first.
 
-    ``sha256`` is the pinned hash of the file the load is expected to use;
+    ``sha256`` is the pinned hash of the file the load is expected to use ("" for a
+    checkpoint file, and ``arch`` and ``feature_dim`` unknown until it is read);
     ``resolve_model`` gives the authoritative spec once the weights are loaded.
     """
     from pathlib import Path
 
+    from ._checkpoint import sniff_format
     from ._download import cache_status
     from ._manifest import load_manifest
     from .pretrained import _default_preprocessing
@@ -107,8 +112,12 @@ def local_model_spec(model_or_name: nn.Module | str | os.PathLike) -> ModelSpec 
     if isinstance(model_or_name, nn.Module):
         return None
     name = os.fspath(model_or_name)
+    path = Path(name).expanduser()
+    if path.is_file():
+        sniff_format(path)
+        return ModelSpec(path.stem, "", "", None, _default_preprocessing())
     entry = load_manifest().get(name)
-    if entry is None or Path(name).expanduser().is_file():
+    if entry is None:
         return None
     for file in entry.weights:
         bundled = any(s.package_path is not None and s.package_path.is_file()

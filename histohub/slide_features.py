@@ -86,8 +86,8 @@ class SlideExtractor:
         device = torch.device(device)
         if device.type == "cpu":
             tune_allocator()
-        # weights already here (bundled, or cached and verified) load while the first slide
-        # is tiled; the others (a download, a file path) load now, so a failed download is
+        # weights already here (a checkpoint file, a bundled or a cached and verified model)
+        # load while the first slide is tiled; a download happens now, so a failed one is
         # reported before any slide is touched
         self._model_source = model_or_name
         self._model: nn.Module | None = None
@@ -120,6 +120,7 @@ class SlideExtractor:
                         self._model, self.spec = resolve_model(
                             self._model_source, device=self._runner_options["device"],
                             progress=self.progress)
+                        self._feature_dim = self._feature_dim or self.spec.feature_dim
                     self._runner = ModelRunner(self._model, **self._runner_options)
                 except Exception as error:
                     self._runner_error = error
@@ -189,9 +190,9 @@ class SlideExtractor:
         tiled: list[int] = []
         due, stream = 0, None
         try:
+            warm_imports()  # before the threads: contended, h5py's import took 8x longer
             schedule.start()  # the first slide is tiled while the model is made ready here
             self._fingerprint()
-            warm_imports()
             stream = self._stream(schedule)
             for batch in chain(stream, [None]):
                 if batch is None:
@@ -218,12 +219,15 @@ class SlideExtractor:
         return model_fingerprint(self.runner.eager)
 
     def _feature_dim_now(self) -> int:
-        """The model's feature size; a module without ``histohub_info`` runs one forward
-        pass, the first time a slide needs a file (never while the model runs a batch: the
-        first file is opened before the first batch)."""
+        """The model's feature size: known from its spec, or once its weights are loaded;
+        a module without ``histohub_info`` runs one forward pass, the first time a slide
+        needs a file (never while the model runs a batch: the first file is opened before
+        the first batch)."""
         if self._feature_dim is None:
-            size = self.spec.preprocessing.input_size
-            self._feature_dim = int(self.runner.run(torch.zeros(1, 3, size, size)).shape[1])
+            runner = self.runner  # loading a checkpoint file tells its architecture
+            if self._feature_dim is None:
+                size = self.spec.preprocessing.input_size
+                self._feature_dim = int(runner.run(torch.zeros(1, 3, size, size)).shape[1])
         return self._feature_dim
 
     def _prepare(self, job: SlideJob, tiling: Tiling, overwrite: bool) -> OpenOutput:

@@ -110,6 +110,10 @@ def test_one_round_of_every_arm(bench, slides, weights, tmp_path, capsys):
     assert "1.00" in table[3]  # the model alone is its own best
     targets = bench.check_targets("cohort", runs)
     assert [line.split(" >=")[0] for line in targets] == ["cohort: histohub", "cohort: cli"]
+    assert 0 < runs["naive"][0]["load_s"] < 60
+    targets = bench.check_targets("cmu", runs)   # the CLI is also held to loop + its load
+    assert [line.split(":")[1].split(" >=")[0].strip() for line in targets] == [
+        "histohub", "cli", "cli"] and "from its model file" in targets[2]
 
     # the reader arm through the worker entry point, as the benchmark spawns it
     arm = bench.reader_arms(arms.reader_options())[0]

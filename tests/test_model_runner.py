@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
 import torch
 
 import histohub.model_runner as model_runner
@@ -42,10 +43,14 @@ def test_runner_carries_the_fingerprint_across_channels_last(monkeypatch):
 
 
 def test_local_model_spec_only_for_weights_already_here(tmp_path, monkeypatch):
-    """Known from the manifest alone: a model whose weights are bundled. Not a module, an
-    unknown name, a model still to download, or a file that shares a model's name."""
+    """Known before the weights are read: a model whose weights are bundled (from the
+    manifest alone) and a checkpoint file (its first bytes checked at once). Not a module,
+    an unknown name or a model still to download; a file that shares a model's name is the
+    file."""
     from histohub._manifest import get_entry
+    from histohub.errors import CheckpointError
     from histohub.model_runner import local_model_spec
+    from histohub.pretrained import _default_preprocessing
 
     monkeypatch.setenv("HISTOHUB_HOME", str(tmp_path / "home"))   # an empty cache
     spec = local_model_spec("resnet18-ssl-mini")
@@ -57,4 +62,10 @@ def test_local_model_spec_only_for_weights_already_here(tmp_path, monkeypatch):
     assert local_model_spec("resnet18-ssl") is None                 # weights to download
     monkeypatch.chdir(tmp_path)
     (tmp_path / "resnet18-ssl-mini").write_bytes(b"not the bundled model")
-    assert local_model_spec("resnet18-ssl-mini") is None            # the file wins
+    with pytest.raises(CheckpointError, match="neither a safetensors file"):
+        local_model_spec("resnet18-ssl-mini")                        # the file wins
+    checkpoint = tmp_path / "mine.pt"
+    torch.save(Tiny().state_dict(), checkpoint)
+    spec = local_model_spec(checkpoint)
+    assert spec is not None and (spec.name, spec.sha256, spec.feature_dim) == ("mine", "", None)
+    assert spec.preprocessing == _default_preprocessing()

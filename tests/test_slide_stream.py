@@ -226,3 +226,58 @@ def test_weights_that_fail_to_load_leave_no_trace_and_are_not_retried(cohort, tm
             list(extractor.extract_many(jobs[:1]))
     assert calls == ["resnet18-ssl-mini"]
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_file_loads_while_the_first_slide_is_tiled(cohort, resnet18_file,
+                                                               tmp_path, monkeypatch):
+    """A checkpoint path is checked at once (its first bytes) and read while the first
+    slide is tiled; the file records the checkpoint's sha256 and 512 features per patch."""
+    import hashlib
+
+    import histohub.slide_features as slide_features
+
+    loads = []
+    resolve, tile = _at_the_same_time(slide_features.resolve_model, slide_features.tile_grid,
+                                      "the checkpoint was loaded")
+    monkeypatch.setattr(slide_features, "resolve_model",
+                        lambda *args, **kwargs: loads.append(args[0]) or resolve(*args, **kwargs))
+    monkeypatch.setattr(slide_features, "tile_grid", tile)
+    with SlideExtractor(resnet18_file, batch_size=4, progress=False) as extractor:
+        assert loads == []
+        result = extractor.extract(cohort[0], tmp_path / "s.h5")
+    assert loads == [resnet18_file] and result.n_patches == 2
+    features = read_features(tmp_path / "s.h5")
+    assert features["features"].shape == (2, 512)
+    assert features["attrs"]["model_sha256"] == hashlib.sha256(
+        resnet18_file.read_bytes()).hexdigest()
+
+
+def test_a_checkpoint_that_is_no_checkpoint_is_refused_before_any_slide(cohort, tmp_path):
+    from histohub.errors import CheckpointError
+
+    page = tmp_path / "weights.safetensors"
+    page.write_text("<html>404 Not Found</html>")
+    with pytest.raises(CheckpointError, match="neither a safetensors file"):
+        SlideExtractor(page, progress=False)
+
+
+def test_a_checkpoint_that_fits_no_architecture_fails_once_and_leaves_no_trace(
+        cohort, tmp_path):
+    """Its keys are found wrong only when it is read, while the first slide is tiled: the
+    job fails with that error, once, and nothing is left in the output folder."""
+    from safetensors.torch import save_file
+
+    from histohub.errors import KeyMappingError
+
+    weights = tmp_path / "weights" / "other.safetensors"
+    weights.parent.mkdir()
+    save_file({"encoder.weight": torch.zeros(3, 3)}, weights)
+    out = tmp_path / "out"
+    out.mkdir()
+    jobs = [(s, out / f"{s.stem}.h5") for s in cohort]
+    with SlideExtractor(weights, batch_size=4, progress=False) as extractor:
+        with pytest.raises(KeyMappingError):
+            list(extractor.extract_many(jobs))
+        with pytest.raises(KeyMappingError):
+            list(extractor.extract_many(jobs[:1]))
+    assert sorted(out.iterdir()) == []
