@@ -27,6 +27,7 @@ device: pinned host memory and a ``non_blocking`` copy on a GPU, normalisation t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -44,7 +45,7 @@ from torch import nn
 
 from . import _h5
 from ._h5_writer import FeatureWriter
-from .errors import HistohubError, SlideError
+from .errors import HistohubError, MissingDependencyError, SlideError
 from .features import check_options
 from .grid_preview import grid_summary
 from .model_runner import (ModelRunner, local_model_spec, model_fingerprint, resolve_model,
@@ -54,6 +55,11 @@ from .slide_jobs import SlideJob, SlideResult, Tiling, skipped_result
 from .slide_outputs import OpenOutput, output_lock, request_attrs, warm_imports, write_preview
 from .slide_stream import Batch, CrossBatcher, Schedule, reader_stream, worker_stream
 from .wsi import open_slide, tile_grid
+
+# h5py and filelock are imported with this module, while nothing else runs: imported beside
+# the thread that tiles the first slide, h5py's import took up to 8x longer (0.15-0.2 s)
+with contextlib.suppress(MissingDependencyError):  # said when a slide needs them
+    warm_imports()
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +196,7 @@ class SlideExtractor:
         tiled: list[int] = []
         due, stream = 0, None
         try:
-            warm_imports()  # before the threads: contended, h5py's import took 8x longer
+            warm_imports()  # a missing h5py is said before any thread starts
             schedule.start()  # the first slide is tiled while the model is made ready here
             self._fingerprint()
             stream = self._stream(schedule)
