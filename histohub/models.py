@@ -10,6 +10,7 @@ reading the list costs nothing.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -34,8 +35,13 @@ def build_encoder(arch: str) -> nn.Module:
 
 def encoder_shapes(arch: str) -> dict[str, torch.Size]:
     """``{key: shape}`` of an ``arch`` encoder's ``state_dict`` (buffers included), built on
-    the meta device: no memory, no random initialisation."""
+    the meta device (no memory, no random initialisation) once per architecture."""
+    return dict(_encoder_shapes(arch))
+
+
+@functools.lru_cache(maxsize=None)
+def _encoder_shapes(arch: str) -> tuple[tuple[str, torch.Size], ...]:
     import torch
 
     with torch.device("meta"):
-        return {key: value.shape for key, value in build_encoder(arch).state_dict().items()}
+        return tuple((key, value.shape) for key, value in build_encoder(arch).state_dict().items())

@@ -27,6 +27,16 @@ def _fast_retries(monkeypatch):
     _download._warned_unpinned.clear()
 
 
+@pytest.fixture(autouse=True)
+def _garbage_collector_as_found():
+    """``histohub extract`` freezes the garbage collector's view of its process (it owns
+    it); run in-process here, that is undone after each test."""
+    import gc
+
+    yield
+    gc.unfreeze()
+
+
 @pytest.fixture
 def file_server():
     with FileServer() as server:

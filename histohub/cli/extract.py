@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import glob
 import hashlib
 import logging
@@ -257,6 +258,10 @@ def run(args: argparse.Namespace) -> int:
             for slide in slides]
     started = time.perf_counter()
     failed, results = list(problems), []
+    # what the imports made lives as long as this process: exempt it from the cyclic
+    # garbage collector, whose full passes over it (0.1-0.2 s each, holding the GIL)
+    # stalled the threads of a run
+    gc.freeze()
     extractor = SlideExtractor(args.model, device=pick_device(args.device, local_rank),
                                batch_size=args.batch_size, num_workers=args.workers,
                                read_threads=args.read_threads, amp=args.amp or False,
