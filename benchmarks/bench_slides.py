@@ -22,7 +22,8 @@ What it measures, for each, with the same random ResNet18 weights (``torch.manua
 ``histohub.load_pretrained("resnet18-ssl", pretrained=False)``, saved as safetensors and
 loaded by every arm with ``histohub.load_pretrained(path)``) and the same patches (224 px at
 0.5 um/px, >= 50% tissue), each arm in a fresh process, rounds interleaved (A, B, C, ...,
-A, B, C, ...), medians of the rounds:
+A, B, C, ...), medians of the rounds. Every arm imports what it runs before its clock
+starts (torch, histohub's slide pipeline, OpenSlide: paid once per process):
 
 - histohub:  the library's defaults in one process with one model: ``extract_slide`` for
              one slide, one ``SlideExtractor``'s ``extract_many`` for several (HDF5

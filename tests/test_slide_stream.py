@@ -183,19 +183,27 @@ def test_the_model_is_made_ready_while_the_first_slide_is_tiled(cohort, tmp_path
     assert result.n_patches == 2
 
 
+def _loads_that_meet_tiling(monkeypatch, what: str) -> list:
+    """``resolve_model`` and ``tile_grid`` patched to finish only if they run at the same
+    time (``_at_the_same_time``); returns the list of what ``resolve_model`` was asked for."""
+    import histohub.slide_features as slide_features
+
+    loads: list = []
+    resolve, tile = _at_the_same_time(slide_features.resolve_model, slide_features.tile_grid,
+                                      what)
+    monkeypatch.setattr(slide_features, "resolve_model",
+                        lambda *args, **kwargs: loads.append(args[0]) or resolve(*args, **kwargs))
+    monkeypatch.setattr(slide_features, "tile_grid", tile)
+    return loads
+
+
 def test_bundled_weights_load_while_the_first_slide_is_tiled(cohort, tmp_path, monkeypatch):
     """A model whose weights are here (the bundled resnet18-ssl-mini) is known from the
     manifest at once and loaded while the first slide is tiled; the file records the
     weights' pinned sha256."""
-    import histohub.slide_features as slide_features
     from histohub._manifest import get_entry
 
-    loads = []
-    resolve, tile = _at_the_same_time(slide_features.resolve_model, slide_features.tile_grid,
-                                      "the weights were loaded")
-    monkeypatch.setattr(slide_features, "resolve_model",
-                        lambda *args, **kwargs: loads.append(args[0]) or resolve(*args, **kwargs))
-    monkeypatch.setattr(slide_features, "tile_grid", tile)
+    loads = _loads_that_meet_tiling(monkeypatch, "the weights were loaded")
     with SlideExtractor("resnet18-ssl-mini", batch_size=4, progress=False) as extractor:
         assert loads == []                      # known from the manifest, nothing read yet
         result = extractor.extract(cohort[1], tmp_path / "s.h5")
@@ -234,14 +242,7 @@ def test_a_checkpoint_file_loads_while_the_first_slide_is_tiled(cohort, resnet18
     slide is tiled; the file records the checkpoint's sha256 and 512 features per patch."""
     import hashlib
 
-    import histohub.slide_features as slide_features
-
-    loads = []
-    resolve, tile = _at_the_same_time(slide_features.resolve_model, slide_features.tile_grid,
-                                      "the checkpoint was loaded")
-    monkeypatch.setattr(slide_features, "resolve_model",
-                        lambda *args, **kwargs: loads.append(args[0]) or resolve(*args, **kwargs))
-    monkeypatch.setattr(slide_features, "tile_grid", tile)
+    loads = _loads_that_meet_tiling(monkeypatch, "the checkpoint was loaded")
     with SlideExtractor(resnet18_file, batch_size=4, progress=False) as extractor:
         assert loads == []
         result = extractor.extract(cohort[0], tmp_path / "s.h5")
