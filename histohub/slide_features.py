@@ -126,7 +126,6 @@ class SlideExtractor:
                         self._model, self.spec = resolve_model(
                             self._model_source, device=self._runner_options["device"],
                             progress=self.progress)
-                        self._feature_dim = self._feature_dim or self.spec.feature_dim
                     self._runner = ModelRunner(self._model, **self._runner_options)
                 except Exception as error:
                     self._runner_error = error
@@ -230,7 +229,8 @@ class SlideExtractor:
         needs a file (never while the model runs a batch: the first file is opened before
         the first batch)."""
         if self._feature_dim is None:
-            runner = self.runner  # loading a checkpoint file tells its architecture
+            runner = self.runner  # a checkpoint file's architecture is known once it is read
+            self._feature_dim = self.spec.feature_dim
             if self._feature_dim is None:
                 size = self.spec.preprocessing.input_size
                 self._feature_dim = int(runner.run(torch.zeros(1, 3, size, size)).shape[1])
