@@ -60,8 +60,8 @@ reader option ``extract_slide`` offers (looked up in its signature when the benc
 runs: ``read_threads``, ``num_workers``), in patches/s, patches/s per reader and patches
 per CPU-second (the process and its reaped children), and the 2-vs-1 ratio; beside them
 the machine's ceiling: 1 and 2 processes decoding disjoint shares of the patches and doing
-nothing else (on the 2-core development VM two such processes reached only about 1.55x
-one: decoding does not scale 2x there, whatever the pipeline).
+nothing else (on the 2-core development VM two such processes reached only 1.3-1.6x one
+across runs: decoding does not scale 2x there, whatever the pipeline).
 
 A matrix-multiply probe (fp32 1024^3, GFLOP/s) before and after each part tells whether
 the machine was in a slow spell (about 170 GFLOP/s at 2 threads when quiet, 72-84 in one).
