@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SlideError, check_option, require
+from .jpeg_tiles import JpegTileLevel, Unsupported, open_jpeg_level
 from .tissue import MASK_METHODS, tissue_mask
 
 log = logging.getLogger(__name__)
@@ -330,9 +331,12 @@ class PatchReader:
 
     Opens its own OpenSlide handle (one per process or thread that reads), or takes over
     ``slide``, one already open (whose tile cache may hold the tiles just read for the
-    mask), and closes it when done. A tile that fails to decode raises ``TileReadError``;
-    OpenSlide's handle is unusable after any error, so the reader reopens it and the next
-    patch reads normally.
+    mask), and closes it when done. JPEG-tiled TIFF levels (Aperio .svs, generic tiled
+    TIFF) are decoded straight from their tiles (``histohub.jpeg_tiles``: 2-2.6x faster),
+    after the first patch read that way is found identical to OpenSlide's; any patch they
+    do not handle, and any slide where they differ, is read by OpenSlide. A tile that fails
+    to decode raises ``TileReadError``; OpenSlide's handle is unusable after any error, so
+    the reader reopens it and the next patch reads normally.
     """
 
     def __init__(self, grid: TileGrid, *, interpolation: str = "bilinear",
@@ -342,6 +346,9 @@ class PatchReader:
         self.grid = grid
         self._resample = getattr(Image.Resampling, interpolation.upper())
         self._slide: Slide | None = slide
+        # the direct JPEG tile reader: None until first used, False when not used
+        self._tiles: JpegTileLevel | None | bool = None
+        self._tiles_checked = False
 
     def _handle(self) -> Slide:
         if self._slide is None:
@@ -357,17 +364,54 @@ class PatchReader:
         from PIL import Image
 
         g = self.grid
-        try:
-            region = self._handle().read_region((x, y), g.level, (g.read_size, g.read_size))
-        except Exception as error:  # OpenSlideError; the handle is now in an error state
-            self.close()
-            raise TileReadError(x, y, error) from error
+        region = self._read_tiles(x, y)
+        if region is None:
+            region = self._read_openslide(x, y)
         if g.read_size != g.patch_size:
             region = np.asarray(Image.fromarray(region).resize((g.patch_size, g.patch_size),
                                                                self._resample))
         return region
 
+    def _read_openslide(self, x: int, y: int) -> np.ndarray:
+        g = self.grid
+        try:
+            return self._handle().read_region((x, y), g.level, (g.read_size, g.read_size))
+        except Exception as error:  # OpenSlideError; the handle is now in an error state
+            self._close_slide()
+            raise TileReadError(x, y, error) from error
+
+    def _read_tiles(self, x: int, y: int) -> np.ndarray | None:
+        """The region decoded from its JPEG tiles, or None: read it with OpenSlide."""
+        g = self.grid
+        if self._tiles is None:
+            slide = self._handle()
+            self._tiles = open_jpeg_level(slide.path, slide.properties.get("openslide.vendor"),
+                                          slide.level_dimensions[g.level]) or False
+        lx, ly = x / g.level_downsample, y / g.level_downsample
+        if self._tiles is False or not (lx.is_integer() and ly.is_integer()):
+            return None  # OpenSlide places a region between pixels of the level itself
+        try:
+            region = self._tiles.read(int(lx), int(ly), g.read_size, g.read_size)
+        except Unsupported:
+            return None
+        if not self._tiles_checked:
+            expected = self._read_openslide(x, y)
+            if not np.array_equal(region, expected):
+                log.info("%s: its JPEG tiles decode differently from OpenSlide's reading; "
+                         "reading through OpenSlide", Path(g.slide_path).name)
+                self._tiles.close()
+                self._tiles = False
+                return expected
+            self._tiles_checked = True
+        return region
+
     def close(self) -> None:
+        if isinstance(self._tiles, JpegTileLevel):
+            self._tiles.close()
+        self._tiles, self._tiles_checked = None, False
+        self._close_slide()
+
+    def _close_slide(self) -> None:
         if self._slide is not None:
             self._slide.close()
             self._slide = None

@@ -1,0 +1,182 @@
+"""Regions of a JPEG-tiled TIFF level (Aperio .svs, generic tiled TIFF) decoded straight from
+its tiles: the same pixels as OpenSlide, at 2-2.6x the speed per 224 px patch.
+
+OpenSlide composites every region through cairo and hands back premultiplied ARGB: about
+0.75 ms for a 224 px patch even when its tiles are cached, more than decoding the JPEG
+tiles themselves (about 0.4 ms per 256 px tile with libjpeg-turbo). ``JpegTileLevel`` reads
+a tile's bytes with ``os.pread`` (no shared file position: one reader per thread is safe,
+and the read releases the GIL), decodes them with Pillow's libjpeg-turbo, keeps recent tiles
+in an LRU cache of ``CACHE_BYTES`` and copies the region out.
+
+Only what is known to match OpenSlide is read here; everything else raises ``Unsupported``
+and is read by OpenSlide (``histohub.wsi.PatchReader``, which also compares the first patch
+of each slide with OpenSlide's and keeps to OpenSlide when they differ):
+
+- ``open_jpeg_level`` gives a level only for OpenSlide's 'aperio' and 'generic-tiff' formats
+  (plain tile grids, no overlaps), a tiled page of exactly the level's size, 8-bit, three
+  samples, interleaved, JPEG, RGB or YCbCr (Aperio's RGB tiles are decoded without colour
+  conversion, as OpenSlide does);
+- a region outside the level or touching a tile the file does not hold (or only in part),
+  a tile whose image data holds a marker (cut short, overwritten: ``check_scan``), or one
+  Pillow cannot decode, is ``Unsupported`` (OpenSlide says what is wrong with it). Bit
+  errors that keep a tile's structure decode to wrong pixels here as in OpenSlide (which
+  reports a few of them that Pillow does not: they never show as markers).
+
+``HISTOHUB_JPEG_TILES=0`` in the environment turns this module off (everything is read by
+OpenSlide).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections import OrderedDict
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: OpenSlide formats whose levels are plain grids of TIFF tiles.
+VENDORS = ("aperio", "generic-tiff")
+#: Decoded tiles kept per reader (a 256 px tile is 192 KiB: about 340 tiles, more than two
+#: tile rows of a 40,000 px wide level, so a row of patches reuses the row above's tiles).
+CACHE_BYTES = 64 << 20
+_JPEG = 7
+_RGB, _YCBCR = 2, 6
+
+
+class Unsupported(Exception):
+    """This region is not read here: read it with OpenSlide."""
+
+
+class JpegTileLevel:
+    """One tiled TIFF page: ``read(x, y, w, h)`` -> RGB uint8 ``(h, w, 3)`` in the page's px.
+
+    Made by ``open_jpeg_level``; one per reading thread; ``close()`` closes its file.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, tile_size: tuple[int, int],
+                 image_size: tuple[int, int], offsets, byte_counts, jpeg_tables: bytes | None,
+                 rgb: bool) -> None:
+        self.tile_w, self.tile_h = tile_size
+        self.width, self.height = image_size
+        self._across = -(-self.width // self.tile_w)
+        self._offsets = np.asarray(offsets, np.int64)
+        self._counts = np.asarray(byte_counts, np.int64)
+        # abbreviated tiles (Aperio) share one tables stream: tables without their EOI, then
+        # the tile without its SOI
+        self._prefix = jpeg_tables[:-2] if jpeg_tables else b""
+        self._rgb = rgb
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache_bytes = 0
+        self._fd: int | None = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+
+    def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """RGB uint8 ``(h, w, 3)`` of the region at (x, y) in this level's px."""
+        if x < 0 or y < 0 or w < 1 or h < 1 or x + w > self.width or y + h > self.height:
+            raise Unsupported("region outside the level")
+        out = np.empty((h, w, 3), np.uint8)
+        for ty in range(y // self.tile_h, (y + h - 1) // self.tile_h + 1):
+            for tx in range(x // self.tile_w, (x + w - 1) // self.tile_w + 1):
+                tile = self._tile(ty * self._across + tx)
+                left, top = tx * self.tile_w, ty * self.tile_h
+                x0, y0 = max(x, left), max(y, top)
+                x1, y1 = min(x + w, left + self.tile_w), min(y + h, top + self.tile_h)
+                out[y0 - y:y1 - y, x0 - x:x1 - x] = tile[y0 - top:y1 - top, x0 - left:x1 - left]
+        return out
+
+    def _tile(self, index: int) -> np.ndarray:
+        cached = self._cache.get(index)
+        if cached is not None:
+            self._cache.move_to_end(index)
+            return cached
+        tile = self._decode(index)
+        self._cache[index] = tile
+        self._cache_bytes += tile.nbytes
+        while self._cache_bytes > CACHE_BYTES and len(self._cache) > 1:
+            self._cache_bytes -= self._cache.popitem(last=False)[1].nbytes
+        return tile
+
+    def _decode(self, index: int) -> np.ndarray:
+        from PIL import Image
+
+        if self._fd is None:
+            raise ValueError("the level is closed")
+        if index >= len(self._counts) or self._counts[index] <= 0:
+            raise Unsupported(f"tile {index} is not in the file")
+        data = os.pread(self._fd, int(self._counts[index]), int(self._offsets[index]))
+        if len(data) != self._counts[index]:
+            raise Unsupported(f"tile {index} lies past the end of the file")
+        if self._prefix:
+            data = self._prefix + data[2:]
+        check_scan(data)
+        try:
+            image = Image.open(io.BytesIO(data), formats=["JPEG"])
+            if self._rgb:  # stored RGB, not YCbCr: take the samples as they are
+                image.draft("YCbCr", None)
+            image.load()
+        except (OSError, SyntaxError, ValueError) as error:  # Pillow's decoding errors
+            raise Unsupported(f"tile {index}: {error}") from error
+        tile = np.asarray(image)
+        if tile.shape != (self.tile_h, self.tile_w, 3):
+            raise Unsupported(f"tile {index} decodes to {tile.shape}")
+        return tile
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._cache.clear()
+        self._cache_bytes = 0
+
+
+def check_scan(data: bytes) -> None:
+    """Raise ``Unsupported`` unless the JPEG ``data`` is headers, then one scan of image data
+    with no marker but restarts inside, then its end (EOI).
+
+    libjpeg only warns where a scan is cut short by a marker (a tile cut off, or overwritten
+    by other bytes); OpenSlide makes that warning an error, Pillow ignores it. Such a tile
+    goes to OpenSlide, so that it is reported as it would be without this module.
+    """
+    pos = 2 if data[:2] == b"\xff\xd8" else -1
+    while 0 <= pos < len(data) - 3 and data[pos] == 0xFF and data[pos + 1] != 0xDA:
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")  # a header segment
+    if pos < 0 or pos >= len(data) - 3 or data[pos] != 0xFF or data[-2:] != b"\xff\xd9":
+        raise Unsupported("not a baseline JPEG tile")
+    start = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    scan = np.frombuffer(data, np.uint8)[start:-2]
+    after = scan[np.flatnonzero(scan[:-1] == 0xFF) + 1]  # stuffed 00, fill FF, restarts D0-D7
+    if ((after != 0x00) & (after != 0xFF) & ((after < 0xD0) | (after > 0xD7))).any():
+        raise Unsupported("a marker inside the tile's image data")
+
+
+def open_jpeg_level(path: str | os.PathLike, vendor: str | None,
+                    size: tuple[int, int]) -> JpegTileLevel | None:
+    """The level of ``size`` (w, h) of the slide at ``path`` (OpenSlide ``vendor``) for
+    ``JpegTileLevel`` reads, or None when it is not one they handle (see the module)."""
+    if vendor not in VENDORS or os.environ.get("HISTOHUB_JPEG_TILES", "1") in (
+            "0", "false", "no", "off"):
+        return None
+    try:
+        import tifffile
+    except ImportError:
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            pages = [page for page in tif.pages
+                     if (page.imagewidth, page.imagelength) == tuple(size) and page.is_tiled]
+            if len(pages) != 1:
+                return None
+            page = pages[0]
+            if (page.compression != _JPEG or page.photometric not in (_RGB, _YCBCR)
+                    or page.samplesperpixel != 3 or page.bitspersample != 8
+                    or page.planarconfig != 1 or page.tiledepth != 1 or page.imagedepth != 1):
+                return None
+            return JpegTileLevel(
+                path, tile_size=(page.tilewidth, page.tilelength), image_size=tuple(size),
+                offsets=page.dataoffsets, byte_counts=page.databytecounts,
+                jpeg_tables=page.jpegtables, rgb=page.photometric == _RGB)
+    except (OSError, ValueError, tifffile.TiffFileError) as error:
+        log.debug("%s: not read tile by tile (%s)", path, error)
+        return None

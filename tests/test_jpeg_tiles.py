@@ -1,0 +1,213 @@
+"""JPEG tiles decoded straight from the TIFF: the same pixels as OpenSlide, or OpenSlide."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+import histohub.jpeg_tiles as jpeg_tiles
+from histohub.jpeg_tiles import Unsupported, check_scan, open_jpeg_level
+from histohub.wsi import PatchReader, Slide, TileReadError, open_slide, tile_grid
+from wsi_factory import tile_byte_range, tissue_image, write_slide
+
+pytest.importorskip("openslide")
+pytest.importorskip("tifffile")
+
+
+@pytest.fixture(scope="module")
+def pyramid(tmp_path_factory):
+    """1300 x 1100 px (partial tiles at the right and bottom edges), 3 levels of 0.5 um/px x
+    2^k, 256 px YCbCr JPEG tiles: what OpenSlide calls generic-tiff."""
+    image = tissue_image(1100, 1300, [(0, 0, 1300, 1100)], seed=3)
+    return write_slide(tmp_path_factory.mktemp("tiles") / "pyramid.tif", image, mpp=0.5)
+
+
+def _level(path, level=0) -> jpeg_tiles.JpegTileLevel:
+    with open_slide(path) as slide:
+        tiles = open_jpeg_level(path, slide.properties.get("openslide.vendor"),
+                                slide.level_dimensions[level])
+    assert tiles is not None
+    return tiles
+
+
+def _openslide(path, level, x, y, w, h) -> np.ndarray:
+    with open_slide(path) as slide:
+        ds = slide.level_downsamples[level]
+        return slide.read_region((round(x * ds), round(y * ds)), level, (w, h))
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+@pytest.mark.parametrize("region", [(0, 0, 224, 224), (200, 250, 100, 300), (1, 1, 255, 255),
+                                    (256, 256, 256, 256), (1076, 876, 224, 224),
+                                    (0, 0, 1300, 1100)])
+def test_regions_equal_openslide(pyramid, level, region):
+    x, y, w, h = (v // 2 ** level for v in region)
+    tiles = _level(pyramid, level)
+    if x + w > tiles.width or y + h > tiles.height:
+        w, h = tiles.width - x, tiles.height - y
+    np.testing.assert_array_equal(tiles.read(x, y, w, h), _openslide(pyramid, level, x, y, w, h))
+    tiles.close()
+
+
+def test_aperio_rgb_tiles_with_shared_tables_equal_openslide(cmu_slide):
+    """CMU-1-Small-Region: Aperio, JPEG tiles stored as RGB (not YCbCr) with JPEGTables."""
+    with open_slide(cmu_slide) as slide:
+        assert slide.properties["openslide.vendor"] == "aperio"
+        grid = tile_grid(slide, target_mpp=0.5, min_foreground=0)
+    tiles = _level(cmu_slide)
+    assert tiles._rgb and tiles._prefix
+    for x, y in grid.coords.tolist()[::7]:
+        np.testing.assert_array_equal(tiles.read(x, y, 224, 224),
+                                      _openslide(cmu_slide, 0, x, y, 224, 224))
+    tiles.close()
+
+
+def test_patch_reader_reads_tiles_after_one_patch_checked(pyramid, monkeypatch):
+    with open_slide(pyramid) as slide:
+        grid = tile_grid(slide, target_mpp=0.5, min_foreground=0)
+    calls = []
+    real = Slide.read_region
+    monkeypatch.setattr(Slide, "read_region", lambda self, *a: calls.append(a) or real(self, *a))
+    reader = PatchReader(grid)
+    patches = [reader.read(i) for i in range(len(grid))]
+    reader.close()
+    assert len(calls) == 1  # the first patch, compared; then the tiles alone
+    monkeypatch.setattr(jpeg_tiles, "VENDORS", ())
+    reader = PatchReader(grid)
+    for i, patch in enumerate(patches):
+        np.testing.assert_array_equal(patch, reader.read(i))
+    reader.close()
+    assert len(calls) == 1 + len(grid)
+
+
+def test_patch_reader_keeps_to_openslide_when_the_tiles_differ(pyramid, monkeypatch, caplog):
+    with open_slide(pyramid) as slide:
+        grid = tile_grid(slide, target_mpp=0.5, min_foreground=0)
+    real = jpeg_tiles.JpegTileLevel._decode
+    monkeypatch.setattr(jpeg_tiles.JpegTileLevel, "_decode",
+                        lambda self, index: real(self, index) ^ np.uint8(1))
+    reader = PatchReader(grid)
+    with caplog.at_level(logging.INFO, logger="histohub.wsi"):
+        first = reader.read(0)
+    assert "reading through OpenSlide" in caplog.text
+    assert reader._tiles is False
+    np.testing.assert_array_equal(first, _openslide(pyramid, 0, 0, 0, 224, 224))
+    reader.close()
+
+
+def test_patch_reader_reads_between_level_pixels_with_openslide(pyramid):
+    """A level-0 position that falls between pixels of the level read: OpenSlide's region."""
+    with open_slide(pyramid) as slide:
+        grid = tile_grid(slide, target_mpp=1.0, min_foreground=0)  # level 1, x2
+    assert grid.level == 1
+    reader = PatchReader(grid)
+    with open_slide(pyramid) as slide:
+        expected = slide.read_region((3, 5), 1, (224, 224))
+    np.testing.assert_array_equal(reader.read_at(3, 5), expected)
+    assert reader._tiles and not reader._tiles_checked  # opened, but not for that position
+    reader.close()
+
+
+def test_formats_not_handled(pyramid, tmp_path, tcga_slide_or_none, monkeypatch):
+    size = (1300, 1100)
+    assert open_jpeg_level(pyramid, "ventana", size) is None  # overlapping tiles
+    assert open_jpeg_level(pyramid, "generic-tiff", (1299, 1100)) is None  # no such level
+    assert open_jpeg_level(tmp_path / "missing.tif", "generic-tiff", size) is None
+    import tifffile
+
+    deflate = tmp_path / "deflate.tif"
+    tifffile.imwrite(deflate, np.zeros((512, 512, 3), np.uint8), tile=(256, 256),
+                     compression="zlib")
+    assert open_jpeg_level(deflate, "generic-tiff", (512, 512)) is None
+    if tcga_slide_or_none is not None:  # Aperio JPEG 2000 tiles
+        with open_slide(tcga_slide_or_none) as slide:
+            assert open_jpeg_level(tcga_slide_or_none, "aperio", slide.dimensions) is None
+    monkeypatch.setenv("HISTOHUB_JPEG_TILES", "0")
+    assert open_jpeg_level(pyramid, "generic-tiff", size) is None
+
+
+@pytest.fixture
+def tcga_slide_or_none(request):
+    try:
+        return request.getfixturevalue("tcga_slide")
+    except pytest.skip.Exception:
+        return None
+
+
+def test_regions_the_tiles_do_not_cover_are_unsupported(pyramid):
+    tiles = _level(pyramid)
+    for region in [(-1, 0, 10, 10), (1200, 0, 101, 10), (0, 1000, 10, 101), (0, 0, 0, 5)]:
+        with pytest.raises(Unsupported):
+            tiles.read(*region)
+    tiles._counts = tiles._counts.copy()
+    tiles._counts[0] = 0  # a tile the scanner did not write (OpenSlide: transparent)
+    with pytest.raises(Unsupported, match="not in the file"):
+        tiles.read(0, 0, 10, 10)
+    tiles._offsets = tiles._offsets.copy()
+    tiles._offsets[1] = pyramid.stat().st_size - 10  # a file cut off inside the tile
+    with pytest.raises(Unsupported, match="past the end"):
+        tiles.read(256, 0, 10, 10)
+    tiles.close()
+    with pytest.raises(ValueError, match="closed"):
+        tiles.read(300, 300, 10, 10)
+
+
+def _damaged(source, tmp_path, name, edit) -> tuple:
+    path = tmp_path / name
+    path.write_bytes(source.read_bytes())
+    offset, length = tile_byte_range(path, level=0, x=300, y=300)
+    with open(path, "r+b") as handle:
+        edit(handle, offset, length)
+    return path
+
+
+@pytest.mark.parametrize("edit", [
+    pytest.param(lambda f, o, n: (f.seek(o + n // 2), f.write(b"\xff\xd9" + b"\0" * 40)),
+                 id="cut-short-by-a-marker"),
+    pytest.param(lambda f, o, n: (f.seek(o + 2), f.write(b"\0" * 64)), id="headers-overwritten"),
+])
+def test_damaged_tiles_are_left_to_openslide(pyramid, tmp_path, edit):
+    """What OpenSlide reports as an error is not decoded here: the patch fails as before."""
+    path = _damaged(pyramid, tmp_path, "damaged.tif", edit)
+    tiles = _level(path)
+    with pytest.raises(Unsupported):
+        tiles.read(256, 256, 10, 10)
+    np.testing.assert_array_equal(tiles.read(0, 0, 256, 256), _openslide(path, 0, 0, 0, 256, 256))
+    tiles.close()
+    with open_slide(path) as slide:
+        grid = tile_grid(slide, target_mpp=0.5, min_foreground=0)
+    reader = PatchReader(grid)
+    index = grid.coords.tolist().index([224, 224])
+    with pytest.raises(TileReadError, match="could not be read"):
+        reader.read(index)
+    assert reader.read(0).shape == (224, 224, 3)
+    reader.close()
+
+
+def test_check_scan():
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 100, 50)).save(buffer, format="JPEG")
+    data = buffer.getvalue()
+    check_scan(data)
+    for bad in [data[:-2], b"\0" + data[1:], data[:-20] + b"\xff\xc4" + data[-18:],
+                data[:30]]:
+        with pytest.raises(Unsupported):
+            check_scan(bad)
+    restart = data[:-20] + b"\xff\xd3" + data[-18:]  # restart markers belong in a scan
+    check_scan(restart)
+
+
+def test_tile_cache_is_bounded(pyramid, monkeypatch):
+    monkeypatch.setattr(jpeg_tiles, "CACHE_BYTES", 3 * 256 * 256 * 3)
+    tiles = _level(pyramid)
+    whole = tiles.read(0, 0, 1300, 1100)
+    assert len(tiles._cache) == 3 and tiles._cache_bytes == 3 * 256 * 256 * 3
+    np.testing.assert_array_equal(whole, _openslide(pyramid, 0, 0, 0, 1300, 1100))
+    tiles.close()
+    assert not tiles._cache
