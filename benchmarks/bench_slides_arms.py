@@ -286,15 +286,16 @@ def _decode_share(grid: Any, share: int, shares: int) -> None:
     from histohub.wsi import PatchReader
 
     reader = PatchReader(grid)
-    for index in range(share, len(grid), shares):
+    for index in range(share * len(grid) // shares, (share + 1) * len(grid) // shares):
         reader.read(index)
     reader.close()
 
 
 def arm_decode(slides: list[dict[str, Any]], *, processes: int) -> dict[str, Any]:
-    """The machine's ceiling for readers: ``processes`` processes each reading every
-    ``processes``-th patch of histohub's grid with histohub's ``PatchReader`` (the reader
-    threads' decoding, nothing else: no GIL, no queue, no model), so 2 vs 1 is what two
+    """The machine's ceiling for readers: ``processes`` processes each reading one
+    contiguous share of histohub's grid with histohub's ``PatchReader`` (the reader
+    threads' decoding, nothing else: no GIL, no queue, no model; contiguous, so no tile is
+    decoded by two of them, as with threads sharing one tile cache), so 2 vs 1 is what two
     readers could reach here at best. The grids are cut before the clock."""
     import multiprocessing
 

@@ -5,8 +5,10 @@ OpenSlide composites every region through cairo and hands back premultiplied ARG
 0.75 ms for a 224 px patch even when its tiles are cached, more than decoding the JPEG
 tiles themselves (about 0.4 ms per 256 px tile with libjpeg-turbo). ``JpegTileLevel`` reads
 a tile's bytes with ``os.pread`` (no shared file position: one reader per thread is safe,
-and the read releases the GIL), decodes them with Pillow's libjpeg-turbo, keeps recent tiles
-in an LRU cache of ``CACHE_BYTES`` and copies the region out.
+and the read releases the GIL), decodes them with Pillow's libjpeg-turbo and copies the
+region out. Decoded tiles go to one LRU cache per process (``TileCache``, at most
+``CACHE_BYTES``), as in OpenSlide: reader threads take turns at a slide's batches, and
+neighbouring batches share tiles, which are then decoded once, not once per thread.
 
 Only what is known to match OpenSlide is read here; everything else raises ``Unsupported``
 and is read by OpenSlide (``histohub.wsi.PatchReader``, which also compares the first patch
@@ -31,7 +33,9 @@ from __future__ import annotations
 import io
 import logging
 import os
+import threading
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 
 import numpy as np
 
@@ -39,7 +43,7 @@ log = logging.getLogger(__name__)
 
 #: OpenSlide formats whose levels are plain grids of TIFF tiles.
 VENDORS = ("aperio", "generic-tiff")
-#: Decoded tiles kept per reader (a 256 px tile is 192 KiB: about 340 tiles, more than two
+#: Decoded tiles kept per process (a 256 px tile is 192 KiB: about 340 tiles, more than two
 #: tile rows of a 40,000 px wide level, so a row of patches reuses the row above's tiles).
 CACHE_BYTES = 64 << 20
 _JPEG = 7
@@ -50,10 +54,58 @@ class Unsupported(Exception):
     """This region is not read here: read it with OpenSlide."""
 
 
+class TileCache:
+    """Decoded tiles shared by the threads of a process: least recently used first out, at
+    most ``CACHE_BYTES``; a tile one thread is decoding is waited for, not decoded again."""
+
+    def __init__(self) -> None:
+        self._tiles: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        self._decoding: dict[Hashable, threading.Event] = {}
+        self._lock = threading.Lock()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._tiles)
+
+    def get(self, key: Hashable, decode: Callable[[], np.ndarray]) -> np.ndarray:
+        while True:
+            with self._lock:
+                tile = self._tiles.get(key)
+                if tile is not None:
+                    self._tiles.move_to_end(key)
+                    return tile
+                busy = self._decoding.get(key)
+                if busy is None:
+                    self._decoding[key] = threading.Event()
+                    break
+            busy.wait()  # then look again (a failed decoding is tried again here)
+        try:
+            tile = decode()
+            with self._lock:
+                self._tiles[key] = tile
+                self.nbytes += tile.nbytes
+                while self.nbytes > CACHE_BYTES and len(self._tiles) > 1:
+                    self.nbytes -= self._tiles.popitem(last=False)[1].nbytes
+            return tile
+        finally:
+            with self._lock:
+                self._decoding.pop(key).set()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._tiles.clear()
+            self.nbytes = 0
+
+
+#: The process's decoded tiles (see ``TileCache``).
+TILE_CACHE = TileCache()
+
+
 class JpegTileLevel:
     """One tiled TIFF page: ``read(x, y, w, h)`` -> RGB uint8 ``(h, w, 3)`` in the page's px.
 
-    Made by ``open_jpeg_level``; one per reading thread; ``close()`` closes its file.
+    Made by ``open_jpeg_level``; one per reading thread (tiles are shared through
+    ``TILE_CACHE``); ``close()`` closes its file.
     """
 
     def __init__(self, path: str | os.PathLike, *, tile_size: tuple[int, int],
@@ -68,43 +120,36 @@ class JpegTileLevel:
         # the tile without its SOI
         self._prefix = jpeg_tables[:-2] if jpeg_tables else b""
         self._rgb = rgb
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._cache_bytes = 0
         self._fd: int | None = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        stat = os.fstat(self._fd)  # the cache's key: this file as it is now, and a tile in it
+        self._file = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
     def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
         """RGB uint8 ``(h, w, 3)`` of the region at (x, y) in this level's px."""
+        if self._fd is None:
+            raise ValueError("the level is closed")
         if x < 0 or y < 0 or w < 1 or h < 1 or x + w > self.width or y + h > self.height:
             raise Unsupported("region outside the level")
         out = np.empty((h, w, 3), np.uint8)
         for ty in range(y // self.tile_h, (y + h - 1) // self.tile_h + 1):
             for tx in range(x // self.tile_w, (x + w - 1) // self.tile_w + 1):
-                tile = self._tile(ty * self._across + tx)
+                index = ty * self._across + tx
+                tile = TILE_CACHE.get((self._file, self._tile_key(index)),
+                                      lambda: self._decode(index))
                 left, top = tx * self.tile_w, ty * self.tile_h
                 x0, y0 = max(x, left), max(y, top)
                 x1, y1 = min(x + w, left + self.tile_w), min(y + h, top + self.tile_h)
                 out[y0 - y:y1 - y, x0 - x:x1 - x] = tile[y0 - top:y1 - top, x0 - left:x1 - left]
         return out
 
-    def _tile(self, index: int) -> np.ndarray:
-        cached = self._cache.get(index)
-        if cached is not None:
-            self._cache.move_to_end(index)
-            return cached
-        tile = self._decode(index)
-        self._cache[index] = tile
-        self._cache_bytes += tile.nbytes
-        while self._cache_bytes > CACHE_BYTES and len(self._cache) > 1:
-            self._cache_bytes -= self._cache.popitem(last=False)[1].nbytes
-        return tile
+    def _tile_key(self, index: int) -> int:
+        if index >= len(self._counts) or self._counts[index] <= 0:
+            raise Unsupported(f"tile {index} is not in the file")
+        return int(self._offsets[index])
 
     def _decode(self, index: int) -> np.ndarray:
         from PIL import Image
 
-        if self._fd is None:
-            raise ValueError("the level is closed")
-        if index >= len(self._counts) or self._counts[index] <= 0:
-            raise Unsupported(f"tile {index} is not in the file")
         data = os.pread(self._fd, int(self._counts[index]), int(self._offsets[index]))
         if len(data) != self._counts[index]:
             raise Unsupported(f"tile {index} lies past the end of the file")
@@ -127,8 +172,6 @@ class JpegTileLevel:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        self._cache.clear()
-        self._cache_bytes = 0
 
 
 def check_scan(data: bytes) -> None:

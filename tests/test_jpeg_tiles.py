@@ -16,6 +16,14 @@ pytest.importorskip("openslide")
 pytest.importorskip("tifffile")
 
 
+@pytest.fixture(autouse=True)
+def _no_tiles_cached():
+    """Each test decodes its tiles (the cache is the process's)."""
+    jpeg_tiles.TILE_CACHE.clear()
+    yield
+    jpeg_tiles.TILE_CACHE.clear()
+
+
 @pytest.fixture(scope="module")
 def pyramid(tmp_path_factory):
     """1300 x 1100 px (partial tiles at the right and bottom edges), 3 levels of 0.5 um/px x
@@ -207,7 +215,47 @@ def test_tile_cache_is_bounded(pyramid, monkeypatch):
     monkeypatch.setattr(jpeg_tiles, "CACHE_BYTES", 3 * 256 * 256 * 3)
     tiles = _level(pyramid)
     whole = tiles.read(0, 0, 1300, 1100)
-    assert len(tiles._cache) == 3 and tiles._cache_bytes == 3 * 256 * 256 * 3
+    cache = jpeg_tiles.TILE_CACHE
+    assert len(cache) == 3 and cache.nbytes == 3 * 256 * 256 * 3
     np.testing.assert_array_equal(whole, _openslide(pyramid, 0, 0, 0, 1300, 1100))
     tiles.close()
-    assert not tiles._cache
+
+
+def test_threads_decode_each_tile_once(pyramid, monkeypatch):
+    """Reader threads share the process's tiles: one decodes, the others wait for it."""
+    import threading
+
+    decoded = []
+    real = jpeg_tiles.JpegTileLevel._decode
+
+    def slow_decode(self, index):
+        decoded.append(index)
+        threading.Event().wait(0.05)  # long enough for every thread to ask for it
+        return real(self, index)
+
+    monkeypatch.setattr(jpeg_tiles.JpegTileLevel, "_decode", slow_decode)
+    levels = [_level(pyramid) for _ in range(4)]
+    out: list[np.ndarray] = []
+    threads = [threading.Thread(target=lambda t=t: out.append(t.read(200, 200, 100, 100)))
+               for t in levels]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(decoded) == [0, 1, 6, 7]  # the four tiles under (200-299, 200-299)
+    for region in out:
+        np.testing.assert_array_equal(region, out[0])
+    for level in levels:
+        level.close()
+
+
+def test_a_tile_that_failed_is_tried_again(pyramid, monkeypatch):
+    tiles = _level(pyramid)
+    real = jpeg_tiles.JpegTileLevel._decode
+    monkeypatch.setattr(jpeg_tiles.JpegTileLevel, "_decode",
+                        lambda self, index: (_ for _ in ()).throw(Unsupported("busy disk")))
+    with pytest.raises(Unsupported, match="busy disk"):
+        tiles.read(0, 0, 10, 10)
+    monkeypatch.setattr(jpeg_tiles.JpegTileLevel, "_decode", real)
+    np.testing.assert_array_equal(tiles.read(0, 0, 10, 10), _openslide(pyramid, 0, 0, 0, 10, 10))
+    tiles.close()
