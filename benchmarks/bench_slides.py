@@ -36,7 +36,8 @@ starts (torch, histohub's slide pipeline, OpenSlide: paid once per process):
              channels_last, batch 32, uint8 -> normalised per batch, one warm-up batch;
 - compiled:  the same with ``torch.compile`` (inductor, tail batch padded); compile time
              (first call) reported apart, not in patches/s;
-- naive:     a CLAM-style loop in the main process: tissue mask of a thumbnail
+- naive:     a CLAM-style loop in the main process, every pixel through OpenSlide
+             (histohub's own JPEG tile decoding off): tissue mask of a thumbnail
              (``histohub.tissue_mask``), the grid, ``read_region`` per patch, the eager
              channels_last model on batches of 32; timed, like the histohub arm, from a
              loaded model (so its channels_last conversion counts, as histohub's does).
@@ -59,9 +60,8 @@ replaced by a no-op module returning zeros ``(B, 512)``, with 1 and 2 readers fo
 reader option ``extract_slide`` offers (looked up in its signature when the benchmark
 runs: ``read_threads``, ``num_workers``), in patches/s, patches/s per reader and patches
 per CPU-second (the process and its reaped children), and the 2-vs-1 ratio; beside them
-the machine's ceiling: 1 and 2 processes decoding disjoint shares of the patches and doing
-nothing else (on the 2-core development VM two such processes reached only 1.3-1.6x one
-across runs: decoding does not scale 2x there, whatever the pipeline).
+the machine's ceiling: 1 and 2 processes reading contiguous shares of histohub's grid with
+its ``PatchReader`` and doing nothing else (the grid cut before the clock).
 
 A matrix-multiply probe (fp32 1024^3, GFLOP/s) before and after each part tells whether
 the machine was in a slow spell (about 170 GFLOP/s at 2 threads when quiet, 72-84 in one).

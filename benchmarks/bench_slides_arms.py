@@ -212,7 +212,21 @@ def arm_model_alone(slides: list[dict[str, Any]], weights: Path, *, compiled: bo
 def arm_naive(slides: list[dict[str, Any]], weights: Path) -> dict[str, Any]:
     """A CLAM-style loop: mask, grid, ``read_region`` per patch, model, all in this thread;
     timed from a loaded model, with the time a second load of the same file takes beside it
-    (``load_s``: what the loop would add to be timed from its model file, as the CLI is)."""
+    (``load_s``: what the loop would add to be timed from its model file, as the CLI is).
+    Every pixel comes through OpenSlide, as in CLAM: histohub's ``Slide`` (used for its
+    block-by-block thumbnail) is told not to decode JPEG tiles itself."""
+    previous = os.environ.get("HISTOHUB_JPEG_TILES")
+    os.environ["HISTOHUB_JPEG_TILES"] = "0"
+    try:
+        return _naive_loop(slides, weights)
+    finally:
+        if previous is None:
+            del os.environ["HISTOHUB_JPEG_TILES"]
+        else:
+            os.environ["HISTOHUB_JPEG_TILES"] = previous
+
+
+def _naive_loop(slides: list[dict[str, Any]], weights: Path) -> dict[str, Any]:
     import torch
 
     import histohub

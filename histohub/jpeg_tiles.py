@@ -11,8 +11,8 @@ region out. Decoded tiles go to one LRU cache per process (``TileCache``, at mos
 neighbouring batches share tiles, which are then decoded once, not once per thread.
 
 Only what is known to match OpenSlide is read here; everything else raises ``Unsupported``
-and is read by OpenSlide (``histohub.wsi.PatchReader``, which also compares the first patch
-of each slide with OpenSlide's and keeps to OpenSlide when they differ):
+and is read by OpenSlide (``histohub.wsi.Slide``, which also compares a piece of the first
+region it reads from a level with OpenSlide's and keeps to OpenSlide when they differ):
 
 - ``open_jpeg_level`` gives a level only for OpenSlide's 'aperio' and 'generic-tiff' formats
   (plain tile grids, no overlaps), a tiled page of exactly the level's size, 8-bit, three
@@ -38,6 +38,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
 import numpy as np
+
+try:  # with this module (0.13 s), not in the thread that tiles the first slide
+    import tifffile
+except ImportError:  # optional (the wsi extra): without it OpenSlide reads everything
+    tifffile = None
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +126,10 @@ class JpegTileLevel:
         self._prefix = jpeg_tables[:-2] if jpeg_tables else b""
         self._rgb = rgb
         self._fd: int | None = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        stat = os.fstat(self._fd)  # the cache's key: this file as it is now, and a tile in it
-        self._file = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        # the cache's key: this file as it is now (ctime: any rewrite, even one that keeps
+        # the size and sets the old mtime), and a tile's offset in it
+        stat = os.fstat(self._fd)
+        self._file = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
     def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
         """RGB uint8 ``(h, w, 3)`` of the region at (x, y) in this level's px."""
@@ -198,12 +205,8 @@ def open_jpeg_level(path: str | os.PathLike, vendor: str | None,
                     size: tuple[int, int]) -> JpegTileLevel | None:
     """The level of ``size`` (w, h) of the slide at ``path`` (OpenSlide ``vendor``) for
     ``JpegTileLevel`` reads, or None when it is not one they handle (see the module)."""
-    if vendor not in VENDORS or os.environ.get("HISTOHUB_JPEG_TILES", "1") in (
-            "0", "false", "no", "off"):
-        return None
-    try:
-        import tifffile
-    except ImportError:
+    if tifffile is None or vendor not in VENDORS or os.environ.get(
+            "HISTOHUB_JPEG_TILES", "1") in ("0", "false", "no", "off"):
         return None
     try:
         with tifffile.TiffFile(path) as tif:

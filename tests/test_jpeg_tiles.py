@@ -12,7 +12,7 @@ from histohub.jpeg_tiles import Unsupported, check_scan, open_jpeg_level
 from histohub.wsi import PatchReader, Slide, TileReadError, open_slide, tile_grid
 from wsi_factory import tile_byte_range, tissue_image, write_slide
 
-pytest.importorskip("openslide")
+openslide = pytest.importorskip("openslide")
 pytest.importorskip("tifffile")
 
 
@@ -41,9 +41,14 @@ def _level(path, level=0) -> jpeg_tiles.JpegTileLevel:
 
 
 def _openslide(path, level, x, y, w, h) -> np.ndarray:
-    with open_slide(path) as slide:
-        ds = slide.level_downsamples[level]
-        return slide.read_region((round(x * ds), round(y * ds)), level, (w, h))
+    """What OpenSlide alone reads at level px (x, y)."""
+    handle = openslide.OpenSlide(str(path))
+    try:
+        ds = handle.level_downsamples[level]
+        location = (round(x * ds), round(y * ds))
+        return np.asarray(handle.read_region(location, level, (w, h)).convert("RGB"))
+    finally:
+        handle.close()
 
 
 @pytest.mark.parametrize("level", [0, 1, 2])
@@ -72,50 +77,56 @@ def test_aperio_rgb_tiles_with_shared_tables_equal_openslide(cmu_slide):
     tiles.close()
 
 
-def test_patch_reader_reads_tiles_after_one_patch_checked(pyramid, monkeypatch):
+def test_slide_reads_tiles_once_a_piece_is_checked(pyramid, monkeypatch):
+    """The first region from a level is compared with OpenSlide's on one tile's size of it;
+    then patches and the mask's thumbnail come from the tiles alone, equal to OpenSlide's."""
     with open_slide(pyramid) as slide:
         grid = tile_grid(slide, target_mpp=0.5, min_foreground=0)
     calls = []
-    real = Slide.read_region
-    monkeypatch.setattr(Slide, "read_region", lambda self, *a: calls.append(a) or real(self, *a))
+    real = Slide._read_openslide
+    monkeypatch.setattr(Slide, "_read_openslide",
+                        lambda self, *a: calls.append(a) or real(self, *a))
     reader = PatchReader(grid)
     patches = [reader.read(i) for i in range(len(grid))]
     reader.close()
-    assert len(calls) == 1  # the first patch, compared; then the tiles alone
-    monkeypatch.setattr(jpeg_tiles, "VENDORS", ())
+    assert [size for _, _, size in calls] == [(224, 224)]
+    with open_slide(pyramid) as slide:
+        thumbnail = slide.thumbnail(3)
+    assert [size for _, _, size in calls[1:]] == [(256, 256)]  # level 1, checked
+    monkeypatch.setattr(jpeg_tiles, "VENDORS", ())  # OpenSlide alone
     reader = PatchReader(grid)
     for i, patch in enumerate(patches):
         np.testing.assert_array_equal(patch, reader.read(i))
     reader.close()
-    assert len(calls) == 1 + len(grid)
-
-
-def test_patch_reader_keeps_to_openslide_when_the_tiles_differ(pyramid, monkeypatch, caplog):
     with open_slide(pyramid) as slide:
-        grid = tile_grid(slide, target_mpp=0.5, min_foreground=0)
+        np.testing.assert_array_equal(thumbnail, slide.thumbnail(3))
+
+
+def test_slide_keeps_to_openslide_where_the_tiles_differ(pyramid, monkeypatch, caplog):
     real = jpeg_tiles.JpegTileLevel._decode
     monkeypatch.setattr(jpeg_tiles.JpegTileLevel, "_decode",
                         lambda self, index: real(self, index) ^ np.uint8(1))
-    reader = PatchReader(grid)
-    with caplog.at_level(logging.INFO, logger="histohub.wsi"):
-        first = reader.read(0)
-    assert "reading through OpenSlide" in caplog.text
-    assert reader._tiles is False
+    with open_slide(pyramid) as slide, caplog.at_level(logging.INFO, logger="histohub.wsi"):
+        first = slide.read_region((0, 0), 0, (224, 224))
+        assert "reading it through OpenSlide" in caplog.text
+        assert slide._tiles[0] is False
+        second = slide.read_region((224, 0), 0, (224, 224))
     np.testing.assert_array_equal(first, _openslide(pyramid, 0, 0, 0, 224, 224))
-    reader.close()
+    np.testing.assert_array_equal(second, _openslide(pyramid, 0, 224, 0, 224, 224))
 
 
-def test_patch_reader_reads_between_level_pixels_with_openslide(pyramid):
-    """A level-0 position that falls between pixels of the level read: OpenSlide's region."""
+def test_positions_between_level_pixels_are_read_by_openslide(pyramid, monkeypatch):
+    calls = []
+    real = Slide._read_openslide
+    monkeypatch.setattr(Slide, "_read_openslide",
+                        lambda self, *a: calls.append(a) or real(self, *a))
     with open_slide(pyramid) as slide:
-        grid = tile_grid(slide, target_mpp=1.0, min_foreground=0)  # level 1, x2
-    assert grid.level == 1
-    reader = PatchReader(grid)
-    with open_slide(pyramid) as slide:
-        expected = slide.read_region((3, 5), 1, (224, 224))
-    np.testing.assert_array_equal(reader.read_at(3, 5), expected)
-    assert reader._tiles and not reader._tiles_checked  # opened, but not for that position
-    reader.close()
+        region = slide.read_region((3, 5), 1, (224, 224))  # level 1 is x2: (1.5, 2.5)
+        assert calls == [((3, 5), 1, (224, 224))] and slide._tiles[1]
+    handle = openslide.OpenSlide(str(pyramid))
+    expected = np.asarray(handle.read_region((3, 5), 1, (224, 224)).convert("RGB"))
+    handle.close()
+    np.testing.assert_array_equal(region, expected)
 
 
 def test_formats_not_handled(pyramid, tmp_path, tcga_slide_or_none, monkeypatch):
@@ -259,3 +270,14 @@ def test_a_tile_that_failed_is_tried_again(pyramid, monkeypatch):
     monkeypatch.setattr(jpeg_tiles.JpegTileLevel, "_decode", real)
     np.testing.assert_array_equal(tiles.read(0, 0, 10, 10), _openslide(pyramid, 0, 0, 0, 10, 10))
     tiles.close()
+
+
+def test_a_rewritten_file_is_not_served_from_the_cache(tmp_path):
+    """The cache knows a file by its identity and times: new contents are decoded anew."""
+    path = tmp_path / "slide.tif"
+    for seed in (5, 6):
+        write_slide(path, tissue_image(512, 512, [(0, 0, 512, 512)], seed=seed), levels=1)
+        tiles = _level(path)
+        np.testing.assert_array_equal(tiles.read(0, 0, 512, 512),
+                                      _openslide(path, 0, 0, 0, 512, 512))
+        tiles.close()
