@@ -1,5 +1,5 @@
 """Regions of a JPEG-tiled TIFF level (Aperio .svs, generic tiled TIFF) decoded straight from
-its tiles: the same pixels as OpenSlide, at 2-2.6x the speed per 224 px patch.
+its tiles: the same pixels as OpenSlide, at 2.1-2.8x the speed per 224 px patch.
 
 OpenSlide composites every region through cairo and hands back premultiplied ARGB: about
 0.75 ms for a 224 px patch even when its tiles are cached, more than decoding the JPEG
@@ -21,11 +21,12 @@ region it reads from a level with OpenSlide's and keeps to OpenSlide when they d
 - a region outside the level or touching a tile the file does not hold (or only in part),
   a tile whose image data holds a marker (cut short, overwritten: ``check_scan``), or one
   Pillow cannot decode, is ``Unsupported`` (OpenSlide says what is wrong with it). Bit
-  errors that keep a tile's structure decode to wrong pixels here as in OpenSlide (which
-  reports a few of them that Pillow does not: they never show as markers).
+  errors that leave a tile's structure intact decode to wrong pixels here, as they mostly
+  do in OpenSlide (libjpeg warns about some of them, which OpenSlide reports and Pillow
+  does not).
 
-``HISTOHUB_JPEG_TILES=0`` in the environment turns this module off (everything is read by
-OpenSlide).
+``HISTOHUB_JPEG_TILES=0`` in the environment turns this module off, and so does a system
+without ``os.pread`` (Windows): OpenSlide reads everything.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ class JpegTileLevel:
         # the tile without its SOI
         self._prefix = jpeg_tables[:-2] if jpeg_tables else b""
         self._rgb = rgb
-        self._fd: int | None = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        self._fd: int | None = os.open(path, os.O_RDONLY)
         # the cache's key: this file as it is now (ctime: any rewrite, even one that keeps
         # the size and sets the old mtime), and a tile's offset in it
         stat = os.fstat(self._fd)
@@ -157,7 +158,10 @@ class JpegTileLevel:
     def _decode(self, index: int) -> np.ndarray:
         from PIL import Image
 
-        data = os.pread(self._fd, int(self._counts[index]), int(self._offsets[index]))
+        try:
+            data = os.pread(self._fd, int(self._counts[index]), int(self._offsets[index]))
+        except OSError as error:  # a failing disk: OpenSlide reads it, and reports it
+            raise Unsupported(f"tile {index}: {error}") from error
         if len(data) != self._counts[index]:
             raise Unsupported(f"tile {index} lies past the end of the file")
         if self._prefix:
@@ -205,8 +209,8 @@ def open_jpeg_level(path: str | os.PathLike, vendor: str | None,
                     size: tuple[int, int]) -> JpegTileLevel | None:
     """The level of ``size`` (w, h) of the slide at ``path`` (OpenSlide ``vendor``) for
     ``JpegTileLevel`` reads, or None when it is not one they handle (see the module)."""
-    if tifffile is None or vendor not in VENDORS or os.environ.get(
-            "HISTOHUB_JPEG_TILES", "1") in ("0", "false", "no", "off"):
+    if tifffile is None or not hasattr(os, "pread") or vendor not in VENDORS or \
+            os.environ.get("HISTOHUB_JPEG_TILES", "1") in ("0", "false", "no", "off"):
         return None
     try:
         with tifffile.TiffFile(path) as tif:

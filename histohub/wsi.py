@@ -56,7 +56,7 @@ class Slide:
     of x and y), or ``None`` when the file does not record it. Use as a context manager.
 
     Levels of JPEG tiles in an .svs or a tiled TIFF are read straight from their tiles
-    (``histohub.jpeg_tiles``: the same pixels, 2-3x faster for a patch), once a piece of the
+    (``histohub.jpeg_tiles``: the same pixels, 2.1-2.8x faster a patch), once a piece of the
     first region read from a level is found identical to OpenSlide's; everything else, and
     a level where they differ, is read by OpenSlide.
     """
@@ -135,6 +135,7 @@ class Slide:
         return region
 
     def _read_openslide(self, location: tuple[int, int], level: int, size: tuple[int, int]):
+        """OpenSlide's region as an RGB ``PIL.Image``, transparent pixels made white."""
         from PIL import Image
 
         image = self._handle.read_region(location, level, size)

@@ -145,6 +145,9 @@ def test_formats_not_handled(pyramid, tmp_path, tcga_slide_or_none, monkeypatch)
             assert open_jpeg_level(tcga_slide_or_none, "aperio", slide.dimensions) is None
     monkeypatch.setenv("HISTOHUB_JPEG_TILES", "0")
     assert open_jpeg_level(pyramid, "generic-tiff", size) is None
+    monkeypatch.delenv("HISTOHUB_JPEG_TILES")
+    monkeypatch.delattr(jpeg_tiles.os, "pread")  # Windows
+    assert open_jpeg_level(pyramid, "generic-tiff", size) is None
 
 
 @pytest.fixture
@@ -258,6 +261,18 @@ def test_threads_decode_each_tile_once(pyramid, monkeypatch):
         np.testing.assert_array_equal(region, out[0])
     for level in levels:
         level.close()
+
+
+def test_a_failing_disk_is_left_to_openslide(pyramid, monkeypatch):
+    tiles = _level(pyramid)
+
+    def failing_pread(fd, n, offset):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(jpeg_tiles.os, "pread", failing_pread)
+    with pytest.raises(Unsupported, match="Input/output error"):
+        tiles.read(0, 0, 10, 10)
+    tiles.close()
 
 
 def test_a_tile_that_failed_is_tried_again(pyramid, monkeypatch):
