@@ -31,7 +31,6 @@ without ``os.pread`` (Windows): OpenSlide reads everything.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import threading
@@ -54,6 +53,8 @@ VENDORS = ("aperio", "generic-tiff")
 CACHE_BYTES = 64 << 20
 _JPEG = 7
 _RGB, _YCBCR = 2, 6
+#: JPEG start-of-frame markers (SOF0-SOF15 but DHT, JPG and DAC); baseline is C0 / C1.
+_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
 class Unsupported(Exception):
@@ -166,18 +167,16 @@ class JpegTileLevel:
             raise Unsupported(f"tile {index} lies past the end of the file")
         if self._prefix:
             data = self._prefix + data[2:]
-        check_scan(data)
+        if check_scan(data) != (self.tile_h, self.tile_w, 3):
+            raise Unsupported(f"tile {index} is not a {self.tile_w} px RGB JPEG")
+        # libjpeg's decoder straight away (Pillow's JPEG plugin would parse the headers in
+        # Python again); tiles stored as RGB, not YCbCr, are taken as they are, unconverted
+        mode = "YCbCr" if self._rgb else "RGB"
         try:
-            image = Image.open(io.BytesIO(data), formats=["JPEG"])
-            if self._rgb:  # stored RGB, not YCbCr: take the samples as they are
-                image.draft("YCbCr", None)
-            image.load()
-        except (OSError, SyntaxError, ValueError) as error:  # Pillow's decoding errors
+            image = Image.frombytes(mode, (self.tile_w, self.tile_h), data, "jpeg", mode, "")
+        except (OSError, ValueError) as error:  # Pillow's decoding errors
             raise Unsupported(f"tile {index}: {error}") from error
-        tile = np.asarray(image)
-        if tile.shape != (self.tile_h, self.tile_w, 3):
-            raise Unsupported(f"tile {index} decodes to {tile.shape}")
-        return tile
+        return np.asarray(image)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -185,24 +184,30 @@ class JpegTileLevel:
             self._fd = None
 
 
-def check_scan(data: bytes) -> None:
-    """Raise ``Unsupported`` unless the JPEG ``data`` is headers, then one scan of image data
-    with no marker but restarts inside, then its end (EOI).
+def check_scan(data: bytes) -> tuple[int, int, int]:
+    """``(height, width, components)`` of the baseline JPEG ``data``; ``Unsupported`` unless it
+    is headers, then one scan of image data with no marker but restarts inside, then its end.
 
     libjpeg only warns where a scan is cut short by a marker (a tile cut off, or overwritten
     by other bytes); OpenSlide makes that warning an error, Pillow ignores it. Such a tile
     goes to OpenSlide, so that it is reported as it would be without this module.
     """
+    frame = None
     pos = 2 if data[:2] == b"\xff\xd8" else -1
     while 0 <= pos < len(data) - 3 and data[pos] == 0xFF and data[pos + 1] != 0xDA:
+        if data[pos + 1] in _FRAMES:  # start of frame: coding, precision, size, components
+            frame = (data[pos + 1], data[pos + 4], int.from_bytes(data[pos + 5:pos + 7], "big"),
+                     int.from_bytes(data[pos + 7:pos + 9], "big"), data[pos + 9])
         pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")  # a header segment
-    if pos < 0 or pos >= len(data) - 3 or data[pos] != 0xFF or data[-2:] != b"\xff\xd9":
-        raise Unsupported("not a baseline JPEG tile")
+    if pos < 0 or pos >= len(data) - 3 or data[pos] != 0xFF or data[-2:] != b"\xff\xd9" \
+            or frame is None or frame[:2] not in ((0xC0, 8), (0xC1, 8)):
+        raise Unsupported("not a baseline 8-bit JPEG tile")
     start = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
     scan = np.frombuffer(data, np.uint8)[start:-2]
     after = scan[np.flatnonzero(scan[:-1] == 0xFF) + 1]  # stuffed 00, fill FF, restarts D0-D7
     if ((after != 0x00) & (after != 0xFF) & ((after < 0xD0) | (after > 0xD7))).any():
         raise Unsupported("a marker inside the tile's image data")
+    return frame[2:]
 
 
 def open_jpeg_level(path: str | os.PathLike, vendor: str | None,

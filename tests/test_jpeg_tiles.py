@@ -216,7 +216,17 @@ def test_check_scan():
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 100, 50)).save(buffer, format="JPEG")
     data = buffer.getvalue()
-    check_scan(data)
+    assert check_scan(data) == (64, 64, 3)
+    for options in ({"mode": "L"}, {"progressive": True}):
+        other = io.BytesIO()
+        image = Image.new("RGB", (48, 32), (200, 100, 50))
+        image = image.convert(options.pop("mode")) if "mode" in options else image
+        image.save(other, format="JPEG", **options)
+        if options:  # progressive: not baseline
+            with pytest.raises(Unsupported, match="baseline"):
+                check_scan(other.getvalue())
+        else:  # grey: one component, which _decode refuses
+            assert check_scan(other.getvalue()) == (32, 48, 1)
     for bad in [data[:-2], b"\0" + data[1:], data[:-20] + b"\xff\xc4" + data[-18:],
                 data[:30]]:
         with pytest.raises(Unsupported):
