@@ -7,8 +7,9 @@ tiles themselves (about 0.4 ms per 256 px tile with libjpeg-turbo). ``JpegTileLe
 a tile's bytes with ``os.pread`` (no shared file position: one reader per thread is safe,
 and the read releases the GIL), decodes them with Pillow's libjpeg-turbo and copies the
 region out. Decoded tiles go to one LRU cache per process (``TileCache``, at most
-``CACHE_BYTES``), as in OpenSlide: reader threads take turns at a slide's batches, and
-neighbouring batches share tiles, which are then decoded once, not once per thread.
+``CACHE_BYTES``): reader threads take turns at a slide's batches, and neighbouring batches
+share tiles, which are then decoded once, not once per thread. A file's tiles leave the
+cache when the last level open on it is closed, as an OpenSlide handle's cache does.
 
 Only what is known to match OpenSlide is read here; everything else raises ``Unsupported``
 and is read by OpenSlide (``histohub.wsi.Slide``, which also compares a piece of the first
@@ -62,19 +63,35 @@ class Unsupported(Exception):
 
 
 class TileCache:
-    """Decoded tiles shared by the threads of a process: least recently used first out, at
-    most ``CACHE_BYTES``; a tile one thread is decoding is waited for, not decoded again."""
+    """Decoded tiles shared by the threads of a process, keyed ``(file, tile)``: least
+    recently used first out, at most ``CACHE_BYTES``; a tile one thread is decoding is waited
+    for, not decoded again. ``open(file)`` / ``close(file)`` count a file's users; its tiles
+    are dropped when the last one closes."""
 
     def __init__(self) -> None:
-        self._tiles: OrderedDict[Hashable, np.ndarray] = OrderedDict()
-        self._decoding: dict[Hashable, threading.Event] = {}
+        self._tiles: OrderedDict[tuple[Hashable, Hashable], np.ndarray] = OrderedDict()
+        self._decoding: dict[tuple[Hashable, Hashable], threading.Event] = {}
+        self._users: dict[Hashable, int] = {}
         self._lock = threading.Lock()
         self.nbytes = 0
 
     def __len__(self) -> int:
         return len(self._tiles)
 
-    def get(self, key: Hashable, decode: Callable[[], np.ndarray]) -> np.ndarray:
+    def open(self, file: Hashable) -> None:
+        with self._lock:
+            self._users[file] = self._users.get(file, 0) + 1
+
+    def close(self, file: Hashable) -> None:
+        with self._lock:
+            self._users[file] -= 1
+            if self._users[file] == 0:
+                del self._users[file]
+                for key in [key for key in self._tiles if key[0] == file]:
+                    self.nbytes -= self._tiles.pop(key).nbytes
+
+    def get(self, key: tuple[Hashable, Hashable], decode: Callable[[], np.ndarray]
+            ) -> np.ndarray:
         while True:
             with self._lock:
                 tile = self._tiles.get(key)
@@ -89,8 +106,9 @@ class TileCache:
         try:
             tile = decode()
             with self._lock:
-                self._tiles[key] = tile
-                self.nbytes += tile.nbytes
+                if key[0] in self._users:  # not if the file was closed meanwhile
+                    self._tiles[key] = tile
+                    self.nbytes += tile.nbytes
                 while self.nbytes > CACHE_BYTES and len(self._tiles) > 1:
                     self.nbytes -= self._tiles.popitem(last=False)[1].nbytes
             return tile
@@ -99,6 +117,7 @@ class TileCache:
                 self._decoding.pop(key).set()
 
     def clear(self) -> None:
+        """Drop every tile (files stay open)."""
         with self._lock:
             self._tiles.clear()
             self.nbytes = 0
@@ -132,6 +151,7 @@ class JpegTileLevel:
         # the size and sets the old mtime), and a tile's offset in it
         stat = os.fstat(self._fd)
         self._file = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        TILE_CACHE.open(self._file)
 
     def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
         """RGB uint8 ``(h, w, 3)`` of the region at (x, y) in this level's px."""
@@ -182,6 +202,7 @@ class JpegTileLevel:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+            TILE_CACHE.close(self._file)
 
 
 def check_scan(data: bytes) -> tuple[int, int, int]:

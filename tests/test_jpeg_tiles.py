@@ -245,6 +245,23 @@ def test_tile_cache_is_bounded(pyramid, monkeypatch):
     tiles.close()
 
 
+def test_a_files_tiles_leave_the_cache_with_its_last_reader(pyramid, tmp_path):
+    other = write_slide(tmp_path / "other.tif", tissue_image(512, 512, [(0, 0, 512, 512)]),
+                        levels=1)
+    cache = jpeg_tiles.TILE_CACHE
+    first, second, third = _level(pyramid), _level(pyramid), _level(other)
+    first.read(0, 0, 300, 300)
+    third.read(0, 0, 300, 300)
+    assert len(cache) == 8
+    first.close()  # another reader still has the file open: its tiles stay
+    second.read(0, 0, 300, 300)
+    assert len(cache) == 8
+    second.close()
+    assert len(cache) == 4 and cache.nbytes == 4 * 256 * 256 * 3  # the other file's
+    third.close()
+    assert len(cache) == 0 and cache.nbytes == 0
+
+
 def test_threads_decode_each_tile_once(pyramid, monkeypatch):
     """Reader threads share the process's tiles: one decodes, the others wait for it."""
     import threading
