@@ -59,9 +59,11 @@ reader: the reader pipeline alone. ``extract_slide`` on the large slide with the
 replaced by a no-op module returning zeros ``(B, 512)``, with 1 and 2 readers for each
 reader option ``extract_slide`` offers (looked up in its signature when the benchmark
 runs: ``read_threads``, ``num_workers``), in patches/s, patches/s per reader and patches
-per CPU-second (the process and its reaped children), and the 2-vs-1 ratio; beside them
-the machine's ceiling: 1 and 2 processes reading contiguous shares of histohub's grid with
-its ``PatchReader`` and doing nothing else (the grid cut before the clock).
+per CPU-second (the process and its reaped children), and the 2-vs-1 ratio; the default
+reader again with every pixel read through OpenSlide (``HISTOHUB_JPEG_TILES=0``: what
+histohub's own JPEG tile decoding gains); and the machine's ceiling: 1 and 2 processes
+reading contiguous shares of histohub's grid with its ``PatchReader`` and doing nothing
+else (the grid cut before the clock).
 
 A matrix-multiply probe (fp32 1024^3, GFLOP/s) before and after each part tells whether
 the machine was in a slow spell (about 170 GFLOP/s at 2 threads when quiet, 72-84 in one).
@@ -107,8 +109,10 @@ ARM_LABELS = {
 
 def spawn_arm(arm: str, slides: list[dict[str, Any]], out: Path, weights: Path
               ) -> dict[str, Any]:
-    """``run_arm`` in a fresh Python process (its own peak RSS, no state carried over)."""
+    """``run_arm`` in a fresh Python process (its own peak RSS, no state carried over: not
+    even a partial output that a killed benchmark left, which the arm would resume)."""
     job = json.dumps({"arm": arm, "slides": slides, "out": str(out), "weights": str(weights)})
+    shutil.rmtree(out, ignore_errors=True)
     done = subprocess.run([sys.executable, __file__, "--worker", job], capture_output=True,
                           text=True)
     shutil.rmtree(out, ignore_errors=True)
@@ -175,10 +179,10 @@ def model_table(name: str, runs: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 
 def reader_arms(options: list[str]) -> list[str]:
-    ceiling = ["reader:decode:1", "reader:decode:2"]
+    extra = ["reader:openslide:1", "reader:decode:1", "reader:decode:2"]
     if not options:
-        return ["reader:default:1", *ceiling]
-    return [f"reader:{option}:{n}" for option in options for n in (1, 2)] + ceiling
+        return ["reader:default:1", *extra]
+    return [f"reader:{option}:{n}" for option in options for n in (1, 2)] + extra
 
 
 def reader_table(runs: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict[str, float]]:
@@ -192,14 +196,19 @@ def reader_table(runs: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict
         spread = f"{median:.1f} ({min(speeds):.1f}-{max(speeds):.1f})"
         per_cpu = statistics.median(run["patches"] / run["cpu_s"] for run in arm_runs)
         rss = _rss(arm_runs)
-        label = {"default": "default reader", "decode": f"decode only, {readers} proc."}.get(
-            option, f"{option}={readers}")
+        label = {"default": "default reader", "decode": f"decode only, {readers} proc.",
+                 "openslide": "default, OpenSlide only"}.get(option, f"{option}={readers}")
         lines.append(f"{label:24s} {spread:>24s} {median / int(readers):10.1f} {per_cpu:9.1f} "
                      f"{rss:>13s}")
         if readers == "2":
             ratios[option] = _ratio(arm_runs, runs[f"reader:{option}:1"])
     for option, ratio in ratios.items():
         lines.append(f"{option}: 2 readers vs 1: x{ratio:.2f} (median of per-round ratios)")
+    default = next((arm for arm in runs if arm.endswith(":1") and arm.split(":")[1]
+                    not in ("openslide", "decode")), None)
+    if "reader:openslide:1" in runs and default is not None:
+        lines.append(f"one default reader, JPEG tiles decoded by histohub vs every pixel "
+                     f"through OpenSlide: x{_ratio(runs[default], runs['reader:openslide:1']):.2f}")
     return lines, ratios
 
 

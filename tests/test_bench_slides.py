@@ -124,3 +124,43 @@ def test_one_round_of_every_arm(bench, slides, weights, tmp_path, capsys):
     assert result["patches"] == smallest[0]["patches"] and result["cpu_s"] > 0
     lines, _ = bench.reader_table({arm: [result]})
     assert len(lines) == 2
+
+
+def test_naive_and_openslide_arms_read_through_openslide_only(bench, slides, weights, tmp_path,
+                                                              monkeypatch):
+    """The naive loop and the reader's OpenSlide arm decode no JPEG tile themselves."""
+    import os
+
+    import histohub.jpeg_tiles as jpeg_tiles
+
+    def no_tiles(self, index):
+        raise AssertionError("a JPEG tile decoded by histohub")
+
+    monkeypatch.setattr(jpeg_tiles.JpegTileLevel, "_decode", no_tiles)
+    monkeypatch.delenv("HISTOHUB_JPEG_TILES", raising=False)
+    smallest = [min(slides["cohort"], key=lambda s: s["patches"])]
+    runs = {arm: [arms.run_arm(arm, smallest, tmp_path / arm.replace(":", "-"), weights)]
+            for arm in ("naive", "reader:openslide:1")}
+    assert "HISTOHUB_JPEG_TILES" not in os.environ  # restored
+    assert {r[0]["patches"] for r in runs.values()} == {smallest[0]["patches"]}
+    monkeypatch.undo()
+    runs["reader:read_threads:1"] = [arms.run_arm("reader:read_threads:1", smallest,
+                                                  tmp_path / "default", weights)]
+    del runs["naive"]
+    lines, _ = bench.reader_table(runs)
+    assert "decoded by histohub vs every pixel through OpenSlide" in lines[-1]
+
+
+def test_an_arm_starts_without_what_a_killed_run_left(bench, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "000.h5.partial").write_bytes(b"left by a killed benchmark")
+    seen = []
+
+    class Done:
+        returncode, stderr, stdout = 0, "", '{"patches": 1, "seconds": 1.0}'
+
+    monkeypatch.setattr(bench.subprocess, "run",
+                        lambda *a, **k: seen.append(out.exists()) or Done())
+    assert bench.spawn_arm("histohub", [], out, tmp_path / "w.safetensors")["patches"] == 1
+    assert seen == [False]
