@@ -116,6 +116,12 @@ class TileCache:
             with self._lock:
                 self._decoding.pop(key).set()
 
+    def forget_threads(self) -> None:
+        """In a forked child: none of the parent's threads came along, so a lock one of them
+        held, or a tile one was decoding, would be waited for forever."""
+        self._lock = threading.Lock()
+        self._decoding = {}
+
     def clear(self) -> None:
         """Drop every tile (files stay open)."""
         with self._lock:
@@ -125,6 +131,8 @@ class TileCache:
 
 #: The process's decoded tiles (see ``TileCache``).
 TILE_CACHE = TileCache()
+if hasattr(os, "register_at_fork"):  # DataLoader workers fork while a thread may read
+    os.register_at_fork(after_in_child=TILE_CACHE.forget_threads)
 
 
 class JpegTileLevel:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -323,3 +324,28 @@ def test_a_rewritten_file_is_not_served_from_the_cache(tmp_path):
         np.testing.assert_array_equal(tiles.read(0, 0, 512, 512),
                                       _openslide(path, 0, 0, 0, 512, 512))
         tiles.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="no fork here")
+def test_a_forked_reader_does_not_wait_for_the_parents_threads(pyramid):
+    """DataLoader workers fork while the thread preparing the next slide may hold the cache's
+    lock: the child reads anyway."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    jpeg_tiles.TILE_CACHE._lock.acquire()  # as a parent's thread in the middle of a read
+    try:
+        child = context.Process(target=_read_one_region, args=(str(pyramid),))
+        child.start()
+        child.join(timeout=30)
+        if child.is_alive():
+            child.kill()
+    finally:
+        jpeg_tiles.TILE_CACHE._lock.release()
+    assert child.exitcode == 0
+
+
+def _read_one_region(path: str) -> None:
+    tiles = _level(path)
+    assert tiles.read(0, 0, 300, 300).shape == (300, 300, 3)
+    tiles.close()
