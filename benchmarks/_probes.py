@@ -5,6 +5,8 @@
   on two idle threads here, 72-84 in a slow spell.
 - ``probe``: the same, printed with the load average.
 - ``memory_mib``: this process's peak (``VmHWM``) or current (``VmRSS``) resident memory.
+- ``openslide_only``: histohub reads every pixel through OpenSlide meanwhile, as the naive
+  loops the benchmarks compare with do (``HISTOHUB_JPEG_TILES=0``).
 
 The scripts import it as a sibling (``python benchmarks/<script>.py`` puts this folder
 first on the import path); the tests get the folder from pytest's ``pythonpath``.
@@ -12,8 +14,10 @@ first on the import path); the tests get the folder from pytest's ``pythonpath``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -45,3 +49,18 @@ def memory_mib(field: str = "VmHWM") -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+@contextlib.contextmanager
+def openslide_only() -> Iterator[None]:
+    """histohub's ``Slide`` reads every pixel through OpenSlide meanwhile: it decodes no JPEG
+    tile itself (``HISTOHUB_JPEG_TILES=0``, read when a slide is opened)."""
+    previous = os.environ.get("HISTOHUB_JPEG_TILES")
+    os.environ["HISTOHUB_JPEG_TILES"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["HISTOHUB_JPEG_TILES"]
+        else:
+            os.environ["HISTOHUB_JPEG_TILES"] = previous

@@ -9,7 +9,8 @@ A, B, C, A, B, C, ...:
 - A  end to end: ``extract_slide`` (mask, tiling, reader thread, model, HDF5 writes)
 - B  the model alone on the same patches already in memory (same batch size, threads,
      memory format, normalisation)
-- C  a naive loop: ``read_region`` per patch in the main process, then the model
+- C  a naive loop: OpenSlide's ``read_region`` per patch in the main process, then the
+     model
 
 and the ratios A/B (target >= 0.90) and A/C, each with glibc's default allocator settings
 and with ``histohub.features.tune_allocator`` (separate processes, alternated). Then peak
@@ -30,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _probes import memory_mib, probe
+from _probes import memory_mib, openslide_only, probe
 
 ROOT = Path(__file__).resolve().parent.parent
 CMU = ROOT.parent / "shared" / "data" / "slides" / "cmu_small_region.svs"
@@ -86,9 +87,9 @@ def worker_throughput(slide: str, repeats: int, batch_size: int) -> dict:
             runner(normalize_batch(patches[i:i + batch_size].permute(0, 3, 1, 2), "resnet18-ssl"))
         return n / (time.perf_counter() - start)
 
-    def naive() -> float:
+    def naive() -> float:  # every pixel through OpenSlide, as a naive loop reads
         start = time.perf_counter()
-        with open_slide(slide) as handle:
+        with openslide_only(), open_slide(slide) as handle:
             g = tile_grid(handle, target_mpp=0.5, min_foreground=0.0)
             for i in range(0, n, batch_size):
                 batch = [handle.read_region((int(x), int(y)), g.level, (g.read_size,) * 2)

@@ -4,18 +4,17 @@ pipeline with a no-op model, and the machine's decoding ceiling."""
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from _probes import memory_mib
+from _probes import memory_mib, openslide_only
 from bench_slides_data import MPP, PATCH, naive_grid
 
 #: Batch of the model-alone and naive arms (histohub uses its own default).
@@ -210,28 +209,13 @@ def arm_model_alone(slides: list[dict[str, Any]], weights: Path, *, compiled: bo
     return result
 
 
-@contextlib.contextmanager
-def _openslide_only() -> Iterator[None]:
-    """histohub's ``Slide`` reads every pixel through OpenSlide meanwhile (no JPEG tiles
-    decoded by histohub itself: ``HISTOHUB_JPEG_TILES=0``)."""
-    previous = os.environ.get("HISTOHUB_JPEG_TILES")
-    os.environ["HISTOHUB_JPEG_TILES"] = "0"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["HISTOHUB_JPEG_TILES"]
-        else:
-            os.environ["HISTOHUB_JPEG_TILES"] = previous
-
-
 def arm_naive(slides: list[dict[str, Any]], weights: Path) -> dict[str, Any]:
     """A CLAM-style loop: mask, grid, ``read_region`` per patch, model, all in this thread;
     timed from a loaded model, with the time a second load of the same file takes beside it
     (``load_s``: what the loop would add to be timed from its model file, as the CLI is).
-    Every pixel comes through OpenSlide, as in CLAM (``_openslide_only``: histohub's
+    Every pixel comes through OpenSlide, as in CLAM (``openslide_only``: histohub's
     ``Slide``, used for its block-by-block thumbnail, decodes no JPEG tiles itself)."""
-    with _openslide_only():
+    with openslide_only():
         return _naive_loop(slides, weights)
 
 
@@ -372,7 +356,7 @@ def run_arm(arm: str, slides: list[dict[str, Any]], out: Path, weights: Path
     elif arm.startswith("reader:decode:"):
         result = arm_decode(slides, processes=int(arm.split(":")[2]))
     elif arm == "reader:openslide:1":  # the default reader, every pixel through OpenSlide
-        with _openslide_only():
+        with openslide_only():
             result = arm_reader(slides, out, option=None, readers=1)
     elif arm.startswith("reader:"):
         _, option, readers = arm.split(":")
