@@ -1,9 +1,10 @@
 """Regions of a JPEG-tiled TIFF level (Aperio .svs, generic tiled TIFF) decoded straight from
-its tiles: the same pixels as OpenSlide, at 2.1-2.8x the speed per 224 px patch.
+its tiles: the same pixels as OpenSlide, 2.08x the patches/s of a reader thread
+(``benchmarks/bench_slides.py``, reader part).
 
-OpenSlide composites every region through cairo and hands back premultiplied ARGB: about
-0.75 ms for a 224 px patch even when its tiles are cached, more than decoding the JPEG
-tiles themselves (about 0.4 ms per 256 px tile with libjpeg-turbo). ``JpegTileLevel`` reads
+OpenSlide composites every region through cairo and hands back premultiplied ARGB, which
+cost more than decoding the JPEG tiles a 224 px patch needs (0.75 ms for a patch whose
+tiles were cached, against 0.4 ms per 256 px tile decoded, on 2 vCPUs). ``JpegTileLevel`` reads
 a tile's bytes with ``os.pread`` (no shared file position: one reader per thread is safe,
 and the read releases the GIL), decodes them with Pillow's libjpeg-turbo and copies the
 region out. Decoded tiles go to one LRU cache per process (``TileCache``, at most
