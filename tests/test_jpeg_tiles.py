@@ -137,6 +137,9 @@ def test_formats_not_handled(pyramid, tmp_path, tcga_slide_or_none, monkeypatch)
     assert open_jpeg_level(tmp_path / "missing.tif", "generic-tiff", size) is None
     import tifffile
 
+    with monkeypatch.context() as patch:  # tiles larger than the cap (256 px > 128)
+        patch.setattr(jpeg_tiles, "MAX_TILE_SIDE", 128)
+        assert open_jpeg_level(pyramid, "generic-tiff", size) is None
     deflate = tmp_path / "deflate.tif"
     tifffile.imwrite(deflate, np.zeros((512, 512, 3), np.uint8), tile=(256, 256),
                      compression="zlib")
@@ -172,6 +175,9 @@ def test_regions_the_tiles_do_not_cover_are_unsupported(pyramid):
     tiles._offsets[1] = pyramid.stat().st_size - 10  # a file cut off inside the tile
     with pytest.raises(Unsupported, match="past the end"):
         tiles.read(256, 0, 10, 10)
+    tiles._counts[2] = 1 << 40  # a byte count no JPEG tile has: nothing that size is read
+    with pytest.raises(Unsupported, match="claims"):
+        tiles.read(512, 0, 10, 10)
     tiles.close()
     with pytest.raises(ValueError, match="closed"):
         tiles.read(300, 300, 10, 10)
