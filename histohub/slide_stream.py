@@ -149,20 +149,45 @@ def _thread_batches(schedule: Schedule, k: int, threads: int, interpolation: str
 def worker_stream(schedule: Schedule, *, num_workers: int, interpolation: str,
                   pin_memory: bool) -> Iterator[Batch]:
     """Every job's batches in order, read by ``num_workers`` DataLoader worker processes
-    (each with its own slide handle), one DataLoader per slide."""
+    (each with its own slide handle and tile cache), one DataLoader per slide. A worker
+    reads up to ``WORKER_CHUNK`` consecutive batches as one item (``worker_chunks``)."""
     import sys
 
     for slot, unit, ranges in _units(schedule):
         if ranges == [None]:
             yield Batch(slot, unit)
             continue
+        chunks = worker_chunks(ranges, num_workers)
         loader = torch.utils.data.DataLoader(
-            SlidePatches(unit.grid, interpolation), batch_sampler=ranges,
+            SlidePatches(unit.grid, interpolation),
+            batch_sampler=[[i for positions in chunk for i in positions] for chunk in chunks],
             num_workers=num_workers, pin_memory=pin_memory, collate_fn=stack_patches,
+            # a chunk is several batches ahead already: one per worker, not two (memory)
+            prefetch_factor=1 if len(chunks[0]) > 1 else 2,
             multiprocessing_context="spawn" if sys.platform == "darwin" else None)
-        for positions, (pixels, ok) in zip(ranges, loader):
-            read = np.asarray(positions, np.int64)
-            yield Batch(slot, unit, positions, pixels, read[ok], read[~ok])
+        for chunk, (pixels, ok) in zip(chunks, loader):
+            start = kept = 0
+            for positions in chunk:  # the chunk back into its batches
+                read = np.asarray(positions, np.int64)
+                flags = ok[start:start + len(read)]
+                rows = int(flags.sum())
+                yield Batch(slot, unit, positions, pixels[kept:kept + rows], read[flags],
+                            read[~flags])
+                start, kept = start + len(read), kept + rows
+
+
+#: Consecutive batches a DataLoader worker reads as one item at most. Neighbouring batches
+#: share JPEG tiles (a row of 224 px patches and the next share a row of 256 px tiles), and
+#: workers keep one tile cache each: dealt one batch each in turn, two workers decoded
+#: nearly every tile twice.
+WORKER_CHUNK = 4
+
+
+def worker_chunks(ranges: list[range], num_workers: int) -> list[list[range]]:
+    """``ranges`` in runs of consecutive batches, one run per DataLoader item: up to
+    ``WORKER_CHUNK`` long, shorter where a slide would give a worker fewer than two runs."""
+    size = max(1, min(WORKER_CHUNK, len(ranges) // (2 * num_workers)))
+    return [ranges[i:i + size] for i in range(0, len(ranges), size)]
 
 
 class CrossBatcher:

@@ -151,11 +151,13 @@ def test_partial_file_from_other_settings_is_started_over(slide, tmp_path, caplo
     assert read_features(out)["attrs"]["min_foreground"] == 0.25
 
 
-def test_corrupt_tile_is_recorded_and_skipped(tmp_path):
+@pytest.mark.parametrize("readers", [{}, {"num_workers": 1}])  # a thread; a process
+def test_corrupt_tile_is_recorded_and_skipped(tmp_path, readers):
     image = tissue_image(1024, 1024, [(0, 0, 1024, 1024)], seed=4)
     path = write_slide(tmp_path / "c.tif", image, mpp=0.5, levels=2)
     corrupt_tile(path, level=0, x=600, y=100)  # tile x 512-767, y 0-255; the mask uses level 1
-    result = extract_slide(Tiny(), path, tmp_path / "c.h5", batch_size=4, progress=False)
+    result = extract_slide(Tiny(), path, tmp_path / "c.h5", batch_size=4, progress=False,
+                           **readers)  # a worker reads 2 batches as one item (4 in all)
     data = read_features(result.output)
     failed = {tuple(c) for c in data["failed_coords"].tolist()}
     # patches of 224 px overlapping that tile: x in {448, 672}, y in {0, 224}

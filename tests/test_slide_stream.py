@@ -282,3 +282,15 @@ def test_a_checkpoint_that_fits_no_architecture_fails_once_and_leaves_no_trace(
         with pytest.raises(KeyMappingError):
             list(extractor.extract_many(jobs[:1]))
     assert sorted(out.iterdir()) == []
+
+
+def test_worker_chunks_are_consecutive_batches_two_or_more_per_worker():
+    from histohub.slide_stream import WORKER_CHUNK, worker_chunks
+
+    ranges = [range(i, i + 8) for i in range(0, 800, 8)]  # 100 batches
+    chunks = worker_chunks(ranges, num_workers=4)
+    assert [len(c) for c in chunks] == [WORKER_CHUNK] * (100 // WORKER_CHUNK)
+    assert [r for c in chunks for r in c] == ranges  # in order, each once
+    assert [len(c) for c in worker_chunks(ranges[:10], num_workers=4)] == [1] * 10
+    assert [len(c) for c in worker_chunks(ranges[:12], num_workers=2)] == [3] * 4
+    assert worker_chunks(ranges[:1], num_workers=8) == [[ranges[0]]]
