@@ -1,5 +1,5 @@
 """Regions of a JPEG-tiled TIFF level (Aperio .svs, generic tiled TIFF) decoded straight from
-its tiles: the same pixels as OpenSlide, 2.08x the patches/s of a reader thread
+its tiles: the same pixels as OpenSlide, about 2x the patches/s of a reader thread
 (``benchmarks/bench_slides.py``, reader part).
 
 OpenSlide composites every region through cairo and hands back premultiplied ARGB, which
