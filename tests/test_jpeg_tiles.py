@@ -15,6 +15,7 @@ from wsi_factory import tile_byte_range, tissue_image, write_slide
 
 openslide = pytest.importorskip("openslide")
 pytest.importorskip("tifffile")
+pytest.importorskip("imagecodecs")
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +72,7 @@ def test_aperio_rgb_tiles_with_shared_tables_equal_openslide(cmu_slide):
         assert slide.properties["openslide.vendor"] == "aperio"
         grid = tile_grid(slide, target_mpp=0.5, min_foreground=0)
     tiles = _level(cmu_slide)
-    assert tiles._rgb and tiles._prefix
+    assert tiles._colorspace == jpeg_tiles._JCS_RGB and tiles._prefix
     for x, y in grid.coords.tolist()[::7]:
         np.testing.assert_array_equal(tiles.read(x, y, 224, 224),
                                       _openslide(cmu_slide, 0, x, y, 224, 224))
@@ -192,10 +193,20 @@ def _damaged(source, tmp_path, name, edit) -> tuple:
     return path
 
 
+def _bogus_huffman_table(handle, offset: int, length: int) -> None:
+    """Well-formed segments (``check_scan`` passes them), but a Huffman table whose code
+    counts add up to more codes than there are: libjpeg's decoder raises."""
+    handle.seek(offset)
+    table = offset + handle.read(length).index(b"\xff\xc4")
+    handle.seek(table + 5)  # marker, length, class and id, then 16 code counts
+    handle.write(b"\xff" * 16)
+
+
 @pytest.mark.parametrize("edit", [
     pytest.param(lambda f, o, n: (f.seek(o + n // 2), f.write(b"\xff\xd9" + b"\0" * 40)),
                  id="cut-short-by-a-marker"),
     pytest.param(lambda f, o, n: (f.seek(o + 2), f.write(b"\0" * 64)), id="headers-overwritten"),
+    pytest.param(lambda f, o, n: _bogus_huffman_table(f, o, n), id="libjpeg-refuses-it"),
 ])
 def test_damaged_tiles_are_left_to_openslide(pyramid, tmp_path, edit):
     """What OpenSlide reports as an error is not decoded here: the patch fails as before."""
