@@ -45,8 +45,19 @@ def normalize_batch(batch: torch.Tensor, model: str | ModelEntry | Preprocessing
                     ) -> torch.Tensor:
     """uint8 ``(B, 3, H, W)`` -> float32 normalised ``(B, 3, H, W)`` (same memory format),
     in one pass over the pixels: ``x * (1 / 255 std) - mean / std`` as one ``addcmul``
-    (half the time of converting, subtracting and dividing in three passes)."""
+    (half the time of converting, subtracting and dividing in three passes).
+
+    A channels_last batch (pixels as read: ``(B, H, W, 3)`` in memory) is done as rows of
+    ``W * 3`` values against the per-channel factors repeated ``W`` times: the same values,
+    in half the time again (the innermost loop then runs over a row, not over 3 channels).
+    """
     pre = _preprocessing(model)
-    std = torch.tensor(pre.std, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
-    mean = torch.tensor(pre.mean, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
-    return torch.addcmul(-mean / std, batch, 1.0 / (255.0 * std))
+    std = torch.tensor(pre.std, dtype=torch.float32, device=batch.device)
+    mean = torch.tensor(pre.mean, dtype=torch.float32, device=batch.device)
+    scale, shift = 1.0 / (255.0 * std), -mean / std
+    b, c, h, w = batch.shape
+    pixels = batch.permute(0, 2, 3, 1)
+    if c == 3 and pixels.is_contiguous():
+        rows = torch.addcmul(shift.repeat(w), pixels.reshape(-1, w * 3), scale.repeat(w))
+        return rows.view(b, h, w, 3).permute(0, 3, 1, 2)
+    return torch.addcmul(shift.view(1, -1, 1, 1), batch, scale.view(1, -1, 1, 1))

@@ -61,6 +61,27 @@ def test_autocast_bfloat16_is_close_to_float32():
         extract_features(Tiny(), images, amp="int8", progress=False)
 
 
+def test_normalize_batch_is_the_transforms_normalisation_in_either_layout():
+    """Pixels as read (``(B, H, W, 3)`` in memory, seen channels_last) are normalised as
+    whole rows; every layout gives the same values as torchvision's ``Normalize``."""
+    from torchvision.transforms import v2
+
+    from histohub._manifest_schema import Preprocessing
+
+    pre = Preprocessing(input_size=56, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    pixels = torch.randint(0, 256, (3, 40, 56, 3), dtype=torch.uint8)
+    as_read = pixels.permute(0, 3, 1, 2)  # channels_last view, as the slide reader hands it
+    expected = v2.Normalize(pre.mean, pre.std)(as_read.contiguous().float() / 255)
+    rows = normalize_batch(as_read, pre)
+    plain = normalize_batch(as_read.contiguous(), pre)
+    assert rows.is_contiguous(memory_format=torch.channels_last) and plain.is_contiguous()
+    assert torch.equal(rows, plain)
+    torch.testing.assert_close(rows, expected, rtol=0, atol=1e-5)
+    sliced = normalize_batch(as_read[:, :, :, 8:24], pre)  # not whole rows: done as plain
+    assert torch.equal(sliced, plain[:, :, :, 8:24])
+    assert normalize_batch(as_read[:0], pre).shape == (0, 3, 40, 56)
+
+
 def test_pil_images_in_order_and_dataset_items():
     model = Tiny()
     rng = np.random.default_rng(0)
