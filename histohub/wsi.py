@@ -364,8 +364,11 @@ def _box_fractions(mask: np.ndarray, coords: np.ndarray, size0: int, mask_ds: fl
     """Fraction of True mask pixels under each level-0 box ``(x, y, size0, size0)``."""
     if len(coords) == 0:
         return np.zeros(0, np.float64)
-    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int64)
-    integral[1:, 1:] = mask.cumsum(0).cumsum(1)
+    # int32 holds any count (the mask is at most MASK_MAX_SIDE a side); rows summed first,
+    # then down the columns in place: half the time of two int64 passes
+    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int32)
+    np.cumsum(mask, 1, dtype=np.int32, out=integral[1:, 1:])
+    np.cumsum(integral[1:, 1:], 0, out=integral[1:, 1:])
     x0 = np.clip(np.round(coords[:, 0] / mask_ds).astype(np.int64), 0, mask.shape[1])
     y0 = np.clip(np.round(coords[:, 1] / mask_ds).astype(np.int64), 0, mask.shape[0])
     x1 = np.clip(np.round((coords[:, 0] + size0) / mask_ds).astype(np.int64), 0, mask.shape[1])
