@@ -31,6 +31,13 @@ def batch_ranges(start: int, stop: int, batch_size: int) -> list[range]:
     return ranges
 
 
+def pinned(shape: tuple[int, ...]) -> np.ndarray:
+    """A page-locked uint8 host array: the copy to the GPU runs asynchronously from it."""
+    import torch
+
+    return torch.empty(shape, dtype=torch.uint8, pin_memory=True).numpy()
+
+
 #: One batch as read: uint8 ``(b, S, S, 3)`` pixels of the patches read, their grid
 #: positions ``(b,)``, and the positions whose tiles could not be decoded.
 ReadBatch = tuple[np.ndarray, np.ndarray, np.ndarray]

@@ -50,7 +50,7 @@ from .features import check_options
 from .grid_preview import grid_summary
 from .model_runner import (ModelRunner, local_model_spec, model_fingerprint, resolve_model,
                            tune_allocator)
-from .patch_batches import batch_ranges
+from .patch_batches import batch_ranges, pinned
 from .slide_jobs import SlideJob, SlideResult, Tiling, skipped_result
 from .slide_outputs import OpenOutput, output_lock, request_attrs, warm_imports, write_preview
 from .slide_stream import Batch, CrossBatcher, Schedule, reader_stream, worker_stream
@@ -319,7 +319,7 @@ class SlideExtractor:
             return worker_stream(schedule, num_workers=self.num_workers,
                                  interpolation=interpolation, pin_memory=self.runner.pin_memory)
         return reader_stream(schedule, threads=self.read_threads, interpolation=interpolation,
-                             allocate=_pinned if self.runner.pin_memory else None)
+                             allocate=pinned if self.runner.pin_memory else None)
 
     def _admit(self, unit: Any, tiled: list[int], slides_left: int, bar) -> None:
         """A slide's first batch is here: tell the runner how big the job is (compile?)."""
@@ -365,11 +365,6 @@ class SlideExtractor:
         result.seconds = time.perf_counter() - unit.started
         results[batch.slot] = result
 
-
-
-def _pinned(shape: tuple[int, ...]) -> np.ndarray:
-    """A page-locked uint8 host array: the copy to the GPU runs asynchronously from it."""
-    return torch.empty(shape, dtype=torch.uint8, pin_memory=True).numpy()
 
 
 def _job_patches(tiled: list[int], slides_left: int) -> int:

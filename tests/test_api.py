@@ -44,6 +44,8 @@ PUBLIC = {
     "Tiling": "histohub.slide_features",
     "tune_allocator": "histohub.model_runner",
     "open_slide": "histohub.wsi",
+    "slide_patches": "histohub.slide_patches",
+    "PatchBatch": "histohub.slide_patches",
     "tissue_mask": "histohub.tissue",
 }
 
