@@ -56,10 +56,13 @@ opened; histohub's is when the model's first forward pass returns, seen by a for
 not measured for the CLI; model-alone arms: from the timed loop's start).
 
 reader: the reader pipeline alone. ``extract_slide`` on the large slide with the model
-replaced by a no-op module returning zeros ``(B, 512)``, with 1 and 2 readers for each
-reader option ``extract_slide`` offers (looked up in its signature when the benchmark
-runs: ``read_threads``, ``num_workers``), in patches/s, patches/s per reader and patches
-per CPU-second (the process and its reaped children), and the 2-vs-1 ratio; the default
+replaced by a no-op module returning zeros ``(B, 512)`` (so the batches are still
+normalised on the CPU and written), and ``histohub.slide_patches`` (the uint8 batches as a
+GPU run takes them: normalised on the device; nothing done with them), with 1 and 2
+readers for each reader option ``extract_slide`` offers (looked up in its signature when
+the benchmark runs: ``read_threads``, ``num_workers``), in patches/s, patches/s per reader
+and patches per CPU-second (the process and its reaped children), and the 2-vs-1 ratio;
+the default
 reader again with every pixel read through OpenSlide (``HISTOHUB_JPEG_TILES=0``: what
 histohub's own JPEG tile decoding gains); and the machine's ceiling: 1 and 2 processes
 reading contiguous shares of histohub's grid with its ``PatchReader`` and doing nothing
@@ -178,38 +181,52 @@ def model_table(name: str, runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     return lines
 
 
-def reader_arms(options: list[str]) -> list[str]:
+def reader_arms(options: list[str], patches: bool) -> list[str]:
+    """``reader:OPTION:N`` (extract_slide, no-op model), ``patches:OPTION:N``
+    (``histohub.slide_patches``, when there is one), then the baselines."""
     extra = ["reader:openslide:1", "reader:decode:1", "reader:decode:2"]
     if not options:
         return ["reader:default:1", *extra]
-    return [f"reader:{option}:{n}" for option in options for n in (1, 2)] + extra
+    kinds = ("reader", "patches") if patches else ("reader",)
+    return [f"{kind}:{option}:{n}" for kind in kinds for option in options
+            for n in (1, 2)] + extra
 
 
 def reader_table(runs: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict[str, float]]:
-    lines = [f"{'readers':24s} {'patches/s (min-max)':>24s} {'per reader':>10s} "
+    """The printed table, the 2-vs-1 lines -> lines, ``{"KIND:OPTION": ratio}``."""
+    lines = [f"{'readers':34s} {'patches/s (min-max)':>24s} {'per reader':>10s} "
              f"{'per CPU-s':>9s} {'peak RSS MiB':>13s}"]
     ratios: dict[str, float] = {}
     for arm, arm_runs in runs.items():
-        _, option, readers = arm.split(":")
+        kind, option, readers = arm.split(":")
         speeds = _speeds(arm_runs)
         median = statistics.median(speeds)
         spread = f"{median:.1f} ({min(speeds):.1f}-{max(speeds):.1f})"
         per_cpu = statistics.median(run["patches"] / run["cpu_s"] for run in arm_runs)
         rss = _rss(arm_runs)
-        label = {"default": "default reader", "decode": f"decode only, {readers} proc.",
-                 "openslide": "default, OpenSlide only"}.get(option, f"{option}={readers}")
-        lines.append(f"{label:24s} {spread:>24s} {median / int(readers):10.1f} {per_cpu:9.1f} "
+        label = {"default": "extract_slide, default reader",
+                 "decode": f"decode only, {readers} proc.",
+                 "openslide": "extract_slide, OpenSlide only"}.get(
+            option, f"{READER_KINDS[kind]} {option}={readers}")
+        lines.append(f"{label:34s} {spread:>24s} {median / int(readers):10.1f} {per_cpu:9.1f} "
                      f"{rss:>13s}")
         if readers == "2":
-            ratios[option] = _ratio(arm_runs, runs[f"reader:{option}:1"])
-    for option, ratio in ratios.items():
-        lines.append(f"{option}: 2 readers vs 1: x{ratio:.2f} (median of per-round ratios)")
-    default = next((arm for arm in runs if arm.endswith(":1") and arm.split(":")[1]
-                    not in ("openslide", "decode")), None)
+            ratios[f"{kind}:{option}"] = _ratio(arm_runs, runs[f"{kind}:{option}:1"])
+    for key, ratio in ratios.items():
+        kind, option = key.split(":")
+        lines.append(f"{READER_KINDS[kind]} {option}: 2 vs 1: x{ratio:.2f} "
+                     "(median of per-round ratios)")
+    default = next((arm for arm in runs if arm.startswith("reader:") and arm.endswith(":1")
+                    and arm.split(":")[1] not in ("openslide", "decode")), None)
     if "reader:openslide:1" in runs and default is not None:
         lines.append(f"one default reader, JPEG tiles decoded by histohub vs every pixel "
                      f"through OpenSlide: x{_ratio(runs[default], runs['reader:openslide:1']):.2f}")
     return lines, ratios
+
+
+#: What each kind of reader arm runs.
+READER_KINDS = {"reader": "extract_slide (no-op model)", "patches": "slide_patches",
+                "decode": "decode only"}
 
 
 SCENARIOS = {"large": ["large"], "cohort": ["cohort"], "shared": ["cmu", "tcga"],
@@ -292,26 +309,42 @@ def benchmark(args: argparse.Namespace, work: Path, rounds: int) -> None:
 def reader_part(slides: list[dict[str, Any]], *, rounds: int, work: Path, weights: Path
                 ) -> tuple[list[str], dict[str, list[dict[str, Any]]]]:
     """The reader arms, interleaved -> the target lines and every run."""
+    import histohub
+
     options = reader_options()
-    print(f"\n== reader pipeline alone (no-op model) on the large slide, "
-          f"{slides[0]['patches']} tissue patches; extract_slide reader options: "
-          f"{', '.join(options) or 'none (only the default reader measured)'}", flush=True)
-    runs = measure(reader_arms(options), slides, rounds=rounds, work=work, name="reader",
-                   weights=weights)
+    patches = hasattr(histohub, "slide_patches")
+    print(f"\n== reader pipeline alone on the large slide, {slides[0]['patches']} tissue "
+          f"patches: extract_slide with a no-op model"
+          + (", and histohub.slide_patches (uint8 batches, as a GPU run takes them)"
+             if patches else "")
+          + f"; reader options: {', '.join(options) or 'none (only the default reader)'}",
+          flush=True)
+    runs = measure(reader_arms(options, patches), slides, rounds=rounds, work=work,
+                   name="reader", weights=weights)
     lines, ratios = reader_table(runs)
-    ceiling = ratios.pop("decode", None)
+    summary, targets = reader_targets(ratios)
+    print("\n".join(lines + summary), flush=True)
+    return targets, runs
+
+
+def reader_targets(ratios: dict[str, float]) -> tuple[list[str], list[str]]:
+    """``reader_table``'s 2-vs-1 ratios -> (the ceiling line, the target lines)."""
+    ratios = dict(ratios)
+    ceiling = ratios.pop("reader:decode", None)
+    names = {key: f"{READER_KINDS[key.split(':')[0]]} {key.split(':')[1]}" for key in ratios}
+    summary = []
     if ceiling is not None:
-        shares = [f"{option} reaches {(ratio - 1) / (ceiling - 1):.0%} of its gain"
-                  for option, ratio in ratios.items() if ceiling > 1.05]
-        lines.append(f"the machine's ceiling (processes decoding, nothing else): 2 vs 1 "
-                     f"x{ceiling:.2f}" + "".join(f"; {share}" for share in shares))
-    print("\n".join(lines), flush=True)
+        shares = [f"; {names[key]} reaches {(ratio - 1) / (ceiling - 1):.0%} of its gain"
+                  for key, ratio in ratios.items() if ceiling > 1.05]
+        summary.append(f"the machine's ceiling (processes decoding, nothing else): 2 vs 1 "
+                       f"x{ceiling:.2f}" + "".join(shares))
     if not ratios:
-        return ["reader 2 vs 1: not measurable, extract_slide has no reader-count option"], runs
-    return [f"reader {option} 2 vs 1 >= 1.7: x{ratio:.2f} "
-            f"{'MET' if ratio >= 1.7 else 'NOT MET'}"
-            + (f" (ceiling here x{ceiling:.2f})" if ceiling is not None else "")
-            for option, ratio in ratios.items()], runs
+        return summary, ["reader 2 vs 1: not measurable, extract_slide has no reader-count "
+                         "option"]
+    return summary, [f"reader: {names[key]} 2 vs 1 >= 1.7: x{ratio:.2f} "
+                     f"{'MET' if ratio >= 1.7 else 'NOT MET'}"
+                     + (f" (ceiling here x{ceiling:.2f})" if ceiling is not None else "")
+                     for key, ratio in ratios.items()]
 
 
 def check_targets(scenario: str, runs: dict[str, list[dict[str, Any]]]) -> list[str]:

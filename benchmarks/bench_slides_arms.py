@@ -1,6 +1,6 @@
 """The arms of ``bench_slides.py``, each run in its own process (``run_arm``): histohub
 (library and command line), the model alone (eager, compiled), a naive loop, the reader
-pipeline with a no-op model, and the machine's decoding ceiling."""
+pipeline (a no-op model; ``slide_patches``), and the machine's decoding ceiling."""
 
 from __future__ import annotations
 
@@ -289,6 +289,24 @@ def arm_reader(slides: list[dict[str, Any]], out: Path, *, option: str | None, r
     return _timed_run(patches, start, cpu, rss)
 
 
+def arm_patches(slides: list[dict[str, Any]], *, option: str, readers: int
+                ) -> dict[str, Any]:
+    """``histohub.slide_patches``: the reader pipeline as a GPU run has it (uint8 batches,
+    normalised on the device), nothing done with the batches."""
+    import histohub
+
+    rss = memory_mib("VmRSS")
+    cpu = os.times()
+    patches = 0
+    start = time.perf_counter()
+    for slide in slides:
+        extra = {"mpp": slide["mpp"]} if slide["mpp"] is not None else {}
+        for batch in histohub.slide_patches(slide["path"], target_mpp=MPP, **{option: readers},
+                                            **extra):
+            patches += len(batch.pixels)
+    return _timed_run(patches, start, cpu, rss)
+
+
 def _decode_share(grid: Any, share: int, shares: int) -> None:
     from histohub.wsi import PatchReader
 
@@ -358,6 +376,9 @@ def run_arm(arm: str, slides: list[dict[str, Any]], out: Path, weights: Path
     elif arm == "reader:openslide:1":  # the default reader, every pixel through OpenSlide
         with openslide_only():
             result = arm_reader(slides, out, option=None, readers=1)
+    elif arm.startswith("patches:"):
+        _, option, readers = arm.split(":")
+        result = arm_patches(slides, option=option, readers=int(readers))
     elif arm.startswith("reader:"):
         _, option, readers = arm.split(":")
         result = arm_reader(slides, out, option=None if option == "default" else option,

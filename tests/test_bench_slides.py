@@ -115,15 +115,20 @@ def test_one_round_of_every_arm(bench, slides, weights, tmp_path, capsys):
     assert [line.split(":")[1].split(" >=")[0].strip() for line in targets] == [
         "histohub", "cli", "cli"] and "from its model file" in targets[2]
 
-    # the reader arm through the worker entry point, as the benchmark spawns it
-    arm = bench.reader_arms(arms.reader_options())[0]
-    job = {"arm": arm, "slides": smallest, "out": str(tmp_path / "reader"),
-           "weights": str(weights)}
-    bench.main(["--worker", json.dumps(job)])
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["patches"] == smallest[0]["patches"] and result["cpu_s"] > 0
-    lines, _ = bench.reader_table({arm: [result]})
-    assert len(lines) == 2
+    # the reader arms (extract_slide, slide_patches) through the worker entry point, as the
+    # benchmark spawns them
+    reader_arms = bench.reader_arms(arms.reader_options(), patches=True)
+    results = {}
+    for arm in (reader_arms[0], next(a for a in reader_arms if a.startswith("patches:"))):
+        job = {"arm": arm, "slides": smallest, "out": str(tmp_path / "reader"),
+               "weights": str(weights)}
+        bench.main(["--worker", json.dumps(job)])
+        results[arm] = [json.loads(capsys.readouterr().out.strip().splitlines()[-1])]
+        assert results[arm][0]["patches"] == smallest[0]["patches"]
+        assert results[arm][0]["cpu_s"] > 0
+    lines, _ = bench.reader_table(results)
+    assert len(lines) == 3 and "extract_slide (no-op model) read_threads=1" in lines[1]
+    assert "slide_patches read_threads=1" in lines[2]
 
 
 def test_naive_and_openslide_arms_read_through_openslide_only(bench, slides, weights, tmp_path,
@@ -149,6 +154,30 @@ def test_naive_and_openslide_arms_read_through_openslide_only(bench, slides, wei
     del runs["naive"]
     lines, _ = bench.reader_table(runs)
     assert "decoded by histohub vs every pixel through OpenSlide" in lines[-1]
+
+
+def test_reader_ratios_and_targets(bench):
+    """2 vs 1 per kind and option; the decoding processes are the ceiling, not a target."""
+    def run(seconds):
+        return [{"patches": 100, "seconds": seconds, "cpu_s": 1.0, "peak_rss_mib": 2.0,
+                 "rss_start_mib": 1.0}]
+
+    runs = {f"{kind}:{option}:{n}": run(1.0 / (n * speedup))
+            for kind, option, speedup in [("reader", "read_threads", 0.6),
+                                          ("patches", "read_threads", 0.9),
+                                          ("reader", "decode", 0.85)] for n in (1, 2)}
+    lines, ratios = bench.reader_table(runs)
+    assert ratios == pytest.approx({"reader:read_threads": 2, "patches:read_threads": 2,
+                                    "reader:decode": 2})
+    assert "slide_patches read_threads=2" in "\n".join(lines)
+    summary, targets = bench.reader_targets({**ratios, "reader:read_threads": 1.2})
+    assert summary == ["the machine's ceiling (processes decoding, nothing else): 2 vs 1 x2.00"
+                       "; extract_slide (no-op model) read_threads reaches 20% of its gain"
+                       "; slide_patches read_threads reaches 100% of its gain"]
+    assert targets == [
+        "reader: extract_slide (no-op model) read_threads 2 vs 1 >= 1.7: x1.20 NOT MET "
+        "(ceiling here x2.00)",
+        "reader: slide_patches read_threads 2 vs 1 >= 1.7: x2.00 MET (ceiling here x2.00)"]
 
 
 def test_an_arm_starts_without_what_a_killed_run_left(bench, tmp_path, monkeypatch):
