@@ -1,10 +1,10 @@
 """Checkpoints are read as data, never as code, and mapped onto the encoder strictly.
 
-Checkpoints are built by tests/checkpoints.py in the upstream layouts (random weights): the plain-PyTorch
-release (``state_dict`` with ``model.resnet.`` keys and the SimCLR head ``fc.1``/``fc.3``),
-the Lightning release (plus optimizer state and hyper-parameter objects, saved while a
-fake ``pytorch_lightning`` module exists and loaded after it is gone), legacy (pre-zip)
-files, and safetensors.
+Checkpoints are built by tests/checkpoints.py in the upstream layouts (random weights):
+the plain-PyTorch release (``state_dict`` with ``model.resnet.`` keys and the SimCLR head
+``fc.1``/``fc.3``), the Lightning release (plus optimizer state and hyper-parameter
+objects, saved while a fake ``pytorch_lightning`` module exists and loaded after it is
+gone), legacy (pre-zip) files, and safetensors.
 """
 
 from __future__ import annotations

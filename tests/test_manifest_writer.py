@@ -31,7 +31,8 @@ def test_existing_name_needs_replace(tmp_path):
     with pytest.raises(ManifestError, match="already lists 'mine'"):
         histohub.write_manifest_entry(path, "mine", shipped())
     changed = {**shipped(), "description": "second"}
-    assert histohub.write_manifest_entry(path, "mine", changed, replace=True).description == "second"
+    written = histohub.write_manifest_entry(path, "mine", changed, replace=True)
+    assert written.description == "second"
 
 
 def test_invalid_entry_writes_nothing(tmp_path):
