@@ -61,8 +61,9 @@ normalised on the CPU and written), and ``histohub.slide_patches`` (the uint8 ba
 GPU run takes them: normalised on the device; nothing done with them), with 1 and 2
 readers for each reader option ``extract_slide`` offers (looked up in its signature when
 the benchmark runs: ``read_threads``, ``num_workers``), in patches/s, patches/s per reader
-and patches per CPU-second (the process and its reaped children), and the 2-vs-1 ratio;
-the default
+and patches per CPU-second (the process and its reaped children), and the 2-vs-1 ratio
+(for ``slide_patches`` also from its first batch on, the slide tiled: the rate a cohort
+reads at, its next slide tiled meanwhile); the default
 reader again with every pixel read through OpenSlide (``HISTOHUB_JPEG_TILES=0``: what
 histohub's own JPEG tile decoding gains); and the machine's ceiling: 1 and 2 processes
 reading contiguous shares of histohub's grid with its ``PatchReader`` and doing nothing
@@ -194,8 +195,8 @@ def reader_arms(options: list[str], patches: bool) -> list[str]:
 
 def reader_table(runs: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict[str, float]]:
     """The printed table, the 2-vs-1 lines -> lines, ``{"KIND:OPTION": ratio}``."""
-    lines = [f"{'readers':34s} {'patches/s (min-max)':>24s} {'per reader':>10s} "
-             f"{'per CPU-s':>9s} {'peak RSS MiB':>13s}"]
+    lines = [f"{'readers':40s} {'patches/s (min-max)':>24s} {'per reader':>10s} "
+             f"{'per CPU-s':>9s} {'peak RSS MiB':>13s} {'from 1st batch':>14s}"]
     ratios: dict[str, float] = {}
     for arm, arm_runs in runs.items():
         kind, option, readers = arm.split(":")
@@ -204,24 +205,41 @@ def reader_table(runs: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict
         spread = f"{median:.1f} ({min(speeds):.1f}-{max(speeds):.1f})"
         per_cpu = statistics.median(run["patches"] / run["cpu_s"] for run in arm_runs)
         rss = _rss(arm_runs)
+        reading = (f"{statistics.median(_reading_speeds(arm_runs)):.1f}"
+                   if _reading_speeds(arm_runs) else "-")
         label = {"default": "extract_slide, default reader",
                  "decode": f"decode only, {readers} proc.",
                  "openslide": "extract_slide, OpenSlide only"}.get(
             option, f"{READER_KINDS[kind]} {option}={readers}")
-        lines.append(f"{label:34s} {spread:>24s} {median / int(readers):10.1f} {per_cpu:9.1f} "
-                     f"{rss:>13s}")
+        lines.append(f"{label:40s} {spread:>24s} {median / int(readers):10.1f} {per_cpu:9.1f} "
+                     f"{rss:>13s} {reading:>14s}")
         if readers == "2":
-            ratios[f"{kind}:{option}"] = _ratio(arm_runs, runs[f"{kind}:{option}:1"])
+            one = runs[f"{kind}:{option}:1"]
+            ratios[f"{kind}:{option}"] = _ratio(arm_runs, one)
+            if _reading_speeds(arm_runs) and _reading_speeds(one):
+                ratios[f"{kind}:{option}:reading"] = statistics.median(
+                    a / b for a, b in zip(_reading_speeds(arm_runs), _reading_speeds(one)))
     for key, ratio in ratios.items():
-        kind, option = key.split(":")
-        lines.append(f"{READER_KINDS[kind]} {option}: 2 vs 1: x{ratio:.2f} "
-                     "(median of per-round ratios)")
+        lines.append(f"{_reader_name(key)}: 2 vs 1: x{ratio:.2f} (median of per-round ratios)")
     default = next((arm for arm in runs if arm.startswith("reader:") and arm.endswith(":1")
                     and arm.split(":")[1] not in ("openslide", "decode")), None)
     if "reader:openslide:1" in runs and default is not None:
         lines.append(f"one default reader, JPEG tiles decoded by histohub vs every pixel "
                      f"through OpenSlide: x{_ratio(runs[default], runs['reader:openslide:1']):.2f}")
     return lines, ratios
+
+
+def _reading_speeds(runs: list[dict[str, Any]]) -> list[float]:
+    """Patches/s from the first batch on (the slide tiled, the readers started): what a
+    cohort's reading runs at, the next slide tiled meanwhile. Empty where not recorded."""
+    return [(run["patches"] - run["first_patches"]) / (run["seconds"] - run["first_s"])
+            for run in runs if run.get("first_patches") and run["seconds"] > run["first_s"]]
+
+
+def _reader_name(key: str) -> str:
+    """``KIND:OPTION[:reading]`` -> what the ratio is of, in words."""
+    kind, option, *reading = key.split(":")
+    return f"{READER_KINDS[kind]} {option}" + (" from its first batch" if reading else "")
 
 
 #: What each kind of reader arm runs.
@@ -331,7 +349,7 @@ def reader_targets(ratios: dict[str, float]) -> tuple[list[str], list[str]]:
     """``reader_table``'s 2-vs-1 ratios -> (the ceiling line, the target lines)."""
     ratios = dict(ratios)
     ceiling = ratios.pop("reader:decode", None)
-    names = {key: f"{READER_KINDS[key.split(':')[0]]} {key.split(':')[1]}" for key in ratios}
+    names = {key: _reader_name(key) for key in ratios}
     summary = []
     if ceiling is not None:
         shares = [f"; {names[key]} reaches {(ratio - 1) / (ceiling - 1):.0%} of its gain"

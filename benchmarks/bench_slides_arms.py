@@ -295,16 +295,22 @@ def arm_patches(slides: list[dict[str, Any]], *, option: str, readers: int
     normalised on the device), nothing done with the batches."""
     import histohub
 
+    _tune_allocator()
+    import_pipeline()
+    histohub.slide_patches  # noqa: B018 - imported on first use: before the clock
     rss = memory_mib("VmRSS")
     cpu = os.times()
-    patches = 0
+    patches, first = 0, None
     start = time.perf_counter()
     for slide in slides:
         extra = {"mpp": slide["mpp"]} if slide["mpp"] is not None else {}
         for batch in histohub.slide_patches(slide["path"], target_mpp=MPP, **{option: readers},
                                             **extra):
             patches += len(batch.pixels)
-    return _timed_run(patches, start, cpu, rss)
+            first = first or (time.perf_counter() - start, patches)
+    first_s, first_patches = first or (None, 0)
+    return {**_timed_run(patches, start, cpu, rss), "first_s": first_s,
+            "first_patches": first_patches}
 
 
 def _decode_share(grid: Any, share: int, shares: int) -> None:

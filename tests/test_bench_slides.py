@@ -158,26 +158,35 @@ def test_naive_and_openslide_arms_read_through_openslide_only(bench, slides, wei
 
 def test_reader_ratios_and_targets(bench):
     """2 vs 1 per kind and option; the decoding processes are the ceiling, not a target."""
-    def run(seconds):
+    def run(seconds, **first):
         return [{"patches": 100, "seconds": seconds, "cpu_s": 1.0, "peak_rss_mib": 2.0,
-                 "rss_start_mib": 1.0}]
+                 "rss_start_mib": 1.0, **first}]
 
     runs = {f"{kind}:{option}:{n}": run(1.0 / (n * speedup))
             for kind, option, speedup in [("reader", "read_threads", 0.6),
-                                          ("patches", "read_threads", 0.9),
                                           ("reader", "decode", 0.85)] for n in (1, 2)}
+    # slide_patches: the first batch (10 patches) after 0.5 s, then 90 in 1 s (one
+    # reader) or 0.6 s (two)
+    runs["patches:read_threads:1"] = run(1.5, first_s=0.5, first_patches=10)
+    runs["patches:read_threads:2"] = run(1.1, first_s=0.5, first_patches=10)
     lines, ratios = bench.reader_table(runs)
-    assert ratios == pytest.approx({"reader:read_threads": 2, "patches:read_threads": 2,
-                                    "reader:decode": 2})
-    assert "slide_patches read_threads=2" in "\n".join(lines)
+    assert ratios == pytest.approx({"reader:read_threads": 2, "reader:decode": 2,
+                                    "patches:read_threads": 1.5 / 1.1,
+                                    "patches:read_threads:reading": 1 / 0.6})
+    table = "\n".join(lines)
+    assert "slide_patches read_threads=2" in table and "90.0" in table and "150.0" in table
     summary, targets = bench.reader_targets({**ratios, "reader:read_threads": 1.2})
     assert summary == ["the machine's ceiling (processes decoding, nothing else): 2 vs 1 x2.00"
                        "; extract_slide (no-op model) read_threads reaches 20% of its gain"
-                       "; slide_patches read_threads reaches 100% of its gain"]
+                       "; slide_patches read_threads reaches 36% of its gain"
+                       "; slide_patches read_threads from its first batch reaches 67% of "
+                       "its gain"]
     assert targets == [
         "reader: extract_slide (no-op model) read_threads 2 vs 1 >= 1.7: x1.20 NOT MET "
         "(ceiling here x2.00)",
-        "reader: slide_patches read_threads 2 vs 1 >= 1.7: x2.00 MET (ceiling here x2.00)"]
+        "reader: slide_patches read_threads 2 vs 1 >= 1.7: x1.36 NOT MET (ceiling here x2.00)",
+        "reader: slide_patches read_threads from its first batch 2 vs 1 >= 1.7: x1.67 "
+        "NOT MET (ceiling here x2.00)"]
 
 
 def test_an_arm_starts_without_what_a_killed_run_left(bench, tmp_path, monkeypatch):
