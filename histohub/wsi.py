@@ -407,7 +407,7 @@ class PatchReader:
 
     def read(self, index: int) -> np.ndarray:
         """Patch ``index`` of the grid -> uint8 ``(S, S, 3)``; ``TileReadError`` if undecodable."""
-        x, y = (int(v) for v in self.grid.coords[index])
+        x, y = self.grid.coords[index].tolist()
         return self.read_at(x, y)
 
     def read_at(self, x: int, y: int) -> np.ndarray:
