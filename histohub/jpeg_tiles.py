@@ -1,18 +1,18 @@
 """Regions of a JPEG-tiled TIFF level (Aperio .svs, generic tiled TIFF) decoded straight from
-its tiles: the same pixels as OpenSlide, about 2x the patches/s of a reader thread
+its tiles: the same pixels as OpenSlide, 2.4x the patches/s of a reader thread
 (``benchmarks/bench_slides.py``, reader part).
 
 OpenSlide composites every region through cairo and hands back premultiplied ARGB, which
 cost more than decoding the JPEG tiles a 224 px patch needs (0.75 ms for a patch whose
-tiles were cached, against 0.4 ms per 256 px tile decoded, on 2 vCPUs). ``JpegTileLevel`` reads
-a tile's bytes with ``os.pread`` (no shared file position: one reader per thread is safe,
-and the read releases the GIL), decodes them with imagecodecs' libjpeg-turbo straight into
-a numpy array (GIL released throughout; Pillow's decoding, through its 4-byte pixels and
-two copies out holding the GIL, took 0.39 ms per tile against 0.21) and copies the region
-out. Decoded tiles go to one LRU cache per process (``TileCache``, at most
-``CACHE_BYTES``): reader threads take turns at a slide's batches, and neighbouring batches
-share tiles, which are then decoded once, not once per thread. A file's tiles leave the
-cache when the last level open on it is closed, as an OpenSlide handle's cache does.
+tiles were cached, on 2 vCPUs). ``JpegTileLevel`` reads a tile's bytes with ``os.pread``
+(no shared file position: one reader per thread is safe, and the read releases the GIL),
+decodes them with imagecodecs' libjpeg-turbo straight into a numpy array, the GIL released
+while it decodes (0.21 ms per 256 px tile; Pillow took 0.39, through its 4-byte pixels and
+two copies out that hold the GIL), and copies the region out. Decoded tiles go to one LRU
+cache per process (``TileCache``, at most ``CACHE_BYTES``): reader threads take turns at a
+slide's batches, and neighbouring batches share tiles, which are then decoded once, not
+once per thread. A file's tiles leave the cache when the last level open on it is closed,
+as an OpenSlide handle's cache does.
 
 Only what is known to match OpenSlide is read here; everything else raises ``Unsupported``
 and is read by OpenSlide (``histohub.wsi.Slide``, which also compares a piece of the first
@@ -30,12 +30,13 @@ region it reads from a level with OpenSlide's and keeps to OpenSlide when they d
   imagecodecs does not).
 
 ``HISTOHUB_JPEG_TILES=0`` in the environment turns this module off, and so does a system
-without ``os.pread`` (Windows) or without tifffile and imagecodecs (the ``wsi`` extra):
-OpenSlide reads everything.
+without ``os.pread`` (Windows) or without tifffile and imagecodecs (the ``wsi`` extra; a
+warning says so, once): OpenSlide reads everything.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -258,8 +259,11 @@ def open_jpeg_level(path: str | os.PathLike, vendor: str | None,
                     size: tuple[int, int]) -> JpegTileLevel | None:
     """The level of ``size`` (w, h) of the slide at ``path`` (OpenSlide ``vendor``) for
     ``JpegTileLevel`` reads, or None when it is not one they handle (see the module)."""
-    if imagecodecs is None or not hasattr(os, "pread") or vendor not in VENDORS or \
+    if not hasattr(os, "pread") or vendor not in VENDORS or \
             os.environ.get("HISTOHUB_JPEG_TILES", "1") in ("0", "false", "no", "off"):
+        return None
+    if imagecodecs is None:
+        _say_no_decoder()
         return None
     try:
         with tifffile.TiffFile(path) as tif:
@@ -281,3 +285,11 @@ def open_jpeg_level(path: str | os.PathLike, vendor: str | None,
     except (OSError, ValueError, tifffile.TiffFileError) as error:
         log.debug("%s: not read tile by tile (%s)", path, error)
         return None
+
+
+@functools.cache
+def _say_no_decoder() -> None:
+    """Once per process: what a slide is read at without tifffile and imagecodecs."""
+    log.warning("histohub reads slides through OpenSlide alone, at less than half the patches/s "
+                "of decoding their JPEG tiles itself: pip install tifffile imagecodecs (both in "
+                "histohub's 'wsi' extra)")

@@ -163,6 +163,17 @@ def tcga_slide_or_none(request):
         return None
 
 
+def test_without_imagecodecs_openslide_reads_and_says_so_once(pyramid, monkeypatch, caplog):
+    monkeypatch.setattr(jpeg_tiles, "imagecodecs", None)
+    jpeg_tiles._say_no_decoder.cache_clear()
+    for _ in range(2):
+        with open_slide(pyramid) as slide:
+            assert open_jpeg_level(pyramid, slide.properties.get("openslide.vendor"),
+                                   slide.level_dimensions[0]) is None
+            assert slide.read_region((0, 0), 0, (8, 8)).shape == (8, 8, 3)  # by OpenSlide
+    assert caplog.text.count("pip install tifffile imagecodecs") == 1
+    jpeg_tiles._say_no_decoder.cache_clear()
+
 def test_regions_the_tiles_do_not_cover_are_unsupported(pyramid):
     tiles = _level(pyramid)
     for region in [(-1, 0, 10, 10), (1200, 0, 101, 10), (0, 1000, 10, 101), (0, 0, 0, 5)]:
