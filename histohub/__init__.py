@@ -47,10 +47,10 @@ _LAZY = {
     "load_pretrained": "histohub.pretrained",
     "map_state_dict": "histohub._checkpoint",
     "open_slide": "histohub.wsi",
-    "PatchBatch": "histohub.slide_patches",
+    "PatchBatch": "histohub.slide_batches",
     "read_checkpoint": "histohub._checkpoint",
     "sha256_file": "histohub._download",
-    "slide_patches": "histohub.slide_patches",
+    "slide_patches": "histohub.slide_batches",
     "tissue_mask": "histohub.tissue",
     "tune_allocator": "histohub.model_runner",
 }

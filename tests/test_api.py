@@ -44,8 +44,8 @@ PUBLIC = {
     "Tiling": "histohub.slide_features",
     "tune_allocator": "histohub.model_runner",
     "open_slide": "histohub.wsi",
-    "slide_patches": "histohub.slide_patches",
-    "PatchBatch": "histohub.slide_patches",
+    "slide_patches": "histohub.slide_batches",
+    "PatchBatch": "histohub.slide_batches",
     "tissue_mask": "histohub.tissue",
 }
 
@@ -79,3 +79,10 @@ def _shipped_entry(name: str) -> dict:
     raw.pop("default", None)
     raw["weights"] = raw["weights"][:1]
     return raw
+
+
+def test_no_public_function_is_shadowed_by_its_module():
+    """Importing a submodule sets it as an attribute of the package: a lazy public name
+    equal to its module's name would then be the module, not the function."""
+    for name, module in histohub._LAZY.items():
+        assert module.rsplit(".", 1)[1] != name, (name, module)

@@ -29,7 +29,7 @@ TRAINING = ("training", "simclr", "downstream", "cli_errors")
 DOWNLOADS = ("histohub._download", "requests", "huggingface_hub", "urllib3", "filelock")
 SLIDES = ("histohub.wsi", "histohub.jpeg_tiles", "histohub.tissue", "histohub.patch_batches",
           "histohub.grid_preview", "histohub.slide_features", "histohub.slide_jobs",
-          "histohub.slide_outputs", "histohub.slide_patches", "histohub.slide_stream",
+          "histohub.slide_outputs", "histohub.slide_batches", "histohub.slide_stream",
           "histohub.cluster", "histohub._h5", "histohub._h5_writer", "openslide", "tifffile",
           "imagecodecs", "h5py")
 RULES = {
