@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from .errors import OptionError
 from .features import check_options
 from .patch_batches import batch_ranges, pinned
 from .slide_stream import Schedule, reader_stream, worker_stream
@@ -57,7 +58,11 @@ def slide_patches(slide_path: str | os.PathLike, *, target_mpp: float,
     Options are checked when called (``OptionError``), the slide when iteration starts
     (``SlideError``). Stopping early (``break``, ``close()``) stops the readers.
     """
-    check_options(batch_size=batch_size, num_workers=num_workers, read_threads=read_threads)
+    check_options(batch_size=batch_size, num_workers=num_workers, read_threads=read_threads,
+                  mpp=mpp, target_mpp=target_mpp, mask=mask, min_foreground=min_foreground)
+    if pin_memory and not torch.cuda.is_available():
+        raise OptionError("pin_memory=True: page-locked memory is for copies to a CUDA GPU, "
+                          "and torch sees none; leave it False on a CPU")
     return _batches(slide_path, dict(target_mpp=target_mpp, patch_size=patch_size,
                                      min_foreground=min_foreground, method=mask,
                                      mpp_override=mpp),

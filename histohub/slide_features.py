@@ -366,7 +366,6 @@ class SlideExtractor:
         results[batch.slot] = result
 
 
-
 def _job_patches(tiled: list[int], slides_left: int) -> int:
     """Patches still to come: the slide about to run, plus the slides left at the mean
     size of the slides tiled so far."""

@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 import histohub
 from histohub.errors import OptionError, SlideError
@@ -50,8 +51,13 @@ def test_undecodable_patches_are_listed_not_fatal(tmp_path):
 
 
 def test_bad_options_are_refused_when_called_and_a_bad_slide_when_read(tmp_path):
-    with pytest.raises(OptionError, match="batch_size"):
-        histohub.slide_patches(tmp_path / "missing.svs", target_mpp=0.5, batch_size=0)
+    for bad, match in [({"batch_size": 0}, "batch_size"), ({"target_mpp": 0}, "target_mpp"),
+                       ({"mask": "triangle"}, "mask"), ({"min_foreground": 2}, "min_foreground")]:
+        with pytest.raises(OptionError, match=match):
+            histohub.slide_patches(tmp_path / "missing.svs", **{"target_mpp": 0.5, **bad})
+    if not torch.cuda.is_available():
+        with pytest.raises(OptionError, match="CUDA"):
+            histohub.slide_patches(tmp_path / "missing.svs", target_mpp=0.5, pin_memory=True)
     patches = histohub.slide_patches(tmp_path / "missing.svs", target_mpp=0.5)
     with pytest.raises(SlideError, match="no such file"):
         next(patches)
