@@ -62,10 +62,6 @@ CACHE_BYTES = 64 << 20
 #: Tiles larger than this a side are left to OpenSlide (scanners write 240-1024 px): a
 #: file declaring huge tiles would have each one allocated in full before decoding.
 MAX_TILE_SIDE = 4096
-_JPEG = 7
-_RGB, _YCBCR = 2, 6
-#: libjpeg's colour spaces (J_COLOR_SPACE), as imagecodecs takes them.
-_JCS_RGB, _JCS_YCBCR = 2, 3
 #: JPEG start-of-frame markers (SOF0-SOF15 but DHT, JPG and DAC); baseline is C0 / C1.
 _FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 #: In a scan, FF may only be followed by 00 (stuffing), FF (fill) or D0-D7 (restarts): one
@@ -170,7 +166,7 @@ class JpegTileLevel:
         # abbreviated tiles (Aperio) share one tables stream: tables without their EOI, then
         # the tile without its SOI
         self._prefix = jpeg_tables[:-2] if jpeg_tables else b""
-        self._colorspace = _JCS_RGB if rgb else _JCS_YCBCR
+        self._colorspace = imagecodecs.JPEG8.CS.RGB if rgb else imagecodecs.JPEG8.CS.YCbCr
         self._fd: int | None = os.open(path, os.O_RDONLY)
         # the cache's key: this file as it is now (ctime: any rewrite, even one that keeps
         # the size and sets the old mtime), and a tile's offset in it
@@ -218,7 +214,7 @@ class JpegTileLevel:
         # as they are, unconverted, as OpenSlide does
         try:
             tile = imagecodecs.jpeg8_decode(data, colorspace=self._colorspace,
-                                            outcolorspace=_JCS_RGB)
+                                            outcolorspace=imagecodecs.JPEG8.CS.RGB)
         except imagecodecs.Jpeg8Error as error:  # libjpeg's decoding errors
             raise Unsupported(f"tile {index}: {error}") from error
         tile.flags.writeable = False  # shared by every reader of the cache
@@ -272,7 +268,9 @@ def open_jpeg_level(path: str | os.PathLike, vendor: str | None,
             if len(pages) != 1:
                 return None
             page = pages[0]
-            if (page.compression != _JPEG or page.photometric not in (_RGB, _YCBCR)
+            photometric = tifffile.PHOTOMETRIC
+            if (page.compression != tifffile.COMPRESSION.JPEG
+                    or page.photometric not in (photometric.RGB, photometric.YCBCR)
                     or page.samplesperpixel != 3 or page.bitspersample != 8
                     or page.planarconfig != 1 or page.tiledepth != 1 or page.imagedepth != 1
                     or not 0 < page.tilewidth <= MAX_TILE_SIDE
@@ -281,7 +279,7 @@ def open_jpeg_level(path: str | os.PathLike, vendor: str | None,
             return JpegTileLevel(
                 path, tile_size=(page.tilewidth, page.tilelength), image_size=tuple(size),
                 offsets=page.dataoffsets, byte_counts=page.databytecounts,
-                jpeg_tables=page.jpegtables, rgb=page.photometric == _RGB)
+                jpeg_tables=page.jpegtables, rgb=page.photometric == photometric.RGB)
     except (OSError, ValueError, tifffile.TiffFileError) as error:
         log.debug("%s: not read tile by tile (%s)", path, error)
         return None

@@ -72,7 +72,7 @@ def test_aperio_rgb_tiles_with_shared_tables_equal_openslide(cmu_slide):
         assert slide.properties["openslide.vendor"] == "aperio"
         grid = tile_grid(slide, target_mpp=0.5, min_foreground=0)
     tiles = _level(cmu_slide)
-    assert tiles._colorspace == jpeg_tiles._JCS_RGB and tiles._prefix
+    assert tiles._colorspace == jpeg_tiles.imagecodecs.JPEG8.CS.RGB and tiles._prefix
     for x, y in grid.coords.tolist()[::7]:
         np.testing.assert_array_equal(tiles.read(x, y, 224, 224),
                                       _openslide(cmu_slide, 0, x, y, 224, 224))
