@@ -209,6 +209,8 @@ class SlideExtractor:
                     complete = batcher.add(batch)
                 for done in complete:
                     self._write_back(done, jobs[done.slot], results, batcher, overwrite, bar)
+                    if done.last:
+                        schedule.finished(done.slot)  # its grid is freed now, not at the end
                 while due in results:
                     yield results.pop(due)
                     due += 1

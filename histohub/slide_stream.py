@@ -67,7 +67,8 @@ class Schedule:
     ``prepare(job)`` returns a unit; a unit with a ``ranges`` attribute (grid ranges to read)
     and a ``grid`` is read, anything else passes as one empty ``Batch``. A ``HistohubError``
     it raises becomes the unit. ``close()`` cancels what has not started and hands every
-    prepared unit to ``release``.
+    prepared unit to ``release``. ``finished(i)`` forgets job ``i``'s unit once it has been
+    consumed, so a cohort holds the units of the jobs in flight, not of every job so far.
     """
 
     def __init__(self, pool: ThreadPoolExecutor, jobs: Sequence[Any],
@@ -93,6 +94,27 @@ class Schedule:
         except HistohubError as error:
             return error
 
+    def finished(self, i: int) -> None:
+        """Job ``i``'s batches have all been consumed: release its unit and keep only its
+        batch count, for reader threads that still have to count past it. Without this a
+        run held every slide's grid to the end (its mask alone up to 4096 x 4096 bytes):
+        gigabytes over a cohort of thousands of slides."""
+        with self._lock:
+            future = self._futures[i]
+            if future is None or not future.done() or future.cancelled():
+                return  # one still being prepared has not been consumed
+            error = future.exception()
+            if error is not None and not isinstance(error, HistohubError):
+                return  # raised in the consumer already
+            unit = error or future.result()
+            if isinstance(unit, _Spent):
+                return
+            spent: Future = Future()
+            spent.set_result(_Spent(len(getattr(unit, "ranges", None) or [None])))
+            self._futures[i] = spent
+        if error is None:  # an error's traceback is dropped with it
+            self._release(unit)
+
     def close(self) -> None:
         with self._lock:
             futures, self._futures = self._futures, [None] * len(self._jobs)
@@ -103,7 +125,15 @@ class Schedule:
                 unit = future.result()
             except BaseException:  # noqa: BLE001 - nothing was left open by a failed prepare
                 continue
-            self._release(unit)
+            if not isinstance(unit, _Spent):
+                self._release(unit)
+
+
+@dataclass(frozen=True)
+class _Spent:
+    """What a finished job leaves in its ``Schedule``: how many batches it had."""
+
+    batches: int
 
 
 def _units(schedule: Schedule) -> Iterator[tuple[int, Any, list[range | None]]]:
@@ -127,6 +157,9 @@ def _thread_batches(schedule: Schedule, k: int, threads: int, interpolation: str
                     allocate: Callable | None) -> Iterator[Batch]:
     count = 0
     for slot, unit, ranges in _units(schedule):
+        if isinstance(unit, _Spent):  # consumed already, so none of its batches is ours
+            count += unit.batches
+            continue
         reader = None
         try:
             for positions in ranges:

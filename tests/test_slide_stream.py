@@ -294,3 +294,58 @@ def test_worker_chunks_are_consecutive_batches_two_or_more_per_worker():
     assert [len(c) for c in worker_chunks(ranges[:10], num_workers=4)] == [1] * 10
     assert [len(c) for c in worker_chunks(ranges[:12], num_workers=2)] == [3] * 4
     assert worker_chunks(ranges[:1], num_workers=8) == [[ranges[0]]]
+
+
+def test_a_cohort_frees_each_slides_grid_once_it_is_written(cohort, tmp_path, monkeypatch):
+    """The grids (masks up to 4096 x 4096 bytes) of finished slides are freed during the run,
+    not held to its end: over thousands of slides they were gigabytes."""
+    import gc
+    import weakref
+
+    import histohub.slide_features as slide_features
+
+    grids: list[weakref.ref] = []
+    real = slide_features.tile_grid
+    monkeypatch.setattr(slide_features, "tile_grid",
+                        lambda *a, **k: (g := real(*a, **k), grids.append(weakref.ref(g)))[0])
+    jobs = [SlideJob(s, tmp_path / f"{s.stem}-{i}.h5") for i in range(2) for s in cohort]
+    alive_at_the_end = None
+    with SlideExtractor(Tiny(), batch_size=2, read_threads=2, progress=False) as extractor:
+        for result in extractor.extract_many(jobs):
+            assert result.error is None
+            if result.slide_path == jobs[-1].slide:
+                gc.collect()
+                alive_at_the_end = [ref() is not None for ref in grids]
+    assert len(grids) == len(jobs) == 8
+    assert alive_at_the_end[:5] == [False] * 5
+
+
+def test_reader_threads_count_past_a_job_consumed_before_they_reach_it(cohort):
+    """A thread that reaches a job only after its batches were all consumed (none of them
+    was its own) counts them, and reads its own share of the next job: the k-th batch of
+    the stream is thread k % threads'."""
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from histohub.patch_batches import batch_ranges
+    from histohub.slide_stream import Schedule, _thread_batches
+    from histohub.wsi import open_slide, tile_grid
+
+    def prepare(path):
+        with open_slide(path) as slide:
+            grid = tile_grid(slide, target_mpp=0.5)
+        return SimpleNamespace(grid=grid, ranges=batch_ranges(0, len(grid), 2))
+
+    released = []
+    with ThreadPoolExecutor(1) as pool:
+        schedule = Schedule(pool, [cohort[1], cohort[3]], prepare, release=released.append)
+        first = schedule.get(0)
+        schedule.finished(0)  # as if its 3 batches (stream batches 0-2) had been consumed
+        assert released == [first] and first.grid is not None
+        threads = [list(_thread_batches(schedule, k, 2, "bilinear", None)) for k in (0, 1)]
+        schedule.close()
+    second = batch_ranges(0, 7, 2)  # stream batches 3-6
+    assert [(b.slot, b.positions) for b in threads[0]] == [(1, second[1]), (1, second[3])]
+    assert [(b.slot, b.positions) for b in threads[1]] == [(1, second[0]), (1, second[2])]
+    assert all(b.rows == len(b.positions) for t in threads for b in t)
+    assert len(released) == 2  # the second job, at close; the first not again
