@@ -41,6 +41,7 @@ _LAZY = {
     "SlideJob": "histohub.slide_features",
     "Tiling": "histohub.slide_features",
     "build_encoder": "histohub.models",
+    "cohort_patches": "histohub.slide_batches",
     "extract_features": "histohub.features",
     "extract_slide": "histohub.slide_features",
     "get_transform": "histohub.transforms",

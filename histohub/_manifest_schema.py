@@ -28,6 +28,8 @@ from .models import FEATURE_DIMS
 
 SCHEMA_VERSION = 1
 FORMATS = ("safetensors", "torch", "lightning")
+#: How a patch read at another size is resized to the model's input (PIL's filters).
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _REVISION = re.compile(r"^[0-9a-f]{40}$")
 #: Longest weights file name (UTF-8 bytes): the cache adds suffixes such as ``.1a2b3c4d.part``
@@ -333,7 +335,7 @@ def _parse_preprocessing(where: str, data: Any) -> Preprocessing:
         raise ManifestError(f"{where}.std: must be positive, got {data['std']!r}")
     if data["input_size"] <= 0:
         raise ManifestError(f"{where}.input_size: must be positive")
-    if data.get("interpolation", "bilinear") not in ("bilinear", "bicubic", "nearest"):
+    if data.get("interpolation", "bilinear") not in INTERPOLATIONS:
         raise ManifestError(f"{where}.interpolation: bilinear, bicubic or nearest")
     mpp = data.get("mpp")
     if mpp is not None and mpp <= 0:

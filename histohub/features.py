@@ -40,6 +40,7 @@ PREFETCH_BATCHES = 2
 # --------------------------------------------------------------------------- options
 
 def _option_rules() -> dict[str, dict[str, Any]]:
+    from ._manifest_schema import INTERPOLATIONS
     from .tissue import MASK_METHODS
     from .wsi import MPP_RANGE
 
@@ -52,6 +53,8 @@ def _option_rules() -> dict[str, dict[str, Any]]:
         "mpp": mpp, "target_mpp": mpp,
         "min_foreground": {"low": 0, "high": 1},
         "mask": {"choices": MASK_METHODS},
+        "patch_size": {"integer": True, "low": 1},
+        "interpolation": {"choices": INTERPOLATIONS},
     }
 
 

@@ -45,6 +45,7 @@ PUBLIC = {
     "tune_allocator": "histohub.model_runner",
     "open_slide": "histohub.wsi",
     "slide_patches": "histohub.slide_batches",
+    "cohort_patches": "histohub.slide_batches",
     "PatchBatch": "histohub.slide_batches",
     "tissue_mask": "histohub.tissue",
 }

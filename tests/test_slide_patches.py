@@ -52,7 +52,9 @@ def test_undecodable_patches_are_listed_not_fatal(tmp_path):
 
 def test_bad_options_are_refused_when_called_and_a_bad_slide_when_read(tmp_path):
     for bad, match in [({"batch_size": 0}, "batch_size"), ({"target_mpp": 0}, "target_mpp"),
-                       ({"mask": "triangle"}, "mask"), ({"min_foreground": 2}, "min_foreground")]:
+                       ({"mask": "triangle"}, "mask"), ({"min_foreground": 2}, "min_foreground"),
+                       ({"patch_size": 0}, "patch_size"),
+                       ({"interpolation": "lanczos"}, "interpolation")]:
         with pytest.raises(OptionError, match=match):
             histohub.slide_patches(tmp_path / "missing.svs", **{"target_mpp": 0.5, **bad})
     if not torch.cuda.is_available():
@@ -70,3 +72,80 @@ def test_stopping_early_stops_the_readers(slide):
     assert len(first.pixels) == 2
     patches.close()
     assert not [t for t in set(threading.enumerate()) - before if t.is_alive()]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory, slide):
+    """``slide`` and two more: 3 x 1 patches of tissue, and blank glass (no patch)."""
+    folder = tmp_path_factory.mktemp("cohort")
+    strip = tissue_image(448, 896, [(0, 0, 672, 224)], seed=5)
+    blank = np.full((448, 448, 3), 240, np.uint8)
+    return [slide, write_slide(folder / "strip.tif", strip, mpp=0.5, levels=1),
+            write_slide(folder / "blank.tif", blank, mpp=0.5, levels=1)]
+
+
+@pytest.mark.parametrize("readers", [{}, {"read_threads": 2}, {"num_workers": 2}])
+def test_a_cohort_is_each_slides_batches_in_turn(cohort, readers):
+    """Three slides in one stream: each slide's batches are what ``slide_patches`` gives for
+    it alone, in the slides' order, the last flagged; the blank slide gives none."""
+    batches = list(histohub.cohort_patches(cohort, target_mpp=0.5, batch_size=5, **readers))
+    assert [(b.slide, len(b.pixels), b.last) for b in batches] == [
+        (cohort[0], 5, False), (cohort[0], 5, False), (cohort[0], 5, False),
+        (cohort[0], 1, True), (cohort[1], 3, True)]
+    for path in cohort[:2]:
+        alone = list(histohub.slide_patches(path, target_mpp=0.5, batch_size=5))
+        mine = [b for b in batches if b.slide == path]
+        for a, b in zip(alone, mine, strict=True):
+            np.testing.assert_array_equal(a.pixels.numpy(), b.pixels.numpy())
+            np.testing.assert_array_equal(a.coords, b.coords)
+
+
+def test_a_cohorts_unreadable_slide_stops_it_or_is_skipped(cohort, tmp_path, caplog):
+    broken = tmp_path / "broken.svs"
+    broken.write_bytes(b"not a slide")
+    slides = [cohort[1], broken, cohort[1]]
+    patches = histohub.cohort_patches(slides, target_mpp=0.5)
+    assert next(patches).slide == cohort[1]
+    with pytest.raises(SlideError, match="broken.svs"):
+        next(patches)
+    kept = list(histohub.cohort_patches(slides, target_mpp=0.5, skip_unreadable=True))
+    assert [b.slide for b in kept] == [cohort[1], cohort[1]]
+    assert "broken.svs" in caplog.text and "skipped" in caplog.text
+    with pytest.raises(OptionError, match="slide_patches"):
+        histohub.cohort_patches(cohort[0], target_mpp=0.5)
+
+
+def test_a_cohort_tiles_the_next_slide_while_this_one_is_read(cohort, monkeypatch):
+    """The second slide is tiled while the first slide's batches are being consumed."""
+    import histohub.slide_batches as slide_batches
+
+    tiled: list = []
+    real = slide_batches.tile_grid
+    monkeypatch.setattr(slide_batches, "tile_grid",
+                        lambda slide, **kw: tiled.append(slide.path.name) or real(slide, **kw))
+    patches = histohub.cohort_patches(cohort[:2], target_mpp=0.5, batch_size=5)
+    first = next(patches)
+    assert first.slide == cohort[0] and not first.last
+    for _ in range(100):  # the background thread may still be at it
+        if len(tiled) == 2:
+            break
+        threading.Event().wait(0.05)
+    assert tiled == [cohort[0].name, cohort[1].name]
+    patches.close()
+
+
+def test_a_cohort_frees_each_slides_grid_once_read(cohort, monkeypatch):
+    import gc
+    import weakref
+
+    import histohub.slide_batches as slide_batches
+
+    grids: list[weakref.ref] = []
+    real = slide_batches.tile_grid
+    monkeypatch.setattr(slide_batches, "tile_grid",
+                        lambda *a, **k: (g := real(*a, **k), grids.append(weakref.ref(g)))[0])
+    patches = histohub.cohort_patches([cohort[0], cohort[1], cohort[1]], target_mpp=0.5)
+    assert [next(patches).slide for _ in range(2)] == [cohort[0], cohort[1]]
+    gc.collect()
+    assert grids[0]() is None and grids[1]() is not None
+    patches.close()
