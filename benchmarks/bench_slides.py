@@ -62,12 +62,14 @@ GPU run takes them: normalised on the device; nothing done with them), with 1 an
 readers for each reader option ``extract_slide`` offers (looked up in its signature when
 the benchmark runs: ``read_threads``, ``num_workers``), in patches/s, patches/s per reader
 and patches per CPU-second (the process and its reaped children), and the 2-vs-1 ratio
-(for ``slide_patches`` also from its first batch on, the slide tiled: the rate a cohort
-reads at, its next slide tiled meanwhile); the default
+(for ``slide_patches`` also from its first batch on, the slide tiled); the default
 reader again with every pixel read through OpenSlide (``HISTOHUB_JPEG_TILES=0``: what
 histohub's own JPEG tile decoding gains); and the machine's ceiling: 1 and 2 processes
 reading contiguous shares of histohub's grid with its ``PatchReader`` and doing nothing
-else (the grid cut before the clock).
+else (the grid cut before the clock). Then, interleaved among themselves, one
+``histohub.cohort_patches`` over a cohort of three large slides (the large slide and two
+copies of its file, made once in ``--work``), with 1 and 2 readers of each option: end to
+end, each slide tiled in the background while the one before is read.
 
 A matrix-multiply probe (fp32 1024^3, GFLOP/s) before and after each part tells whether
 the machine was in a slow spell (about 170 GFLOP/s at 2 threads when quiet, 72-84 in one).
@@ -242,8 +244,13 @@ def _reader_name(key: str) -> str:
     return f"{READER_KINDS[kind]} {option}" + (" from its first batch" if reading else "")
 
 
+#: Files in the reader part's cohort: the large slide and copies of it.
+COHORT_COPIES = 3
+
+
 #: What each kind of reader arm runs.
 READER_KINDS = {"reader": "extract_slide (no-op model)", "patches": "slide_patches",
+                "cohort": f"cohort_patches, {COHORT_COPIES} large slides",
                 "decode": "decode only"}
 
 
@@ -339,10 +346,35 @@ def reader_part(slides: list[dict[str, Any]], *, rounds: int, work: Path, weight
           flush=True)
     runs = measure(reader_arms(options, patches), slides, rounds=rounds, work=work,
                    name="reader", weights=weights)
+    if hasattr(histohub, "cohort_patches") and options:
+        cohort = copies(slides[0], work, COHORT_COPIES)
+        print(f"\n== reader pipeline alone on a cohort of {len(cohort)} large slides: "
+              "histohub.cohort_patches, each slide tiled while the one before is read",
+              flush=True)
+        runs |= measure([f"cohort:{option}:{n}" for option in options for n in (1, 2)],
+                        cohort, rounds=rounds, work=work, name="reader-cohort",
+                        weights=weights)
     lines, ratios = reader_table(runs)
     summary, targets = reader_targets(ratios)
     print("\n".join(lines + summary), flush=True)
     return targets, runs
+
+
+def copies(slide: dict[str, Any], work: Path, n: int) -> list[dict[str, Any]]:
+    """``slide`` and ``n - 1`` copies of its file in ``work`` (made once, whole or not at
+    all): a cohort's slides are distinct files, each with its own tiles to decode."""
+    source = Path(slide["path"])
+    folder = work / "reader-cohort"
+    folder.mkdir(exist_ok=True)
+    cohort = [slide]
+    for i in range(1, n):
+        path = folder / f"{source.stem}-{i}{source.suffix}"
+        if not path.is_file() or path.stat().st_size != source.stat().st_size:
+            partial = path.with_name(path.name + ".partial")
+            shutil.copyfile(source, partial)
+            partial.replace(path)
+        cohort.append({**slide, "path": str(path)})
+    return cohort
 
 
 def reader_targets(ratios: dict[str, float]) -> tuple[list[str], list[str]]:

@@ -1,6 +1,7 @@
 """The arms of ``bench_slides.py``, each run in its own process (``run_arm``): histohub
 (library and command line), the model alone (eager, compiled), a naive loop, the reader
-pipeline (a no-op model; ``slide_patches``), and the machine's decoding ceiling."""
+pipeline (a no-op model; ``slide_patches``, ``cohort_patches``), and the machine's decoding
+ceiling."""
 
 from __future__ import annotations
 
@@ -289,23 +290,32 @@ def arm_reader(slides: list[dict[str, Any]], out: Path, *, option: str | None, r
     return _timed_run(patches, start, cpu, rss)
 
 
-def arm_patches(slides: list[dict[str, Any]], *, option: str, readers: int
+def arm_patches(slides: list[dict[str, Any]], *, option: str, readers: int, cohort: bool = False
                 ) -> dict[str, Any]:
-    """``histohub.slide_patches``: the reader pipeline as a GPU run has it (uint8 batches,
-    normalised on the device), nothing done with the batches."""
+    """``histohub.slide_patches`` slide by slide, or with ``cohort`` one
+    ``histohub.cohort_patches`` over them all (each slide tiled while the one before is
+    read): the reader pipeline as a GPU run has it (uint8 batches, normalised on the
+    device), nothing done with the batches."""
     import histohub
 
     _tune_allocator()
     import_pipeline()
-    histohub.slide_patches  # noqa: B018 - imported on first use: before the clock
+    histohub.cohort_patches  # noqa: B018 - imported on first use: before the clock
     rss = memory_mib("VmRSS")
     cpu = os.times()
     patches, first = 0, None
     start = time.perf_counter()
-    for slide in slides:
-        extra = {"mpp": slide["mpp"]} if slide["mpp"] is not None else {}
-        for batch in histohub.slide_patches(slide["path"], target_mpp=MPP, **{option: readers},
-                                            **extra):
+    if cohort:
+        mpp = {slide["mpp"] for slide in slides}
+        if len(mpp) != 1:
+            raise ValueError(f"a cohort arm's slides share one mpp; these have {mpp}")
+        streams = [histohub.cohort_patches([s["path"] for s in slides], target_mpp=MPP,
+                                           mpp=mpp.pop(), **{option: readers})]
+    else:
+        streams = (histohub.slide_patches(slide["path"], target_mpp=MPP, mpp=slide["mpp"],
+                                          **{option: readers}) for slide in slides)
+    for stream in streams:
+        for batch in stream:
             patches += len(batch.pixels)
             first = first or (time.perf_counter() - start, patches)
     first_s, first_patches = first or (None, 0)
@@ -382,9 +392,9 @@ def run_arm(arm: str, slides: list[dict[str, Any]], out: Path, weights: Path
     elif arm == "reader:openslide:1":  # the default reader, every pixel through OpenSlide
         with openslide_only():
             result = arm_reader(slides, out, option=None, readers=1)
-    elif arm.startswith("patches:"):
-        _, option, readers = arm.split(":")
-        result = arm_patches(slides, option=option, readers=int(readers))
+    elif arm.startswith(("patches:", "cohort:")):
+        kind, option, readers = arm.split(":")
+        result = arm_patches(slides, option=option, readers=int(readers), cohort=kind == "cohort")
     elif arm.startswith("reader:"):
         _, option, readers = arm.split(":")
         result = arm_reader(slides, out, option=None if option == "default" else option,

@@ -126,9 +126,30 @@ def test_one_round_of_every_arm(bench, slides, weights, tmp_path, capsys):
         results[arm] = [json.loads(capsys.readouterr().out.strip().splitlines()[-1])]
         assert results[arm][0]["patches"] == smallest[0]["patches"]
         assert results[arm][0]["cpu_s"] > 0
+    two = sorted(slides["cohort"], key=lambda s: s["patches"])[:2]
+    cohort = arms.run_arm("cohort:read_threads:1", two, tmp_path / "cohort", weights)
+    assert cohort["patches"] == sum(s["patches"] for s in two)
+    assert 0 < cohort["first_s"] < cohort["seconds"]
+    results["cohort:read_threads:1"] = [cohort]
     lines, _ = bench.reader_table(results)
-    assert len(lines) == 3 and "extract_slide (no-op model) read_threads=1" in lines[1]
+    assert len(lines) == 4 and "extract_slide (no-op model) read_threads=1" in lines[1]
     assert "slide_patches read_threads=1" in lines[2]
+    assert "cohort_patches, 3 large slides read_threads=1" in lines[3]
+
+
+def test_the_reader_cohort_is_copies_made_once_and_whole(bench, tmp_path):
+    source = tmp_path / "large.tif"
+    source.write_bytes(b"tiles" * 1000)
+    slide = {"path": str(source), "mpp": None, "patches": 7}
+    cohort = bench.copies(slide, tmp_path, 3)
+    assert cohort[0] == slide and [c["patches"] for c in cohort] == [7, 7, 7]
+    paths = [Path(c["path"]) for c in cohort]
+    assert len(set(paths)) == 3 and all(p.read_bytes() == source.read_bytes() for p in paths)
+    paths[2].write_bytes(b"cut sh")  # a copy left short by a killed run is made again
+    made = paths[1].stat().st_mtime_ns
+    bench.copies(slide, tmp_path, 3)
+    assert paths[2].read_bytes() == source.read_bytes() and paths[1].stat().st_mtime_ns == made
+    assert not list(tmp_path.rglob("*.partial"))
 
 
 def test_naive_and_openslide_arms_read_through_openslide_only(bench, slides, weights, tmp_path,
