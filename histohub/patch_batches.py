@@ -3,7 +3,7 @@
 - ``batch_ranges`` cuts grid positions into batches aligned to the batch size (so a
   resumed run forms the same batches).
 - ``BatchReader`` reads them in a thread (one OpenSlide handle per reader);
-  ``SlidePatches`` + ``stack_patches`` in DataLoader worker processes.
+  ``ChunkReader`` in DataLoader worker processes, one ``ChunkRead`` item at a time.
 
 An undecodable tile is logged and listed, never fatal.
 """
@@ -11,9 +11,10 @@ An undecodable tile is logged and listed, never fatal.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -60,13 +61,17 @@ class BatchReader:
         self._allocate = allocate or (lambda shape: np.empty(shape, np.uint8))
 
     def read(self, positions: Sequence[int]) -> ReadBatch:
+        return self.read_at(positions, self.grid.coords[np.asarray(positions, np.int64)])
+
+    def read_at(self, positions: Sequence[int], coords: np.ndarray) -> ReadBatch:
+        """The patches at level-0 ``coords`` ``(n, 2)``, known by their grid ``positions``."""
         size = self.grid.patch_size
         pixels = self._allocate((len(positions), size, size, 3))
         ok: list[int] = []
         failed: list[int] = []
-        for index in positions:
+        for index, (x, y) in zip(positions, coords.tolist()):
             try:
-                pixels[len(ok)] = self._reader.read(index)
+                pixels[len(ok)] = self._reader.read_at(x, y)
                 ok.append(index)
             except TileReadError as error:
                 log.warning("%s: %s; skipped", Path(self.grid.slide_path).name, error)
@@ -85,41 +90,54 @@ class BatchReader:
         self._reader.close()
 
 
-class SlidePatches:
-    """Patches of a ``TileGrid`` as a map-style dataset for DataLoader worker processes:
-    item -> ``(uint8 (S, S, 3), ok)``; an undecodable tile gives zeros and ``ok=False``.
+@dataclass(frozen=True)
+class ChunkRead:
+    """One DataLoader item: the grid ``positions`` ``(n,)`` of job ``slot``, at level-0
+    ``coords`` ``(n, 2)``, to read with ``grid``'s reading parameters (a copy without its
+    coords and mask, so an item pickles small); ``grid=None``: a job with nothing to read."""
 
-    Each worker process opens its own slide handle on first use. Batch with
-    ``stack_patches``.
-    """
+    slot: int
+    grid: TileGrid | None
+    positions: np.ndarray
+    coords: np.ndarray
 
-    def __init__(self, grid: TileGrid, interpolation: str = "bilinear") -> None:
-        self.grid, self.interpolation = grid, interpolation
-        self._reader: PatchReader | None = None
-        self._pid: int | None = None
-
-    def __len__(self) -> int:
-        return len(self.grid)
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, bool]:
-        if self._reader is None or self._pid != os.getpid():
-            self._reader = PatchReader(self.grid, interpolation=self.interpolation)
-            self._pid = os.getpid()
-        try:
-            return self._reader.read(index), True
-        except TileReadError as error:
-            log.warning("%s: %s; skipped", Path(self.grid.slide_path).name, error)
-            size = self.grid.patch_size
-            return np.zeros((size, size, 3), np.uint8), False
+    @classmethod
+    def of(cls, slot: int, grid: TileGrid, positions: np.ndarray) -> ChunkRead:
+        empty = np.zeros(0, np.float32)
+        light = replace(grid, coords=np.zeros((0, 2), np.int64), foreground=empty,
+                        mask=np.zeros((0, 0), bool))
+        return cls(slot, light, positions, grid.coords[positions])
 
 
-def stack_patches(items: list[tuple[np.ndarray, bool]]):
-    """DataLoader collate for ``SlidePatches``: ``(uint8 tensor (b, S, S, 3) of the patches
-    read, bool array of which items were read)``."""
-    import torch
+class ChunkReader:
+    """A map-style dataset for DataLoader worker processes, over ``ChunkRead`` items:
+    item -> ``(uint8 tensor (b, S, S, 3), positions read, positions failed)``, or None
+    for a job with nothing to read. A worker keeps its current job's slide open and opens
+    the next job's when its first item comes (a worker gets items in the jobs' order)."""
 
-    ok = np.array([flag for _, flag in items], bool)
-    kept = [pixels for pixels, flag in items if flag]
-    if not kept:
-        return torch.empty((0, *items[0][0].shape), dtype=torch.uint8), ok
-    return torch.from_numpy(np.stack(kept)), ok
+    def __init__(self, interpolation: str = "bilinear") -> None:
+        self.interpolation = interpolation
+        self._slot: int | None = None
+        self._reader: BatchReader | None = None
+
+    def __getitem__(self, item: ChunkRead):
+        import torch
+
+        if item.grid is None:
+            return None
+        if item.slot != self._slot or self._reader is None:
+            self.close()
+            self._reader = BatchReader(item.grid, interpolation=self.interpolation)
+            self._slot = item.slot
+        pixels, ok, failed = self._reader.read_at(item.positions, item.coords)
+        return torch.from_numpy(pixels), ok, failed
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+
+def as_is(item: Any) -> Any:
+    """DataLoader's ``collate_fn`` for items already batched (``ChunkReader``'s)."""
+    return item

@@ -39,14 +39,15 @@ def test_batches_are_the_grids_patches_in_order(slide, readers):
     assert all(b.failed.shape == (0, 2) for b in batches)
 
 
-def test_undecodable_patches_are_listed_not_fatal(tmp_path):
+@pytest.mark.parametrize("readers", [{}, {"num_workers": 1}])
+def test_undecodable_patches_are_listed_not_fatal(tmp_path, readers):
     image = tissue_image(1024, 1024, [(0, 0, 1024, 1024)], seed=4)
     path = write_slide(tmp_path / "c.tif", image, mpp=0.5, levels=2)
     corrupt_tile(path, level=0, x=600, y=100)  # tile x 512-767, y 0-255; the mask uses level 1
-    batches = list(histohub.slide_patches(path, target_mpp=0.5, batch_size=4))
-    failed = {tuple(c) for b in batches for c in b.failed.tolist()}
-    assert failed == {(448, 0), (672, 0), (448, 224), (672, 224)}
-    assert sum(len(b.pixels) for b in batches) == 12
+    batches = list(histohub.slide_patches(path, target_mpp=0.5, batch_size=2, **readers))
+    assert [[tuple(c) for c in b.failed.tolist()] for b in batches] == [
+        [], [(448, 0), (672, 0)], [], [(448, 224), (672, 224)], [], [], [], []]
+    assert [len(b.pixels) for b in batches] == [2, 0, 2, 0, 2, 2, 2, 2]
     assert all(len(b.pixels) == len(b.coords) for b in batches)
 
 
@@ -149,3 +150,26 @@ def test_a_cohort_frees_each_slides_grid_once_read(cohort, monkeypatch):
     gc.collect()
     assert grids[0]() is None and grids[1]() is not None
     patches.close()
+
+
+def test_worker_processes_are_started_once_for_a_whole_cohort(cohort, tmp_path, monkeypatch):
+    """Two worker processes read all three slides (one DataLoader per slide started two
+    new ones for every slide: 0.3-0.6 s each)."""
+    import os
+
+    from histohub.patch_batches import ChunkReader
+
+    real = ChunkReader.__getitem__
+
+    def recorded(self, item):
+        (tmp_path / f"{os.getpid()}-{item.slot}").touch()
+        return real(self, item)
+
+    monkeypatch.setattr(ChunkReader, "__getitem__", recorded)  # workers fork with it
+    slides = [cohort[0], cohort[1], cohort[0]]
+    batches = list(histohub.cohort_patches(slides, target_mpp=0.5, batch_size=4,
+                                           num_workers=2))
+    assert [b.slide for b in batches] == [cohort[0]] * 4 + [cohort[1]] + [cohort[0]] * 4
+    seen = [name.split("-") for name in os.listdir(tmp_path)]
+    assert {slot for _, slot in seen} == {"0", "1", "2"}
+    assert len({pid for pid, _ in seen}) == 2
