@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +93,13 @@ class Schedule:
             return self._futures[i].result()
         except HistohubError as error:
             return error
+
+    def settle(self) -> None:
+        """Wait until no submitted job is still being prepared (its thread then holds no
+        lock: an import's, OpenSlide's, a tile's being decoded)."""
+        with self._lock:
+            futures = [future for future in self._futures if future is not None]
+        wait(futures)
 
     def finished(self, i: int) -> None:
         """Job ``i``'s batches have all been consumed: release its unit and keep only its
@@ -188,8 +195,14 @@ def worker_stream(schedule: Schedule, *, num_workers: int, interpolation: str,
 
     One DataLoader per slide, as before, started its workers anew for every slide: 0.3-0.6 s
     a slide, so a cohort of small slides read 3x slower with workers than with one thread.
+
+    The workers are forked once the jobs already submitted are prepared: a worker forked
+    while the preparing thread held a lock (it was importing PIL) waited on it forever.
     """
     import sys
+
+    schedule.start()
+    schedule.settle()
 
     planned: deque[tuple[int, Any, list[range] | None]] = deque()  # the items, in order
 

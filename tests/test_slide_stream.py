@@ -349,3 +349,54 @@ def test_reader_threads_count_past_a_job_consumed_before_they_reach_it(cohort):
     assert [(b.slot, b.positions) for b in threads[1]] == [(1, second[0]), (1, second[2])]
     assert all(b.rows == len(b.positions) for t in threads for b in t)
     assert len(released) == 2  # the second job, at close; the first not again
+
+
+def test_workers_are_not_forked_while_a_slide_is_being_prepared(cohort, tmp_path):
+    """A worker forked while the preparing thread was importing a module waited on that
+    import's lock forever (seen with PIL on the first slide): run in a child process, so a
+    hang is a timeout here, not a hung test run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    (tmp_path / "slow_import.py").write_text("import time\ntime.sleep(1.5)\n")
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(tmp_path)!r})
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+from histohub.patch_batches import ChunkReader, batch_ranges
+from histohub.slide_stream import Schedule, worker_stream
+from histohub.wsi import open_slide, tile_grid
+
+real = ChunkReader.__getitem__
+def getitem(self, item):
+    import slow_import  # the worker needs the module too
+    return real(self, item)
+ChunkReader.__getitem__ = getitem
+
+def prepare(path):
+    import slow_import  # 1.5 s inside its import, holding the module's lock
+    with open_slide(path) as slide:
+        grid = tile_grid(slide, target_mpp=0.5)
+    return SimpleNamespace(grid=grid, ranges=batch_ranges(0, len(grid), 4))
+
+with ThreadPoolExecutor(1) as pool:
+    schedule = Schedule(pool, [{str(cohort[3])!r}], prepare, release=lambda unit: None)
+    schedule.start()
+    time.sleep(0.3)  # the preparing thread is inside the import now
+    stream = worker_stream(schedule, num_workers=1, interpolation="bilinear", pin_memory=False)
+    print(sum(batch.rows for batch in stream))
+    schedule.close()
+"""
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = child.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)  # the hung worker too
+        child.communicate()
+        pytest.fail("the DataLoader worker hung: forked while a slide was being prepared")
+    assert child.returncode == 0, err[-2000:]
+    assert out.split() == ["7"]
