@@ -67,9 +67,9 @@ reader again with every pixel read through OpenSlide (``HISTOHUB_JPEG_TILES=0``:
 histohub's own JPEG tile decoding gains); and the machine's ceiling: 1 and 2 processes
 reading contiguous shares of histohub's grid with its ``PatchReader`` and doing nothing
 else (the grid cut before the clock). Then, interleaved among themselves, one
-``histohub.cohort_patches`` over a cohort of three large slides (the large slide and two
-copies of its file, made once in ``--work``), with 1 and 2 readers of each option: end to
-end, each slide tiled in the background while the one before is read.
+``histohub.cohort_patches`` over three large slides (the large slide and two copies of its
+file, made once in ``--work``), and one over the 22-slide cohort, with 1 and 2 readers of
+each option: end to end, each slide tiled in the background while the one before is read.
 
 A matrix-multiply probe (fp32 1024^3, GFLOP/s) before and after each part tells whether
 the machine was in a slow spell (about 170 GFLOP/s at 2 threads when quiet, 72-84 in one).
@@ -197,7 +197,7 @@ def reader_arms(options: list[str], patches: bool) -> list[str]:
 
 def reader_table(runs: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict[str, float]]:
     """The printed table, the 2-vs-1 lines -> lines, ``{"KIND:OPTION": ratio}``."""
-    lines = [f"{'readers':40s} {'patches/s (min-max)':>24s} {'per reader':>10s} "
+    lines = [f"{'readers':50s} {'patches/s (min-max)':>24s} {'per reader':>10s} "
              f"{'per CPU-s':>9s} {'peak RSS MiB':>13s} {'from 1st batch':>14s}"]
     ratios: dict[str, float] = {}
     for arm, arm_runs in runs.items():
@@ -213,7 +213,7 @@ def reader_table(runs: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict
                  "decode": f"decode only, {readers} proc.",
                  "openslide": "extract_slide, OpenSlide only"}.get(
             option, f"{READER_KINDS[kind]} {option}={readers}")
-        lines.append(f"{label:40s} {spread:>24s} {median / int(readers):10.1f} {per_cpu:9.1f} "
+        lines.append(f"{label:50s} {spread:>24s} {median / int(readers):10.1f} {per_cpu:9.1f} "
                      f"{rss:>13s} {reading:>14s}")
         if readers == "2":
             one = runs[f"{kind}:{option}:1"]
@@ -250,7 +250,8 @@ COHORT_COPIES = 3
 
 #: What each kind of reader arm runs.
 READER_KINDS = {"reader": "extract_slide (no-op model)", "patches": "slide_patches",
-                "cohort": f"cohort_patches, {COHORT_COPIES} large slides",
+                "large3": f"cohort_patches, {COHORT_COPIES} large slides",
+                "small22": "cohort_patches, the 22-slide cohort",
                 "decode": "decode only"}
 
 
@@ -309,7 +310,8 @@ def benchmark(args: argparse.Namespace, work: Path, rounds: int) -> None:
     for part in args.only:
         for scenario in SCENARIOS[part]:
             if scenario == "reader":
-                lines, results["reader"] = reader_part(slides["large"], rounds=rounds,
+                lines, results["reader"] = reader_part(slides["large"], slides["cohort"],
+                                                       rounds=rounds,
                                                        work=work, weights=weights)
                 targets += lines
                 results["probes"].append(probe("after reader"))
@@ -331,7 +333,8 @@ def benchmark(args: argparse.Namespace, work: Path, rounds: int) -> None:
         print(f"every run: {saved}")
 
 
-def reader_part(slides: list[dict[str, Any]], *, rounds: int, work: Path, weights: Path
+def reader_part(slides: list[dict[str, Any]], cohort: list[dict[str, Any]], *, rounds: int,
+                work: Path, weights: Path
                 ) -> tuple[list[str], dict[str, list[dict[str, Any]]]]:
     """The reader arms, interleaved -> the target lines and every run."""
     import histohub
@@ -347,13 +350,14 @@ def reader_part(slides: list[dict[str, Any]], *, rounds: int, work: Path, weight
     runs = measure(reader_arms(options, patches), slides, rounds=rounds, work=work,
                    name="reader", weights=weights)
     if hasattr(histohub, "cohort_patches") and options:
-        cohort = copies(slides[0], work, COHORT_COPIES)
-        print(f"\n== reader pipeline alone on a cohort of {len(cohort)} large slides: "
-              "histohub.cohort_patches, each slide tiled while the one before is read",
-              flush=True)
-        runs |= measure([f"cohort:{option}:{n}" for option in options for n in (1, 2)],
-                        cohort, rounds=rounds, work=work, name="reader-cohort",
-                        weights=weights)
+        for kind, group in (("large3", copies(slides[0], work, COHORT_COPIES)),
+                            ("small22", cohort)):
+            print(f"\n== reader pipeline alone, {READER_KINDS[kind]} "
+                  f"({sum(s['patches'] for s in group)} patches), each slide tiled while the "
+                  "one before is read", flush=True)
+            runs |= measure([f"{kind}:{option}:{n}" for option in options for n in (1, 2)],
+                            group, rounds=rounds, work=work, name=f"reader-{kind}",
+                            weights=weights)
     lines, ratios = reader_table(runs)
     summary, targets = reader_targets(ratios)
     print("\n".join(lines + summary), flush=True)

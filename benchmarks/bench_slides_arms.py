@@ -392,9 +392,10 @@ def run_arm(arm: str, slides: list[dict[str, Any]], out: Path, weights: Path
     elif arm == "reader:openslide:1":  # the default reader, every pixel through OpenSlide
         with openslide_only():
             result = arm_reader(slides, out, option=None, readers=1)
-    elif arm.startswith(("patches:", "cohort:")):
+    elif arm.startswith(("patches:", "large3:", "small22:")):
         kind, option, readers = arm.split(":")
-        result = arm_patches(slides, option=option, readers=int(readers), cohort=kind == "cohort")
+        result = arm_patches(slides, option=option, readers=int(readers),
+                             cohort=kind != "patches")
     elif arm.startswith("reader:"):
         _, option, readers = arm.split(":")
         result = arm_reader(slides, out, option=None if option == "default" else option,

@@ -127,14 +127,14 @@ def test_one_round_of_every_arm(bench, slides, weights, tmp_path, capsys):
         assert results[arm][0]["patches"] == smallest[0]["patches"]
         assert results[arm][0]["cpu_s"] > 0
     two = sorted(slides["cohort"], key=lambda s: s["patches"])[:2]
-    cohort = arms.run_arm("cohort:read_threads:1", two, tmp_path / "cohort", weights)
+    cohort = arms.run_arm("small22:num_workers:1", two, tmp_path / "cohort", weights)
     assert cohort["patches"] == sum(s["patches"] for s in two)
     assert 0 < cohort["first_s"] < cohort["seconds"]
-    results["cohort:read_threads:1"] = [cohort]
+    results["small22:num_workers:1"] = [cohort]
     lines, _ = bench.reader_table(results)
     assert len(lines) == 4 and "extract_slide (no-op model) read_threads=1" in lines[1]
     assert "slide_patches read_threads=1" in lines[2]
-    assert "cohort_patches, 3 large slides read_threads=1" in lines[3]
+    assert "cohort_patches, the 22-slide cohort num_workers=1" in lines[3]
 
 
 def test_the_reader_cohort_is_copies_made_once_and_whole(bench, tmp_path):
