@@ -362,8 +362,7 @@ def test_workers_are_not_forked_while_a_slide_is_being_prepared(cohort, tmp_path
 
     (tmp_path / "slow_import.py").write_text("import time\ntime.sleep(1.5)\n")
     script = f"""
-import sys, time
-sys.path.insert(0, {str(tmp_path)!r})
+import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from histohub.patch_batches import ChunkReader, batch_ranges
@@ -390,8 +389,10 @@ with ThreadPoolExecutor(1) as pool:
     print(sum(batch.rows for batch in stream))
     schedule.close()
 """
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+                             stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             env={**os.environ, "PYTHONPATH": path})  # finds slow_import
     try:
         out, err = child.communicate(timeout=60)
     except subprocess.TimeoutExpired:
