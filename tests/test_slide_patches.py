@@ -66,13 +66,17 @@ def test_bad_options_are_refused_when_called_and_a_bad_slide_when_read(tmp_path)
         next(patches)
 
 
-def test_stopping_early_stops_the_readers(slide):
+@pytest.mark.parametrize("readers", [{"read_threads": 2}, {"num_workers": 2}])
+def test_stopping_early_stops_the_readers(slide, readers):
+    import multiprocessing
+
     before = set(threading.enumerate())
-    patches = histohub.slide_patches(slide, target_mpp=0.5, batch_size=2, read_threads=2)
+    patches = histohub.slide_patches(slide, target_mpp=0.5, batch_size=2, **readers)
     first = next(patches)
     assert len(first.pixels) == 2
     patches.close()
     assert not [t for t in set(threading.enumerate()) - before if t.is_alive()]
+    assert not multiprocessing.active_children()  # worker processes shut down
 
 
 @pytest.fixture(scope="module")
