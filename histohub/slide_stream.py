@@ -193,8 +193,8 @@ def worker_stream(schedule: Schedule, *, num_workers: int, interpolation: str,
     open, with its own tile cache). A worker reads up to ``WORKER_CHUNK`` consecutive
     batches of one job as one item (``worker_chunks``).
 
-    (A DataLoader per slide, as before, started its workers anew for every slide, 0.3-0.6 s
-    each time: a cohort of small slides read 3x slower with workers than with one thread.)
+    A DataLoader per slide would start its workers anew for every slide, 0.3-0.6 s each
+    time: a cohort of small slides read 3x slower that way than with one reader thread.
 
     The workers are forked once the jobs already submitted are prepared: a worker forked
     while the preparing thread held a lock (it was importing PIL) waited on it forever.
