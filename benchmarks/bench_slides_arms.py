@@ -6,7 +6,6 @@ ceiling."""
 from __future__ import annotations
 
 import inspect
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -279,7 +278,7 @@ def arm_reader(slides: list[dict[str, Any]], out: Path, *, option: str | None, r
     if "compile" in parameters:
         options["compile"] = False  # nothing to compile: the model does no work
     rss = memory_mib("VmRSS")
-    cpu = os.times()
+    cpu = cpu_seconds()
     patches = 0
     start = time.perf_counter()
     for i, slide in enumerate(slides):
@@ -302,7 +301,7 @@ def arm_patches(slides: list[dict[str, Any]], *, option: str, readers: int, coho
     import_pipeline()
     histohub.cohort_patches  # noqa: B018 - imported on first use: before the clock
     rss = memory_mib("VmRSS")
-    cpu = os.times()
+    cpu = cpu_seconds()
     patches, first = 0, None
     start = time.perf_counter()
     if cohort:
@@ -349,7 +348,7 @@ def arm_decode(slides: list[dict[str, Any]], *, processes: int) -> dict[str, Any
         with histohub.open_slide(slide["path"]) as handle:
             grids.append(tile_grid(handle, target_mpp=MPP, mpp_override=slide["mpp"]))
     rss = memory_mib("VmRSS")
-    cpu = os.times()
+    cpu = cpu_seconds()
     start = time.perf_counter()
     for grid in grids:
         workers = [context.Process(target=_decode_share, args=(grid, k, processes))
@@ -363,16 +362,22 @@ def arm_decode(slides: list[dict[str, Any]], *, processes: int) -> dict[str, Any
     return _timed_run(sum(len(grid) for grid in grids), start, cpu, rss)
 
 
-def _timed_run(patches: int, start: float, cpu: os.times_result, rss: float
-               ) -> dict[str, Any]:
+def cpu_seconds() -> float:
+    """CPU seconds of this process and its reaped children, to the microsecond
+    (``os.times`` counts 10 ms clock ticks: a short arm whose work is in worker processes
+    would read 0)."""
+    import resource
+
+    return sum(usage.ru_utime + usage.ru_stime for usage in (
+        resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def _timed_run(patches: int, start: float, cpu: float, rss: float) -> dict[str, Any]:
     """A reader arm's record: wall seconds since ``start`` and CPU seconds since ``cpu``
-    (this process and its reaped children)."""
+    (:func:`cpu_seconds`)."""
     seconds = time.perf_counter() - start
-    end = os.times()
-    cpu_s = sum(getattr(end, k) - getattr(cpu, k)
-                for k in ("user", "system", "children_user", "children_system"))
-    return {"patches": patches, "seconds": seconds, "first_s": None, "cpu_s": cpu_s,
-            "rss_start_mib": rss}
+    return {"patches": patches, "seconds": seconds, "first_s": None,
+            "cpu_s": cpu_seconds() - cpu, "rss_start_mib": rss}
 
 
 def run_arm(arm: str, slides: list[dict[str, Any]], out: Path, weights: Path
