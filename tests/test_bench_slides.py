@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import bench_slides_arms as arms  # benchmarks/ is on pytest's path
@@ -135,6 +136,16 @@ def test_one_round_of_every_arm(bench, slides, weights, tmp_path, capsys):
     assert len(lines) == 4 and "extract_slide (no-op model) read_threads=1" in lines[1]
     assert "slide_patches read_threads=1" in lines[2]
     assert "cohort_patches, the 22-slide cohort num_workers=1" in lines[3]
+
+
+def test_cpu_seconds_count_less_than_a_clock_tick():
+    """A reader arm over a small slide uses about 12 ms of CPU: os.times' 10 ms ticks read
+    that as 0 (CI did), getrusage does not."""
+    start = arms.cpu_seconds()
+    until = time.perf_counter() + 0.002
+    while time.perf_counter() < until:
+        pass
+    assert 0 < arms.cpu_seconds() - start < 1
 
 
 def test_the_reader_cohort_is_copies_made_once_and_whole(bench, tmp_path):
