@@ -205,7 +205,7 @@ def reader_table(runs: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict
         speeds = _speeds(arm_runs)
         median = statistics.median(speeds)
         spread = f"{median:.1f} ({min(speeds):.1f}-{max(speeds):.1f})"
-        per_cpu = statistics.median(run["patches"] / max(run["cpu_s"], 1e-6) for run in arm_runs)
+        per_cpu = statistics.median(run["patches"] / run["cpu_s"] for run in arm_runs)
         rss = _rss(arm_runs)
         reading = (f"{statistics.median(_reading_speeds(arm_runs)):.1f}"
                    if _reading_speeds(arm_runs) else "-")
