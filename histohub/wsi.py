@@ -28,6 +28,7 @@ import numpy as np
 
 from .errors import SlideError, check_option, require
 from .jpeg_tiles import JpegTileLevel, Unsupported, open_jpeg_level
+from .tiff_checks import check_tiled_tiff
 from .tissue import MASK_METHODS, tissue_mask
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class Slide:
         self.path = Path(path)
         if not self.path.is_file():
             raise SlideError(f"{self.path}: no such file")
+        check_tiled_tiff(self.path)  # before OpenSlide allocates what the tags declare
         try:
             self._handle = openslide.OpenSlide(str(self.path))
         except (openslide.OpenSlideError, ValueError) as error:  # Unsupported is an OpenSlideError
