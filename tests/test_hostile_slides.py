@@ -82,3 +82,65 @@ def test_good_slide_still_opens(tmp_path):
 def test_cmu_slide_still_opens(cmu_slide):
     with open_slide(cmu_slide) as slide:
         assert slide.level_count >= 1
+
+
+# --------------------------------------------------------------------------- a cohort
+
+#: The command line in a child process under a memory cap; ``unguarded`` turns off the
+#: check of the tile tags, so that OpenSlide really aborts on the 65520 px tiles.
+_CLI_UNDER_CAP = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+import histohub.wsi
+if sys.argv[1] == "unguarded":
+    histohub.wsi.check_tiled_tiff = lambda path: None
+from histohub.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.fixture
+def cohort(tmp_path) -> Path:
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for index in range(3):
+        write_slide(folder / f"good{index}.tiff",
+                    tissue_image(448, 448, [(0, 0, 448, 448)], seed=index), levels=1)
+    for kind in ("byte-counts", "tile-side"):
+        write_slide(folder / f"bad-{kind}.tiff",
+                    tissue_image(512, 512, [(0, 0, 512, 512)], seed=9), levels=1)
+        forge_tiles(folder / f"bad-{kind}.tiff",
+                    **({"byte_counts": 2**31 - 1} if kind == "byte-counts" else
+                       {"tile_side": 65520}))
+    return folder
+
+
+def _run_cli(mode: str, argv: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-c", _CLI_UNDER_CAP, mode, *argv], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("mode", ["guarded", "unguarded"])
+def test_cohort_with_crafted_slides_finishes_every_good_slide(cohort, resnet18_file, tmp_path,
+                                                              mode):
+    """The issue's 'done when': the good slides are extracted, the two bad ones named; with
+    the tag check off, OpenSlide aborts on the 65520 px tiles, and only that slide fails."""
+    out = tmp_path / "out"
+    done = _run_cli(mode, ["extract", str(cohort), "--model", str(resnet18_file), "--out",
+                           str(out), "--batch-size", "4", "--quiet"])
+    assert done.returncode == 1, done.stderr[-3000:]
+    report = done.stdout
+    failed = [line for line in report.splitlines() if line.startswith("failed: ")]
+    goods = {"good0.h5", "good1.h5", "good2.h5"}
+    if mode == "guarded":
+        assert "slides: 3 extracted, 0 already done, 2 failed" in report, report + done.stderr
+        assert len(failed) == 2 and "crafted or damaged" in failed[0] + failed[1]
+        assert any("bad-byte-counts.tiff" in line for line in failed)
+        assert {p.name for p in out.glob("*.h5")} == goods
+    else:  # 2 GiB fit under the cap: OpenSlide reports those tiles unreadable
+        assert len(failed) == 1 and "bad-tile-side.tiff" in failed[0], report
+        assert "died (signal SIGABRT)" in failed[0], report
+        assert goods <= {p.name for p in out.glob("*.h5")}
+    assert any("bad-tile-side.tiff" in line for line in failed)
+    assert not list(out.glob("*.partial"))

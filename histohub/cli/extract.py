@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import gc
 import glob
 import hashlib
@@ -231,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..features import check_options
     from ..slide_features import SlideExtractor, SlideJob, Tiling
+    from ..slide_guard import guarded_results
 
     compile = {"auto": "auto", "on": True, "off": False}[args.compile]
     check_options(cli=True, batch_size=args.batch_size, num_workers=args.workers,
@@ -238,6 +240,7 @@ def run(args: argparse.Namespace) -> int:
                   target_mpp=args.target_mpp, min_foreground=args.min_foreground)
     index, count = parse_shard(args.shard)
     rank, world, local_rank = launcher_rank()
+    device = pick_device(args.device, local_rank)
     share, shares = index * world + rank, count * world
     slides, problems = find_slides(args.inputs)
     for problem in problems:
@@ -262,14 +265,16 @@ def run(args: argparse.Namespace) -> int:
     # garbage collector, whose full passes over it (0.1-0.2 s each, holding the GIL)
     # stalled the threads of a run
     gc.freeze()
-    extractor = SlideExtractor(args.model, device=pick_device(args.device, local_rank),
-                               batch_size=args.batch_size, num_workers=args.workers,
-                               read_threads=args.read_threads, amp=args.amp or False,
-                               compile=compile, progress=not args.quiet)
-    with extractor, logging_redirect_tqdm(), tqdm(
+    # in a child process: a slide whose reading kills it (a native abort) fails alone
+    extractor = functools.partial(
+        SlideExtractor, args.model, device=device, batch_size=args.batch_size,
+        num_workers=args.workers, read_threads=args.read_threads, amp=args.amp or False,
+        compile=compile, progress=not args.quiet)
+    with logging_redirect_tqdm(), tqdm(
             total=len(jobs), unit="slide", desc="slides", disable=args.quiet,
             dynamic_ncols=True) as bar:
-        for result in extractor.extract_many(jobs, tiling=tiling, overwrite=args.overwrite):
+        for result in guarded_results(extractor, jobs, tiling=tiling,
+                                      overwrite=args.overwrite):
             if result.error is not None:  # not a slide, no mpp, busy, disk full, kept
                 # output: reported (logged already), the others go on
                 failed.append(f"{result.slide_path}: {result.error}")

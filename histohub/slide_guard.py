@@ -1,0 +1,198 @@
+"""A cohort extracted in a child process, so that a native crash costs one slide, not the run.
+
+OpenSlide, libtiff, libjpeg and the DataLoader's workers run native code that can end the
+process that called it: glib's ``g_malloc`` aborts when an allocation a file asked for
+fails, a decoder may segfault, the kernel may kill a worker. ``guarded_results`` runs
+``SlideExtractor.extract_many`` in a forked child and passes its results (and its log
+records) back through a pipe. When the child dies (a signal, or an exception that is not a
+``HistohubError``), the slides it had not finished are taken up again: the first of them
+alone in a fresh child, which tells whether that slide is the one that kills the reader
+(it then fails with one line, and the others go on) or whether it was another one in
+flight; then the rest, as before. Each death settles at least one slide, so a run ends;
+a ``HistohubError`` that is no slide's (a model that cannot load) stops the run as it
+would without the guard. The partial files a dead child left are resumed, and its output
+locks were released by its death (``histohub.slide_outputs``).
+
+Where ``os.fork`` is missing (Windows), the extraction runs in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import replace
+from typing import Any
+
+from .errors import HistohubError, SlideError
+from .slide_jobs import SlideJob, SlideResult, Tiling
+
+log = logging.getLogger(__name__)
+
+#: Makes a ``SlideExtractor`` (in the child: the model is loaded there).
+ExtractorFactory = Callable[[], AbstractContextManager]
+
+
+def guarded_results(make_extractor: ExtractorFactory, jobs: Sequence[SlideJob], *,
+                    tiling: Tiling, overwrite: bool) -> Iterator[SlideResult]:
+    """``make_extractor().extract_many(jobs, ...)``'s results, in job order, with every
+    slide whose reading kills the process given a result whose ``error`` says so.
+
+    Raises the ``HistohubError`` that stopped a child before it was a slide's (a model that
+    cannot load); ``KeyboardInterrupt`` stops the child and is raised again.
+    """
+    if not hasattr(os, "fork"):
+        with make_extractor() as extractor:
+            yield from extractor.extract_many(jobs, tiling=tiling, overwrite=overwrite)
+        return
+    pending = list(jobs)
+    alone = False
+    while pending:
+        batch = pending[:1] if alone else pending
+        child = _Child(make_extractor, batch, tiling, overwrite)
+        for result in child.results():
+            pending.pop(0)
+            yield result
+        if child.death is None:
+            alone = False
+            continue
+        if not alone and len(batch) > 1:
+            log.warning("the extraction process died (%s) with %d slides left; trying %s "
+                        "alone", child.death, len(pending), quoted(pending[0].slide.name))
+            alone = True
+            continue
+        job = pending.pop(0)
+        error = SlideError(f"the process reading this slide died ({child.death}); the "
+                           "other slides go on")
+        log.error("%s: %s", quoted(job.slide.name), error)
+        alone = False
+        yield SlideResult(job.slide, job.output, 0, error=error)
+
+
+def quoted(name: str) -> str:
+    """A file name as logs and reports show it: as it is when printable, else ``repr``'d,
+    so a name holding a newline cannot start a fake log line."""
+    return name if name.isprintable() else repr(name)
+
+
+class _Child:
+    """One forked child running ``extract_many`` over ``jobs``; ``death``: None after a
+    clean end, else what ended it (a signal's name, an exception's last line)."""
+
+    def __init__(self, make_extractor: ExtractorFactory, jobs: Sequence[SlideJob],
+                 tiling: Tiling, overwrite: bool) -> None:
+        context = multiprocessing.get_context("fork")
+        self._receive, send = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=_run_child, args=(send, make_extractor, list(jobs), tiling, overwrite),
+            name="histohub-extract", daemon=True)
+        self._process.start()
+        send.close()
+        self.death: str | None = None
+
+    def results(self) -> Iterator[SlideResult]:
+        try:
+            yield from self._messages()
+        except BaseException:
+            self._process.terminate()
+            raise
+        finally:
+            self._process.join()
+            self._receive.close()
+        code = self._process.exitcode
+        if self.death == "?" or (self.death is None and code):
+            self.death = (f"signal {signal.Signals(-code).name}" if code and code < 0
+                          else f"exit code {code}")
+
+    def _messages(self) -> Iterator[SlideResult]:
+        while True:
+            try:
+                kind, value = self._receive.recv()
+            except EOFError:  # died: what ended it is read from its exit code
+                self.death = self.death or "?"
+                return
+            if kind == "result":
+                yield value
+            elif kind == "log":
+                logging.getLogger(value.name).handle(value)
+            elif kind == "error":
+                raise value
+            elif kind == "interrupted":
+                raise KeyboardInterrupt
+            elif kind == "crash":
+                self.death = value
+            elif kind == "done":
+                self.death = None
+                return
+
+
+class _Sender:
+    """The child's end of the pipe, shared by its threads (logging) and its main thread."""
+
+    def __init__(self, connection) -> None:
+        self._connection = connection
+        self._lock = threading.Lock()
+
+    def send(self, kind: str, value: Any) -> None:
+        with self._lock:
+            self._connection.send((kind, value))
+
+
+class _ForwardLogs(logging.Handler):
+    """Sends the child's log records to the parent, which hands them to its own handlers."""
+
+    def __init__(self, sender: _Sender) -> None:
+        super().__init__()
+        self._sender = sender
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            record.msg, record.args = record.getMessage(), None
+            record.exc_info = record.exc_text = record.stack_info = None
+            self._sender.send("log", record)
+        except Exception:
+            self.handleError(record)
+
+
+def _run_child(connection, make_extractor: ExtractorFactory, jobs: list[SlideJob],
+               tiling: Tiling, overwrite: bool) -> None:
+    sender = _Sender(connection)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(_ForwardLogs(sender))
+    try:
+        with make_extractor() as extractor:
+            for result in extractor.extract_many(jobs, tiling=tiling, overwrite=overwrite):
+                sender.send("result", _portable(result))
+        sender.send("done", None)
+    except HistohubError as error:
+        sender.send("error", _portable_error(error))
+    except KeyboardInterrupt:
+        sender.send("interrupted", None)
+    except BaseException as error:  # a worker killed, an out-of-memory: the slides go on
+        last = traceback.format_exception_only(type(error), error)[-1].strip()
+        sender.send("crash", last.splitlines()[0] if last else type(error).__name__)
+    finally:
+        connection.close()
+
+
+def _portable(result: SlideResult) -> SlideResult:
+    return result if result.error is None else replace(result,
+                                                       error=_portable_error(result.error))
+
+
+def _portable_error(error: HistohubError) -> HistohubError:
+    """``error`` as the parent can unpickle it (a class whose constructor takes other
+    arguments than its message comes back as a ``SlideError`` with the same message)."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return SlideError(str(error))
