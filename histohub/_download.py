@@ -79,6 +79,7 @@ from urllib.parse import unquote, urlparse
 
 from ._files import fsync_dir, write_text_atomic
 from ._manifest_schema import ModelEntry, Source, WeightsFile
+from ._redact import redact  # the one definition (also imported from here)
 from .errors import (ChecksumError, DownloadError, HistohubError, LockTimeoutError,
                      OfflineError, require)
 
@@ -170,16 +171,6 @@ def accepted_sha256s() -> frozenset[str]:
         raise ChecksumError(f"HISTOHUB_ACCEPT_SHA256 takes full 64-hex lower-case sha256 "
                             f"values, got {bad[0]!r}")
     return frozenset(values)
-
-
-# --------------------------------------------------------------------------- credentials
-
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/?#@\s]*@")
-
-
-def redact(text: str) -> str:
-    """``text`` with the ``user:password@`` part of every URL in it removed."""
-    return _USERINFO.sub(r"\1", text)
 
 
 # --------------------------------------------------------------------------- locations

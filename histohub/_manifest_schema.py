@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._redact import redact
 from .errors import ManifestError
 from .models import FEATURE_DIMS
 
@@ -61,13 +62,18 @@ class Source:
 
         return PACKAGE_DIR / self.package if self.package else None
 
+    @property
+    def public_url(self) -> str | None:
+        """``url`` without its ``user:password@``: what may be shown or written."""
+        return None if self.url is None else redact(self.url)
+
     def describe(self) -> str:
-        """One line for listings (no credentials are stored in sources' labels here)."""
+        """One line for listings, without credentials."""
         if self.is_hf:
             return f"huggingface {self.repo_id}@{self.revision} {self.filename}"
         if self.package:
             return f"the histohub package: {self.package}"
-        return self.url
+        return self.public_url
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._manifest import load_manifest
 from ._manifest_schema import ModelEntry, Preprocessing
+from ._redact import redact, redact_all
 from ._version import __version__
 from .errors import require
 
@@ -82,8 +83,10 @@ def export_hf(model: str | os.PathLike, out_dir: str | os.PathLike, *, arch: str
         from safetensors.torch import save_file
 
         save_file(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
-        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        (folder / CARD_NAME).write_text(model_card(described, repo_id=repo_id),
+        # redacted whole (the card quotes the manifest's text): what push uploads
+        (folder / CONFIG_NAME).write_text(json.dumps(redact_all(config), indent=2) + "\n",
+                                          encoding="utf-8")
+        (folder / CARD_NAME).write_text(redact(model_card(described, repo_id=repo_id)),
                                         encoding="utf-8")
 
     _write_directory(out_dir, write, overwrite=overwrite)
@@ -149,7 +152,7 @@ def timm_config(described: _Described) -> dict[str, Any]:
         doi = re.search(r"doi:\s*(\S+?)\.?$", entry.citation)
         if doi:
             pretrained_cfg["paper_ids"] = f"doi:{doi.group(1)}"
-        urls = [s.url for w in entry.weights for s in w.sources if s.url]
+        urls = [s.public_url for w in entry.weights for s in w.sources if s.url]
         if urls:
             pretrained_cfg["origin_url"] = urls[0]
     return {
