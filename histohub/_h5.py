@@ -323,9 +323,30 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
         if not np.issubdtype(coords.dtype, np.number):
             raise FeatureFileError(
                 f"{str(path)!r}: 'coords' must be numbers (level-0 x, y), got {coords.dtype}.")
+        for name, item in (("features", features), ("coords", coords)):
+            _check_backed(path, name, item)
         return {"n": int(features.shape[0]), "dim": int(features.shape[1]),
                 "attrs": {k: _plain(v) for k, v in handle.attrs.items()},
                 "coords_attrs": {k: _plain(v) for k, v in coords.attrs.items()}}
+
+
+#: The most a filter shrinks data (deflate's limit is about 1032:1): a compressed dataset
+#: declaring more than this many times its stored bytes holds chunks never written.
+MAX_COMPRESSION = 1100
+
+
+def _check_backed(path: Path, name: str, dataset) -> None:
+    """``FeatureFileError`` unless the file holds the bytes ``dataset``'s shape declares
+    (all of them uncompressed, ``1 / MAX_COMPRESSION`` of them compressed): a shape of
+    (1e9, 1e6) over a few kB of file would be read (fill values) for ever."""
+    declared = int(np.prod(dataset.shape, dtype=object)) * dataset.dtype.itemsize
+    stored = dataset.id.get_storage_size()
+    compressed = bool(dataset.compression or dataset.scaleoffset is not None)
+    if declared > (stored * MAX_COMPRESSION if compressed else stored):
+        raise FeatureFileError(
+            f"{str(path)!r}: {name!r} declares shape {tuple(dataset.shape)} {dataset.dtype} "
+            f"({declared} bytes) but the file holds {stored} bytes of it "
+            f"({path.stat().st_size}-byte file): damaged or crafted; extract it again.")
 
 
 def _plain(value: Any) -> Any:
