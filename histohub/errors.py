@@ -162,9 +162,9 @@ def check_option(name: str, value: object, *, low: float | None = None,
             return
         kind = "an integer" if integer else "a number"
         if high is None:
-            allowed = f"{kind} >= {low:g}"
+            allowed = f"{kind} >= {_bound(low)}"
         else:
-            allowed = f"{kind} in [{low:g}, {high:g}]"
+            allowed = f"{kind} in [{_bound(low)}, {_bound(high)}]"
     if optional:
         allowed = f"None or {allowed}" if flag is None else f"omitted or {allowed}"
     if isinstance(value, float):
@@ -173,3 +173,8 @@ def check_option(name: str, value: object, *, low: float | None = None,
         shown = str(value) if flag and isinstance(value, (int, str)) else repr(value)
     label = f"{flag} {shown}" if flag else f"{name}={shown}"
     raise OptionError(f"{label}: must be {allowed}")
+
+
+def _bound(value: float) -> str:
+    """A range's end as a message shows it: integers in full, other numbers short."""
+    return str(value) if isinstance(value, int) else f"{value:g}"

@@ -41,15 +41,16 @@ PREFETCH_BATCHES = 2
 
 def _option_rules() -> dict[str, dict[str, Any]]:
     from ._manifest_schema import INTERPOLATIONS
+    from .machine_limits import MAX_COUNT, max_workers
     from .tissue import MASK_METHODS
     from .wsi import MPP_RANGE
 
     mpp = {"low": MPP_RANGE[0], "high": MPP_RANGE[1], "optional": True}
     return {
         **MODEL_OPTIONS,
-        "num_workers": {"integer": True, "low": 0},
-        "read_threads": {"integer": True, "low": 1, "high": 8},
-        "max_patches": {"integer": True, "low": 1, "optional": True},
+        "num_workers": {"integer": True, "low": 0, "high": max_workers()},
+        "read_threads": {"integer": True, "low": 1, "high": min(8, max_workers())},
+        "max_patches": {"integer": True, "low": 1, "high": MAX_COUNT, "optional": True},
         "mpp": mpp, "target_mpp": mpp,
         "min_foreground": {"low": 0, "high": 1},
         "mask": {"choices": MASK_METHODS},

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .errors import HistohubError, check_option
+from .machine_limits import max_batch_size
 
 if TYPE_CHECKING:
     from ._manifest_schema import Preprocessing
@@ -55,7 +56,7 @@ _AMP = (False, True, "bf16", "bfloat16", "fp16", "float16")
 #: The runner's options and their allowed values (``errors.check_option`` rules);
 #: ``features.check_options`` checks these with the other extraction options.
 MODEL_OPTIONS: dict[str, dict[str, Any]] = {
-    "batch_size": {"integer": True, "low": 1},
+    "batch_size": {"integer": True, "low": 1, "high": max_batch_size()},
     "amp": {"choices": _AMP},
     "compile": {"choices": COMPILE_CHOICES},
 }
