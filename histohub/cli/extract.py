@@ -223,13 +223,37 @@ def pick_device(device: str, local_rank: int | None) -> str:
     if device == "cuda" and local_rank is not None:
         gpus = torch.cuda.device_count()
         device = f"cuda:{local_rank % gpus if gpus else local_rank}"
+    check_device(device)
     return device
+
+
+def check_device(device: str) -> None:
+    """``OptionError`` (one line) unless torch knows ``device`` and, for a GPU, this
+    machine has it: checked before ``--out`` is made or the model loads."""
+    import torch
+
+    from ..errors import OptionError
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise OptionError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N"
+                          ) from None
+    if parsed.type == "cuda":
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus == 0:
+            raise OptionError(f"--device {device}: no CUDA GPU on this machine; use "
+                              "--device cpu")
+        if parsed.index is not None and parsed.index >= gpus:
+            raise OptionError(f"--device {device}: this machine has {gpus} GPU(s), cuda:0 "
+                              f"to cuda:{gpus - 1}")
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from ..errors import OptionError
     from ..features import check_options
     from ..slide_features import SlideExtractor, SlideJob, Tiling
     from ..slide_guard import guarded_results
@@ -241,6 +265,9 @@ def run(args: argparse.Namespace) -> int:
     index, count = parse_shard(args.shard)
     rank, world, local_rank = launcher_rank()
     device = pick_device(args.device, local_rank)
+    if args.out.exists() and not args.out.is_dir():
+        raise OptionError(f"--out {args.out}: is a file, not a folder; give a folder (made "
+                          "when missing)")
     share, shares = index * world + rank, count * world
     slides, problems = find_slides(args.inputs)
     for problem in problems:
