@@ -32,7 +32,8 @@ histohub: enforced the same way, and a mismatch says so); the hash recorded on t
 download (trust on first use, with a warning). A download whose hash differs from a
 *reported* one is refused, since it may be a proxy's or mirror's answer or a changed
 release; whoever has checked the new file by other means accepts exactly that file with
-``HISTOHUB_ACCEPT_SHA256=<its sha256>`` (comma-separated for several), and a maintainer
+``HISTOHUB_ACCEPT_SHA256=<file name>=<its sha256>`` (comma-separated for several; each
+holds for the file it names only), and a maintainer
 then runs ``histohub pin NAME`` with the same setting to write it into the manifest as
 verified.
 
@@ -163,14 +164,16 @@ def lock_timeout() -> float:
     return _env_number("HISTOHUB_LOCK_TIMEOUT", download_timeout() + 60.0)
 
 
-def accepted_sha256s() -> frozenset[str]:
-    """Hashes a maintainer accepted in place of reported ones (``HISTOHUB_ACCEPT_SHA256``)."""
+def accepted_sha256s() -> frozenset[tuple[str, str]]:
+    """``(file name, sha256)`` pairs a maintainer accepted in place of reported hashes
+    (``HISTOHUB_ACCEPT_SHA256=FILENAME=SHA256,...``): each holds for the file it names
+    only, which alone loses its reported size check."""
     values = {v for v in re.split(r"[,\s]+", os.environ.get("HISTOHUB_ACCEPT_SHA256", "")) if v}
-    bad = sorted(v for v in values if not re.fullmatch(r"[0-9a-f]{64}", v))
+    bad = sorted(v for v in values if not re.fullmatch(r"[^=/\\]+=[0-9a-f]{64}", v))
     if bad:
-        raise ChecksumError(f"HISTOHUB_ACCEPT_SHA256 takes full 64-hex lower-case sha256 "
-                            f"values, got {bad[0]!r}")
-    return frozenset(values)
+        raise ChecksumError(f"HISTOHUB_ACCEPT_SHA256 takes FILENAME=SHA256 pairs (the file's "
+                            f"name and its full 64-hex lower-case sha256), got {bad[0]!r}")
+    return frozenset(tuple(v.split("=")) for v in values)
 
 
 # --------------------------------------------------------------------------- locations
@@ -257,7 +260,7 @@ def _expected(file: WeightsFile, record: dict | None) -> _Expected:
     """The strongest expectation for ``file``, given its cache record (see the module doc)."""
     if file.sha256 is not None:
         return _Expected(file.sha256, file.size, "verified")
-    accepted = accepted_sha256s()
+    accepted = frozenset(sha for name, sha in accepted_sha256s() if name == file.filename)
     size = None if accepted else file.expected_size  # an accepted file may differ in size
     if record is not None and record.get("expected_from") == "accepted":
         return _Expected(record["sha256"], None, "accepted", accepted)
@@ -291,7 +294,8 @@ def _mismatch(file: WeightsFile, expected: _Expected, digest: str, size: int, *,
     if expected.kind == "reported":
         text += (" Either this copy is not the upstream file (a proxy's or a mirror's answer, "
                  "a changed release) or the report is wrong. If you have checked this file "
-                 f"by other means, accept exactly it with HISTOHUB_ACCEPT_SHA256={digest} "
+                 "by other means, accept exactly it with "
+                 f"HISTOHUB_ACCEPT_SHA256={file.filename}={digest} "
                  "(remembered by the cache); maintainers then run `histohub pin "
                  f"{name or 'NAME'}` with that setting to record it as verified.")
     return text
@@ -423,7 +427,8 @@ def _bundled(file: WeightsFile) -> FetchedFile | None:
         path = source.package_path
         if path is None or not path.is_file():
             continue
-        size, digest = path.stat().st_size, sha256_file(path)
+        size = path.stat().st_size  # compared first: a wrong size is not worth hashing
+        digest = sha256_file(path) if size == file.size else "not computed (size differs)"
         if size != file.size or digest != file.sha256:
             raise ChecksumError(
                 f"{file.filename} shipped in the histohub package at {path} is not the file "

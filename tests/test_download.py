@@ -530,11 +530,11 @@ def test_reported_sha256_verifies_the_very_first_download(file_server, make_mani
     message = str(caught.value)
     assert _sha(PAYLOAD) in message and "reported" in message
     assert "not verified by histohub" in message and "an independent user" in message
-    assert f"HISTOHUB_ACCEPT_SHA256={_sha(OTHER)}" in message
+    assert f"HISTOHUB_ACCEPT_SHA256=model.bin={_sha(OTHER)}" in message
     assert [n for n in _cache_files() if not n.endswith((".lock", ".holder"))] == []
 
     # A maintainer who checked the new file another way accepts exactly that hash.
-    monkeypatch.setenv("HISTOHUB_ACCEPT_SHA256", _sha(OTHER))
+    monkeypatch.setenv("HISTOHUB_ACCEPT_SHA256", f"model.bin={_sha(OTHER)}")
     fetched = _download.fetch_weights(entry, progress=False)
     assert fetched.path.read_bytes() == OTHER
     record = json.loads(fetched.path.with_name("model.bin.json").read_text())
@@ -790,7 +790,7 @@ def test_pin_after_accepting_another_file_records_it_as_verified(file_server, ma
     assert main(["pin", "-q", NAME]) == 2  # refused: not the reported file
     assert "HISTOHUB_ACCEPT_SHA256" in capsys.readouterr().err
 
-    monkeypatch.setenv("HISTOHUB_ACCEPT_SHA256", _sha(OTHER))
+    monkeypatch.setenv("HISTOHUB_ACCEPT_SHA256", f"model.bin={_sha(OTHER)}")
     assert main(["pin", "-q", NAME]) == 0
 
     pinned = json.loads(manifest.read_text())["models"][NAME]["weights"][0]
