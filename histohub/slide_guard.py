@@ -18,11 +18,13 @@ Where ``os.fork`` is missing (Windows), the extraction runs in this process.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
 import pickle
 import signal
+import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -90,7 +92,8 @@ class _Child:
         context = multiprocessing.get_context("fork")
         self._receive, send = context.Pipe(duplex=False)
         self._process = context.Process(
-            target=_run_child, args=(send, make_extractor, list(jobs), tiling, overwrite),
+            target=_run_child,
+            args=(send, make_extractor, list(jobs), tiling, overwrite, os.getpid()),
             name="histohub-extract", daemon=True)
         self._process.start()
         send.close()
@@ -160,8 +163,19 @@ class _ForwardLogs(logging.Handler):
             self.handleError(record)
 
 
+def _die_with_parent(parent: int) -> None:
+    """A killed parent (SIGKILL, a job's time limit) takes the child along: an orphan would
+    go on writing and holding the output locks the rerun needs (Linux: PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # died before that was set
+        os._exit(1)
+
+
 def _run_child(connection, make_extractor: ExtractorFactory, jobs: list[SlideJob],
-               tiling: Tiling, overwrite: bool) -> None:
+               tiling: Tiling, overwrite: bool, parent: int) -> None:
+    _die_with_parent(parent)
     sender = _Sender(connection)
     root = logging.getLogger()
     for handler in list(root.handlers):
