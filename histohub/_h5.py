@@ -210,10 +210,11 @@ def refuse_foreign(path: str | os.PathLike) -> None:
                 "--overwrite (overwrite=True) to replace it, or choose another output folder")
 
 
-def find_done(path: str | os.PathLike, request: dict[str, Any], *, max_patches: int | None
-              ) -> dict[str, Any] | None:
+def find_done(path: str | os.PathLike, request: dict[str, Any], *, max_patches: int | None,
+              say_trial: bool = True) -> dict[str, Any] | None:
     """The attributes of ``path`` when it is complete and made for ``request`` (reuse it);
-    None when it is to be made (absent, unfinished, or a shorter ``max_patches`` trial);
+    None when it is to be made (absent, unfinished, or a shorter ``max_patches`` trial,
+    which a warning says unless not ``say_trial``: said once per slide);
     ``OutputExistsError`` when replacing it would lose features of another request."""
     path = Path(path)
     attrs = read_attrs(path) if path.exists() else None
@@ -233,8 +234,9 @@ def find_done(path: str | os.PathLike, request: dict[str, Any], *, max_patches: 
     have, total = int(attrs["n_grid"]), int(attrs["n_tissue"])
     want = total if max_patches is None else min(max_patches, total)
     if want > have:
-        log.warning("%s: a trial of %d of %d patches (max_patches=%d); extracting %d now",
-                    path, have, total, attrs.get("max_patches", 0), want)
+        if say_trial:
+            log.warning("%s: a trial of %d of %d patches (max_patches=%d); extracting %d now",
+                        path, have, total, attrs.get("max_patches", 0), want)
         return None
     if want < have:
         raise OutputExistsError(f"{path} holds {have} patches of this slide, more than the "

@@ -35,12 +35,22 @@ def redact_all(value: Any) -> Any:
     return value
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters (a newline in a file name) escaped as ``\\n``,
+    ``\\x1b``, ...: a name cannot start a fake log line."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 class RedactingFilter(logging.Filter):
-    """A handler filter: the record's message, its arguments applied, is ``redact``ed."""
+    """A handler filter: the record's message, its arguments applied, is ``redact``ed and
+    kept to one line (``one_line``; tracebacks are the formatter's, after it)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        cleaned = redact(message)
+        cleaned = one_line(redact(message))
         if cleaned != message:
             record.msg, record.args = cleaned, None
         return True

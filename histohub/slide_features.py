@@ -252,9 +252,11 @@ class SlideExtractor:
                              "pixel it expects; pass target_mpp= (--target-mpp), e.g. 0.5")
         # the handle stays open for the first reader (its tile cache holds the mask's tiles)
         prepared = OpenOutput(job, {}, started, slide=open_slide(job.slide))
+        checked = False  # whether find_done has looked (and said a trial is extended)
         try:
             slide = prepared.slide
             if not overwrite and job.output.exists():  # done already? known before tiling
+                checked = True
                 prepared.request = self._request(slide, tiling, target)
                 done = _h5.find_done(job.output, prepared.request,
                                      max_patches=tiling.max_patches)
@@ -277,9 +279,10 @@ class SlideExtractor:
             prepared.lock = output_lock(job.output)
             # under the lock: finished by another process meanwhile?
             done = None if overwrite else _h5.find_done(job.output, prepared.request,
-                                                        max_patches=tiling.max_patches)
+                                                        max_patches=tiling.max_patches,
+                                                        say_trial=not checked)
             if done is not None:
-                prepared.release()
+                prepared.release(finished=True)
                 return replace(prepared, done=done, grid=None)
             prepared.result = self._open(prepared, tiling, overwrite)
         except BaseException:

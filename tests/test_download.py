@@ -846,7 +846,7 @@ def test_a_damaged_file_in_the_package_is_refused_and_a_missing_one_is_an_error(
     ({"package": "../outside.ckpt"}, True, "without '..'"),
     ({"package": "/abs/x.ckpt"}, True, "relative path"),
     ({"package": "w/x.ckpt", "url": "https://example.org/x"}, True, "alone"),
-    ({"package": "w/x.ckpt"}, False, "verified 'sha256' and 'size'"),
+    ({"package": "weights/x.ckpt"}, False, "verified 'sha256' and 'size'"),
 ])
 def test_package_sources_are_checked_when_the_manifest_is_read(make_manifest, source, pinned,
                                                                message):

@@ -60,3 +60,55 @@ def test_an_unscoped_accepted_hash_is_one_line_saying_the_form(monkeypatch):
     monkeypatch.setenv("HISTOHUB_ACCEPT_SHA256", _sha(OTHER))
     with pytest.raises(ChecksumError, match="FILENAME=SHA256"):
         _download.accepted_sha256s()
+
+
+# --------------------------------------------------------------------------- a cohort's run
+
+
+@pytest.fixture
+def evil_cohort(tmp_path):
+    from wsi_factory import tissue_image, write_slide
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    write_slide(folder / "plain.tif", tissue_image(448, 448, [(0, 0, 448, 448)], seed=1),
+                levels=1)
+    write_slide(folder / "evil\nERROR: fake.tif",
+                tissue_image(448, 448, [(0, 0, 448, 448)], seed=2), levels=1)
+    return folder
+
+
+def test_names_cannot_forge_log_lines_and_a_clean_run_leaves_no_locks(
+        evil_cohort, resnet18_file, tmp_path, monkeypatch, capsys, caplog):
+    import logging
+
+    from histohub import cli
+
+    monkeypatch.setattr(cli, "COMMANDS", ["histohub.cli.extract"])
+    out = tmp_path / "out"
+    argv = ["extract", str(evil_cohort), "--model", str(resnet18_file), "--out", str(out),
+            "--batch-size", "4", "--quiet"]
+    with caplog.at_level(logging.INFO):
+        assert cli.main([*argv, "--max-patches", "2"]) == 0
+        assert not list(out.glob(".*.lock")), "locks left after a clean run"
+        caplog.clear()
+        assert cli.main(argv) == 0  # extends both trials
+    assert not list(out.glob(".*.lock"))
+    trial = [r for r in caplog.records if "a trial of" in r.getMessage()]
+    assert len(trial) == 2, [r.getMessage() for r in trial]  # once per slide, not twice
+    printed = capsys.readouterr()
+    for text in (caplog.text, printed.out, printed.err):
+        assert not any(line.startswith("ERROR: fake") for line in text.splitlines()), text
+    assert "evil\\nERROR: fake" in caplog.text
+
+
+@pytest.mark.parametrize("package", ["weights_manifest.json", "errors.py", "cli/__init__.py"])
+def test_a_package_source_outside_weights_is_a_manifest_error(make_manifest, package):
+    """The manifest (or a module) named as a weights file got the advice to 'delete it and
+    download again'; a package source lies under histohub/weights/."""
+    from histohub.errors import ManifestError
+
+    with pytest.raises(ManifestError, match="weights/"):
+        make_manifest({"selfref": [weights_file("m.bin", [{"package": package}],
+                                                data=PAYLOAD)]})
+        get_entry("selfref")

@@ -330,6 +330,8 @@ def _summary(results: list, failed: list[str], seconds: float, out: Path) -> Non
         f"time: {seconds:.1f} s, {run_now / seconds if seconds > 0 else 0:.1f} patches/s",
         f"output: {out}",
     ]
-    for problem in failed:
-        lines.append(f"failed: {problem}")
+    from .._redact import one_line
+
+    for problem in failed:  # one line each, whatever the file names hold
+        lines.append(f"failed: {one_line(problem)}")
     print("\n".join(lines))
