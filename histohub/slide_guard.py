@@ -37,6 +37,8 @@ from .slide_jobs import SlideJob, SlideResult, Tiling
 
 log = logging.getLogger(__name__)
 
+#: This many slides in a row dying alone of one cause stop the run: no slide's doing.
+SAME_DEATHS = 5
 #: Makes a ``SlideExtractor`` (in the child: the model is loaded there).
 ExtractorFactory = Callable[[], AbstractContextManager]
 
@@ -55,6 +57,7 @@ def guarded_results(make_extractor: ExtractorFactory, jobs: Sequence[SlideJob], 
         return
     pending = list(jobs)
     alone = False
+    lone_deaths: list[str] = []  # causes of the slides that died alone, in a row
     while pending:
         batch = pending[:1] if alone else pending
         child = _Child(make_extractor, batch, tiling, overwrite)
@@ -62,13 +65,18 @@ def guarded_results(make_extractor: ExtractorFactory, jobs: Sequence[SlideJob], 
             pending.pop(0)
             yield result
         if child.death is None:
-            alone = False
+            alone, lone_deaths = False, []
             continue
         if not alone and len(batch) > 1:
             log.warning("the extraction process died (%s) with %d slides left; trying %s "
                         "alone", child.death, len(pending), quoted(pending[0].slide.name))
             alone = True
             continue
+        lone_deaths.append(child.death)
+        if len(lone_deaths) >= SAME_DEATHS and len(set(lone_deaths)) == 1:
+            raise HistohubError(f"{SAME_DEATHS} slides in a row each killed the process that "
+                                f"read it alone ({child.death}): this is no slide's doing "
+                                "(the installation, the memory?); stopped. A rerun resumes")
         job = pending.pop(0)
         error = SlideError(f"the process reading this slide died ({child.death}); the "
                            "other slides go on")
@@ -94,7 +102,7 @@ class _Child:
         self._process = context.Process(
             target=_run_child,
             args=(send, make_extractor, list(jobs), tiling, overwrite, os.getpid()),
-            name="histohub-extract", daemon=True)
+            name="histohub-extract")  # not a daemon: it starts DataLoader workers
         self._process.start()
         send.close()
         self.death: str | None = None

@@ -182,8 +182,10 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
     if text is None:
         return 0, 1
+    from ..machine_limits import MAX_COUNT
+
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if match is None or not int(match[1]) < int(match[2]):
+    if match is None or not int(match[1]) < int(match[2]) <= MAX_COUNT:
         raise OptionError(f"--shard {text}: must be I/N with 0 <= I < N, e.g. --shard 0/4")
     return int(match[1]), int(match[2])
 
