@@ -146,7 +146,7 @@ def check_option(name: str, value: object, *, low: float | None = None,
 
     The message quotes the option as ``name=value`` (Python) or ``flag value`` (command line,
     when ``flag`` is given) and says what is allowed, on one line:
-    ``--batch-size 0: must be an integer >= 1``.
+    ``--patch-size 0: must be an integer >= 1``.
     """
     if value is None and optional:
         return

@@ -68,9 +68,9 @@ def check_options(*, cli: bool = False, **options: Any) -> None:
     ``OptionError`` (a ValueError) naming the first bad one and its allowed range, on one
     line. ``cli``: name them as the command line does (``--batch-size 0``).
 
-    >>> check_options(batch_size=0)
+    >>> check_options(patch_size=0)
     Traceback (most recent call last):
-    histohub.errors.OptionError: batch_size=0: must be an integer >= 1
+    histohub.errors.OptionError: patch_size=0: must be an integer >= 1
     """
     rules = _option_rules()
     for name, value in options.items():
