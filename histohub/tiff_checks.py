@@ -29,6 +29,8 @@ MAX_TILE_BYTES = 64 << 20
 #: Room above a tile's decoded size that its stored bytes may take (headers, tables).
 _STORED_SLACK = 1 << 20
 _MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+#: Files (device, inode, size, mtime, ctime) found sound in this process.
+_PASSED: set[tuple[int, ...]] = set()
 
 
 def check_tiled_tiff(path: str | os.PathLike) -> None:
@@ -38,10 +40,14 @@ def check_tiled_tiff(path: str | os.PathLike) -> None:
         import tifffile
     except ImportError:
         return
+    stat = os.stat(path)
+    key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if key in _PASSED:  # each reader thread and worker opens the slide again
+        return
     with open(path, "rb") as handle:
         if handle.read(4) not in _MAGIC:
             return
-    file_size = os.path.getsize(path)
+    file_size = stat.st_size
     try:
         with tifffile.TiffFile(path) as tif:
             tiled = [(index, _declared(page)) for index, page in enumerate(tif.pages)
@@ -50,6 +56,9 @@ def check_tiled_tiff(path: str | os.PathLike) -> None:
         return  # not a TIFF tifffile parses: OpenSlide says what is wrong with it
     for index, declared in tiled:
         _check_page(path, index, *declared, file_size=file_size)
+    if len(_PASSED) > 4096:
+        _PASSED.clear()
+    _PASSED.add(key)
 
 
 def _declared(page) -> tuple[int, int, int, np.ndarray, np.ndarray]:
