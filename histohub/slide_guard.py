@@ -3,7 +3,8 @@
 OpenSlide, libtiff, libjpeg and the DataLoader's workers run native code that can end the
 process that called it: glib's ``g_malloc`` aborts when an allocation a file asked for
 fails, a decoder may segfault, the kernel may kill a worker. ``guarded_results`` runs
-``SlideExtractor.extract_many`` in a forked child and passes its results (and its log
+``SlideExtractor.extract_many`` in a child process (spawned: a fresh interpreter) and
+passes its results (and its log
 records) back through a pipe. When the child dies (a signal, or an exception that is not a
 ``HistohubError``), the slides it had not finished are taken up again: the first of them
 alone in a fresh child, which tells whether that slide is the one that kills the reader
@@ -13,7 +14,9 @@ a ``HistohubError`` that is no slide's (a model that cannot load) stops the run 
 would without the guard. The partial files a dead child left are resumed, and its output
 locks were released by its death (``histohub.slide_outputs``).
 
-Where ``os.fork`` is missing (Windows), the extraction runs in this process.
+The child is spawned, not forked: a fork of a process whose torch already ran OpenMP
+threads hangs in the child's first parallel operation (libgomp), and a fork copies the
+locks other threads held. It costs one interpreter start (importing torch) per run.
 """
 
 from __future__ import annotations
@@ -51,10 +54,6 @@ def guarded_results(make_extractor: ExtractorFactory, jobs: Sequence[SlideJob], 
     Raises the ``HistohubError`` that stopped a child before it was a slide's (a model that
     cannot load); ``KeyboardInterrupt`` stops the child and is raised again.
     """
-    if not hasattr(os, "fork"):
-        with make_extractor() as extractor:
-            yield from extractor.extract_many(jobs, tiling=tiling, overwrite=overwrite)
-        return
     pending = list(jobs)
     alone = False
     lone_deaths: list[str] = []  # causes of the slides that died alone, in a row
@@ -92,16 +91,19 @@ def quoted(name: str) -> str:
 
 
 class _Child:
-    """One forked child running ``extract_many`` over ``jobs``; ``death``: None after a
+    """One child process running ``extract_many`` over ``jobs``; ``death``: None after a
     clean end, else what ended it (a signal's name, an exception's last line)."""
 
     def __init__(self, make_extractor: ExtractorFactory, jobs: Sequence[SlideJob],
                  tiling: Tiling, overwrite: bool) -> None:
-        context = multiprocessing.get_context("fork")
+        # spawned, not forked: a process that ran torch's OpenMP threads cannot fork a
+        # child that runs them again (libgomp hangs in the child's first parallel op)
+        context = multiprocessing.get_context("spawn")
         self._receive, send = context.Pipe(duplex=False)
+        levels = (logging.getLogger().level, logging.getLogger("histohub").getEffectiveLevel())
         self._process = context.Process(
             target=_run_child,
-            args=(send, make_extractor, list(jobs), tiling, overwrite, os.getpid()),
+            args=(send, make_extractor, list(jobs), tiling, overwrite, os.getpid(), levels),
             name="histohub-extract")  # not a daemon: it starts DataLoader workers
         self._process.start()
         send.close()
@@ -182,13 +184,15 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _run_child(connection, make_extractor: ExtractorFactory, jobs: list[SlideJob],
-               tiling: Tiling, overwrite: bool, parent: int) -> None:
+               tiling: Tiling, overwrite: bool, parent: int, levels: tuple[int, int]) -> None:
     _die_with_parent(parent)
     sender = _Sender(connection)
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     root.addHandler(_ForwardLogs(sender))
+    root.setLevel(levels[0])  # the parent's levels: its handlers see what they saw before
+    logging.getLogger("histohub").setLevel(levels[1])
     try:
         with make_extractor() as extractor:
             for result in extractor.extract_many(jobs, tiling=tiling, overwrite=overwrite):

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from child_patches import patched_env
 from histohub import cli
 from histohub._h5 import read_features
 from wsi_factory import tissue_image, write_slide
@@ -90,10 +91,10 @@ def test_a_slide_replaced_between_runs_is_kept_and_reported(commands, tmp_path, 
     assert np.array_equal(read_features(out / "s1.h5")["features"], before)  # kept
 
 
-#: Runs the command line with slides named ``crash*`` killing whoever reads their pixels
-#: (SIGSEGV): the reader thread's process, or a DataLoader worker.
+#: In every process of the command: slides named ``crash*`` kill whoever reads their
+#: patches (SIGSEGV): the reader thread's process, or a DataLoader worker.
 _CRASHING_READER = """
-import os, signal, sys
+import os, signal
 import histohub.wsi as wsi
 read = wsi.Slide.read_region
 def read_region(self, location, level, size):
@@ -101,8 +102,6 @@ def read_region(self, location, level, size):
         os.kill(os.getpid(), signal.SIGSEGV)
     return read(self, location, level, size)
 wsi.Slide.read_region = read_region
-from histohub.cli import main
-sys.exit(main(sys.argv[1:]))
 """
 
 
@@ -114,11 +113,11 @@ def test_a_slide_that_kills_its_reader_costs_that_slide(tmp_path, resnet18_file,
         _tiny(folder / (f"crash{i}.tif" if i == 1 else f"s{i}.tif"), i)
     out = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, "-c", _CRASHING_READER, "extract", str(folder), "--model",
+        [sys.executable, "-m", "histohub", "extract", str(folder), "--model",
          str(resnet18_file), "--out", str(out), "--batch-size", "4", "--quiet",
          "--workers", workers],
-        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
-        timeout=600)
+        cwd=ROOT, env=patched_env(tmp_path / "site", _CRASHING_READER), capture_output=True,
+        text=True, timeout=600)
     assert done.returncode == 1, done.stderr[-3000:]
     assert _counts(done.stdout) == (3, 0, 0, 1), done.stdout + done.stderr[-3000:]
     failed = [line for line in done.stdout.splitlines() if line.startswith("failed:")]

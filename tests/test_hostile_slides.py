@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from child_patches import patched_env
 from histohub.errors import SlideError
 from histohub.wsi import open_slide
 from wsi_factory import forge_tiles, tissue_image, write_slide
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _READ_UNDER_CAP = """
 import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+from child_patches import patched_env
 from histohub.errors import SlideError
 from histohub.wsi import PatchReader, open_slide, tile_grid
 try:
@@ -86,16 +88,15 @@ def test_cmu_slide_still_opens(cmu_slide):
 
 # --------------------------------------------------------------------------- a cohort
 
-#: The command line in a child process under a memory cap; ``unguarded`` turns off the
-#: check of the tile tags, so that OpenSlide really aborts on the 65520 px tiles.
-_CLI_UNDER_CAP = """
-import resource, sys
+#: Every process of the command under a memory cap; ``unguarded`` also turns off the check
+#: of the tile tags, so that OpenSlide really aborts on the 65520 px tiles.
+_CAP = """
+import resource
 resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+"""
+_UNGUARDED = """
 import histohub.wsi
-if sys.argv[1] == "unguarded":
-    histohub.wsi.check_tiled_tiff = lambda path: None
-from histohub.cli import main
-sys.exit(main(sys.argv[2:]))
+histohub.wsi.check_tiled_tiff = lambda path: None
 """
 
 
@@ -115,10 +116,10 @@ def cohort(tmp_path) -> Path:
     return folder
 
 
-def _run_cli(mode: str, argv: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-c", _CLI_UNDER_CAP, mode, *argv], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+def _run_cli(mode: str, argv: list[str], folder: Path) -> subprocess.CompletedProcess:
+    env = patched_env(folder, _CAP + (_UNGUARDED if mode == "unguarded" else ""))
+    return subprocess.run([sys.executable, "-m", "histohub", *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize("mode", ["guarded", "unguarded"])
@@ -128,7 +129,7 @@ def test_cohort_with_crafted_slides_finishes_every_good_slide(cohort, resnet18_f
     the tag check off, OpenSlide aborts on the 65520 px tiles, and only that slide fails."""
     out = tmp_path / "out"
     done = _run_cli(mode, ["extract", str(cohort), "--model", str(resnet18_file), "--out",
-                           str(out), "--batch-size", "4", "--quiet"])
+                           str(out), "--batch-size", "4", "--quiet"], tmp_path / "site")
     assert done.returncode == 1, done.stderr[-3000:]
     report = done.stdout
     failed = [line for line in report.splitlines() if line.startswith("failed: ")]
