@@ -225,7 +225,6 @@ def pick_device(device: str, local_rank: int | None) -> str:
     if device == "cuda" and local_rank is not None:
         gpus = torch.cuda.device_count()
         device = f"cuda:{local_rank % gpus if gpus else local_rank}"
-    check_device(device)
     return device
 
 
@@ -267,6 +266,7 @@ def run(args: argparse.Namespace) -> int:
     index, count = parse_shard(args.shard)
     rank, world, local_rank = launcher_rank()
     device = pick_device(args.device, local_rank)
+    check_device(device)
     if args.out.exists() and not args.out.is_dir():
         raise OptionError(f"--out {args.out}: is a file, not a folder; give a folder (made "
                           "when missing)")
