@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from ._h5 import (_COORD_DATASETS, FORMAT, FORMAT_VERSION, IDENTITY_ATTRS, _h5py, _plain,
-                  disk_full_error, foreign, is_disk_full, partial_path, same_value)
+from ._h5 import (_COORD_DATASETS, FORMAT, FORMAT_VERSION, IDENTITY_ATTRS, NAME_ATTRS, _h5py,
+                  _plain, disk_full_error, foreign, is_disk_full, partial_path, same_value)
 from .errors import OutputExistsError
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,11 @@ class FeatureWriter:
             for name, rows in counts.items():  # cut rows written after the last flush
                 if f[name].shape[0] != rows:
                     f[name].resize(rows, axis=0)
+            for key in NAME_ATTRS:  # the slide as this call names it, not as the killed one did
+                if key in attrs:
+                    f.attrs[key] = attrs[key]
+                elif key in f.attrs:
+                    del f.attrs[key]
             f.flush()
         except (OSError, RuntimeError, KeyError, ValueError) as error:
             if is_disk_full(error):

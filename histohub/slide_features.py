@@ -77,6 +77,9 @@ class SlideExtractor:
     ``compile``: ``torch.compile`` the model: True, False, or "auto" (default): on a CPU,
     once the job holds ``model_runner.COMPILE_MIN_PATCHES`` patches (not on a GPU, where
     reading is the bottleneck); once, never again for the next slide.
+    ``record_resolved_path``: also record the file behind a linked slide
+    (``slide_resolved_path``); by default a slide is only its given path and name
+    (``histohub.slide_names``).
 
     >>> with SlideExtractor("resnet18-ssl") as extractor:       # doctest: +SKIP
     ...     for result in extractor.extract_many(jobs, tiling=Tiling(mpp=0.25)):
@@ -86,7 +89,8 @@ class SlideExtractor:
     def __init__(self, model_or_name: nn.Module | str | os.PathLike, *,
                  device: str | torch.device = "cpu", batch_size: int = 64,
                  num_workers: int = 0, read_threads: int = 1, amp: bool | str = False,
-                 compile: bool | str = "auto", progress: bool = True) -> None:
+                 compile: bool | str = "auto", progress: bool = True,
+                 record_resolved_path: bool = False) -> None:
         check_options(batch_size=batch_size, num_workers=num_workers,
                       read_threads=read_threads, amp=amp, compile=compile)
         device = torch.device(device)
@@ -109,6 +113,7 @@ class SlideExtractor:
         self._runner_lock = threading.Lock()
         self.batch_size, self.num_workers = batch_size, num_workers
         self.read_threads, self.progress = read_threads, progress
+        self.record_resolved_path = bool(record_resolved_path)
         self._feature_dim = self.spec.feature_dim
         self._pool: ThreadPoolExecutor | None = None
 
@@ -304,7 +309,8 @@ class SlideExtractor:
         feature_dim = self._feature_dim_now()
         attrs = _h5.feature_attrs(prepared.request, grid, model_sha256=self.spec.sha256,
                                   feature_dim=feature_dim, n_tissue=prepared.n_tissue,
-                                  max_patches=tiling.max_patches)
+                                  max_patches=tiling.max_patches,
+                                  record_resolved_path=self.record_resolved_path)
         prepared.writer = FeatureWriter(
             job.output, attrs=attrs, feature_dim=feature_dim,
             coords_attrs=_h5.coords_attrs(grid), resume=not overwrite,
@@ -390,7 +396,7 @@ def extract_slide(model_or_name: nn.Module | str | os.PathLike, slide_path: str 
                   compile: bool | str = "auto", mask: str = "hsv",
                   min_foreground: float = 0.5, overwrite: bool = False,
                   preview: str | os.PathLike | None = None, max_patches: int | None = None,
-                  progress: bool = True) -> SlideResult:
+                  progress: bool = True, record_resolved_path: bool = False) -> SlideResult:
     """Features of every tissue patch of a slide, streamed into an HDF5 file.
 
     Tiles the slide at ``target_mpp`` (default: the model's, from the manifest; 0.5 um/px
@@ -403,6 +409,9 @@ def extract_slide(model_or_name: nn.Module | str | os.PathLike, slide_path: str 
     and skipped; NaN/inf features go to ``nonfinite_coords`` with a warning. The model and
     reader options are ``SlideExtractor``'s; for many slides, use one ``SlideExtractor``
     (the model is placed and compiled once, the next slide prepared meanwhile).
+    The file records the slide by the path given (a link keeps its own name, made
+    absolute without following links); ``record_resolved_path`` also records the file
+    behind the links (``slide_resolved_path``).
 
     Options are checked first (``OptionError``). Unless ``overwrite``:
 
@@ -425,6 +434,7 @@ def extract_slide(model_or_name: nn.Module | str | os.PathLike, slide_path: str 
         _h5.refuse_foreign(out_h5)  # before the model loads
     with SlideExtractor(model_or_name, device=device, batch_size=batch_size,
                         num_workers=num_workers, read_threads=read_threads, amp=amp,
-                        compile=compile, progress=progress) as extractor:
+                        compile=compile, progress=progress,
+                        record_resolved_path=record_resolved_path) as extractor:
         return extractor.extract(slide_path, out_h5, tiling=tiling, overwrite=overwrite,
                                  preview=preview)
