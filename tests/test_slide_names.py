@@ -257,3 +257,31 @@ def test_a_resumed_file_is_named_by_the_call_that_resumes_it(tmp_path):
     attrs = all_attrs(tmp_path / "P1.h5")
     assert attrs["/slide_path"] == "/project/anon/P1.svs" and attrs["/slide_name"] == "P1.svs"
     assert "/slide_resolved_path" not in attrs
+
+
+def test_the_python_api_names_a_broken_link_without_its_target(tmp_path):
+    from histohub.errors import SlideError
+    from histohub.wsi import open_slide
+
+    link = tmp_path / "P7.svs"
+    link.symlink_to(tmp_path / "patient-smith.svs")
+    with pytest.raises(SlideError, match="P7.svs: a symbolic link that leads to no file") as info:
+        open_slide(link)
+    assert "smith" not in str(info.value)
+
+
+def test_no_slide_code_follows_links_but_the_opt_in():
+    """Slide paths are resolved in one place (``slide_names.resolved_path``, for
+    ``--record-resolved-path``); the weights side may resolve its own files."""
+    import histohub
+
+    weights_side = {"_manifest.py", "_download.py", "_manifest_writer.py", "models.py",
+                    "pretrained.py", "slide_names.py"}
+    offenders = []
+    for source in Path(histohub.__file__).parent.rglob("*.py"):
+        if source.name in weights_side:
+            continue
+        text = source.read_text(encoding="utf-8")
+        offenders += [f"{source.name}: {word}" for word in (".resolve(", "realpath(")
+                      if word in text]
+    assert not offenders
