@@ -64,7 +64,8 @@ def find_in_folder(folder: Path, suffixes: Iterable[str]) -> tuple[list[Path], l
 
     Linked folders are searched too (a folder linked into a project folder holds slides
     like any other), each by its given path; a link back to a folder above it is reported
-    and not searched again (a warning). A broken link with a slide suffix is reported, never dropped.
+    and not searched again (a warning). A broken link with a slide suffix is reported, never
+    dropped.
 
     Args:
         folder: the folder the user gave.

@@ -189,7 +189,8 @@ def test_a_pseudonymised_slide_leaves_no_trace_of_the_real_name(real_slide, resn
 
 
 def test_three_names_for_one_file_give_three_outputs_and_three_summary_lines(
-        real_slide, resnet18_file, tmp_path, capsys):
+        real_slide, resnet18_file, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO)
     cohort = tmp_path / "cohort"
     cohort.mkdir()
     for i in (1, 2, 3):
@@ -207,6 +208,8 @@ def test_three_names_for_one_file_give_three_outputs_and_three_summary_lines(
         assert f"extracted: {cohort / f's{i}.svs'} -> {tmp_path / 'o' / f's{i}.h5'}" in report
         assert all_attrs(tmp_path / "o" / f"s{i}.h5")["/slide_name"] == f"s{i}.svs"
     assert report.count("s4.svs") == 1 and "failed: " in report
+    one_file = ", ".join(str(cohort / f"s{i}.svs") for i in (1, 2, 3))
+    assert f"{one_file} are one file; each name gets its own output" in caplog.text
 
     assert run_cli(argv) == 1   # again: each name is already done, and said so once
     report = capsys.readouterr().out

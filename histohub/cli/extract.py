@@ -3,15 +3,17 @@
     histohub extract slides/ extra.svs 'batch2/*.ndpi' list.csv --model resnet18-ssl --out feats/
 
 Inputs may be slide files, folders (searched at any depth), glob patterns, and CSV or
-text lists of paths. A slide is the path given, made absolute without following links: a
-linked slide's output, logs and attributes carry the link's own name, two names for one
-file are two slides (``histohub.slide_names``). Options are checked before the model loads or anything is written
+text lists of paths. Options are checked before the model loads or anything is written
 (exit code 2). A slide that fails (not a slide, no mpp, a full disk, an output it must not
-replace) is reported and the others go on; the exit code is 1 when any failed. The summary
-lists every slide given, once: extracted, already done, or failed and why. A slide
+replace) is reported and the others go on; the exit code is 1 when any failed. A slide
 whose output was made for the same request is skipped, a ``--max-patches`` trial is
 extended; an output histohub did not write, or made for another slide, model or tiling, is
 kept and reported unless ``--overwrite``. A killed run resumes where it stopped.
+
+A slide is the path given, made absolute without following links: a linked slide's output,
+logs and attributes carry the link's own name, and two names for one file are two slides
+(``histohub.slide_names``, docs/extraction-names.md). The summary lists every slide given,
+once: extracted, already done, or failed and why.
 
 The model is loaded (and compiled, when the job is big enough) once for all slides, and
 the next slide's tissue mask and grid are prepared while the current one runs.
