@@ -286,6 +286,6 @@ def test_no_slide_code_follows_links_but_the_opt_in():
         if source in allowed or (package / "hub") in source.parents:
             continue
         text = source.read_text(encoding="utf-8")
-        offenders += [f"{source.relative_to(package)}: {word}" for word in (".resolve(", "realpath(")
-                      if word in text]
+        offenders += [f"{source.relative_to(package)}: {word}"
+                      for word in (".resolve(", "realpath(") if word in text]
     assert not offenders
