@@ -112,7 +112,7 @@ def register(subparsers) -> None:
 
 def find_slides(inputs: list[str]) -> tuple[list[Path], list[str]]:
     """Expand files, folders, globs and CSV/text lists -> (slides, problems)."""
-    from histohub.slides._wsi import SLIDE_EXTENSIONS
+    from histohub.slides._reader import SLIDE_EXTENSIONS
 
     slides: list[Path] = []
     problems: list[str] = []

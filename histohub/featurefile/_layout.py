@@ -57,7 +57,7 @@ from histohub.errors import (DiskFullError, FeatureFileError, OutputExistsError,
                              require)
 
 if TYPE_CHECKING:
-    from histohub.slides._wsi import TileGrid
+    from histohub.slides._tiling import TileGrid
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Whole slides -> HDF5 feature files (the CLAM/TRIDENT layout of ``histohub.featurefile._layout``).
 
 - ``extract_slide(model, slide, out_h5)``: one slide, tiled at the model's microns per
-  pixel (``histohub.slides._wsi``), patches read while the model runs, features appended batch by
+  pixel (``histohub.slides._reader``), patches read while the model runs, features appended batch by
   batch; resumable, corrupt tiles skipped.
 - ``SlideExtractor(model)``: the same for a cohort, paying per slide only what is the
   slide's: the model is placed on its device (and compiled, see ``compile``) once, and
@@ -55,7 +55,8 @@ from histohub.slides._jobs import SlideJob, SlideResult, Tiling, skipped_result
 from histohub.slides._outputs import (OpenOutput, output_lock, request_attrs, warm_imports,
                                       write_preview)
 from histohub.slides._stream import Batch, CrossBatcher, Schedule, reader_stream, worker_stream
-from histohub.slides._wsi import open_slide, tile_grid
+from histohub.slides._reader import open_slide
+from histohub.slides._tiling import tile_grid
 
 # h5py and filelock are imported with this module, while nothing else runs: imported beside
 # the thread that tiles the first slide, h5py's import took up to 8x longer (0.15-0.2 s)

@@ -19,7 +19,8 @@ from histohub.slides._preview import preview as draw_preview
 from histohub.hub._runner import ModelSpec
 from histohub.slides._jobs import SlideJob, SlideResult, Tiling
 from histohub.slides._stream import Batch
-from histohub.slides._wsi import Slide, TileGrid, slide_fingerprint
+from histohub.slides._reader import Slide, slide_fingerprint
+from histohub.slides._tiling import TileGrid
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class OpenOutput:
 def request_attrs(spec: ModelSpec, fingerprint: str, slide, tiling: Tiling, target_mpp: float
              ) -> dict[str, Any]:
     """The ``REQUEST_ATTRS`` of this call, known without tiling the slide."""
-    from histohub.slides._wsi import _slide_mpp
+    from histohub.slides._tiling import _slide_mpp
 
     pre = spec.preprocessing
     size, slide_digest = slide_fingerprint(slide.path)

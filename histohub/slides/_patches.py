@@ -10,7 +10,7 @@ the patches: ``extract_slide``'s reading without its model and its feature file.
 ``cohort_patches(slides)`` does the same for many slides in one stream, each slide tiled
 while the one before is read (as ``SlideExtractor.extract_many`` does): slide after slide,
 the tiling is off the readers' path. Slides are tiled as ``extract_slide`` tiles them
-(``histohub.slides._wsi.tile_grid``), and read by ``read_threads`` threads or ``num_workers``
+(``histohub.slides._tiling.tile_grid``), and read by ``read_threads`` threads or ``num_workers``
 DataLoader processes (``histohub.slides._stream``) while the caller works on earlier batches.
 """
 
@@ -31,7 +31,8 @@ from histohub._features import check_options
 from histohub.slides._preview import grid_summary
 from histohub.slides._batches import batch_ranges, pinned
 from histohub.slides._stream import Schedule, reader_stream, worker_stream
-from histohub.slides._wsi import Slide, TileGrid, open_slide, tile_grid
+from histohub.slides._reader import Slide, open_slide
+from histohub.slides._tiling import TileGrid, tile_grid
 
 log = logging.getLogger(__name__)
 

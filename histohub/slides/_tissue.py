@@ -1,7 +1,7 @@
 """Tissue (foreground) masks: RGB uint8 ``(H, W, 3)`` -> bool ``(H, W)``.
 
 ``tissue_mask(rgb)`` is the paper's HSV foreground rule (Appendix B) or Otsu on saturation
-(``MASK_METHODS``). ``histohub.slides._wsi.tile_grid`` keeps the patches it covers enough of.
+(``MASK_METHODS``). ``histohub.slides._tiling.tile_grid`` keeps the patches it covers enough of.
 """
 
 from __future__ import annotations

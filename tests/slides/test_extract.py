@@ -19,7 +19,7 @@ from histohub.hub._transforms import normalize_batch
 from test_features import Tiny, reference
 from wsi_factory import corrupt_tile, tissue_image, write_slide
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/: the helpers a child process imports
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,8 @@ def test_slide_to_hdf5_layout_and_values(cmu_slide, tmp_path):
     """Real slide, random ResNet18: the file is self-describing and its features are the
     model's output on the patches at the stated coordinates."""
     from histohub import load_pretrained
-    from histohub.slides._wsi import PatchReader, open_slide, tile_grid
+    from histohub.slides._reader import PatchReader, open_slide
+    from histohub.slides._tiling import tile_grid
 
     model = load_pretrained("resnet18-ssl", pretrained=False)
     out = tmp_path / "cmu.h5"
@@ -323,7 +324,8 @@ def test_bad_options_are_refused_before_anything_runs(slide, tmp_path, options, 
 
 def test_tile_grid_rejects_nan_and_inf(slide):
     from histohub.errors import OptionError
-    from histohub.slides._wsi import open_slide, tile_grid
+    from histohub.slides._reader import open_slide
+    from histohub.slides._tiling import tile_grid
 
     with open_slide(slide) as opened:
         for options in ({"target_mpp": float("nan")}, {"target_mpp": 0.5, "patch_size": 0},
