@@ -315,6 +315,8 @@ def tile_grid(slide: Slide, *, target_mpp: float, patch_size: int = 224,
     """Non-overlapping ``patch_size`` px patches at ``target_mpp`` with enough tissue.
 
     ``mpp_override`` replaces the slide's microns per pixel (needed when the file has none).
+    ``method``: one of ``histohub.tissue.MASK_METHODS``; "hsv" (the paper's rule, which
+    training samples with) unless given: extraction passes ``tissue.DEFAULT_MASK``.
     Raises ``SlideError`` when the mpp is unknown.
     """
     check_option("target_mpp", target_mpp, low=MPP_RANGE[0], high=MPP_RANGE[1])
@@ -330,7 +332,7 @@ def tile_grid(slide: Slide, *, target_mpp: float, patch_size: int = 224,
     read_size = max(1, round(size0 / level_ds))
     width, height = slide.dimensions
     mask_ds = max(1.0, size0 / MASK_PIXELS_PER_PATCH, max(width, height) / MASK_MAX_SIDE)
-    mask = tissue_mask(slide.thumbnail(mask_ds), method)
+    mask = tissue_mask(slide.thumbnail(mask_ds), method, mpp=slide_mpp * mask_ds)
     ys, xs = np.mgrid[0:height // size0, 0:width // size0]
     candidates = np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.int64) * size0
     fractions = _box_fractions(mask, candidates, size0, mask_ds)
