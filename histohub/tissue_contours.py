@@ -8,8 +8,8 @@ and black marker ink is found and cut out before the contours are traced.
 
 - tissue: saturation above ``SAT_MIN`` after a median blur. Saturation, not value, keeps
   the darkest, most nucleus-dense tissue (the paper's HSV rule drops value < 0.5);
-- ink: hue outside H&E's pink-to-purple range with some saturation (blue, green), or
-  nearly black; only where it forms strokes (an opening by ``INK_MIN_WIDTH_UM`` spares
+- ink: hue outside H&E's pink-to-purple range with some saturation (blue, green), violet
+  more saturated than stain (blue over tissue), nearly black, or dark grey; only where it forms strokes (an opening by ``INK_MIN_WIDTH_UM`` spares
   single dark nuclei), widened by ``INK_MARGIN_UM`` to take the stroke's blended edges;
 - contours: closing by ``CLOSING_UM``, then outer contours of at least
   ``MIN_TISSUE_AREA_UM2`` (drops dust) keeping holes of at least ``MIN_HOLE_AREA_UM2``
@@ -42,6 +42,10 @@ INK_VIOLET_HUE_MAX = 192
 INK_VIOLET_SAT_MIN = 150
 #: Nearly black (value below this, 0-255) is black marker (or a fold), not stain.
 INK_VALUE_MAX = 60
+#: Dark and grey (value and saturation below these) is ink too: green marker over red
+#: tissue turns grey-brown. Stain this dark is saturated (no Kather 2016 tumour, lymphocyte,
+#: stroma, complex, debris or mucosa pixel at 3.5 um/px falls below both).
+INK_GREY_MAX = (130, 70)
 #: Ink strokes are at least this wide; narrower dark or blue specks are nuclei.
 INK_MIN_WIDTH_UM = 24.0
 #: Ink is widened by this much, to take the stroke's edge blended with tissue or glass.
@@ -75,7 +79,8 @@ def ink_mask(hsv: np.ndarray, *, mpp: float) -> np.ndarray:
     coloured = (hue >= INK_HUE_BAND[0]) & (hue < INK_HUE_BAND[1]) & (sat >= INK_SAT_MIN)
     coloured |= (hue >= INK_HUE_BAND[0]) & (hue < INK_VIOLET_HUE_MAX) & (
         sat >= INK_VIOLET_SAT_MIN)
-    ink = (coloured | (val < INK_VALUE_MAX)).astype(np.uint8)
+    grey = (val < INK_GREY_MAX[0]) & (sat < INK_GREY_MAX[1])
+    ink = (coloured | (val < INK_VALUE_MAX) | grey).astype(np.uint8)
     ink = cv2.morphologyEx(ink, cv2.MORPH_OPEN, _disk(INK_MIN_WIDTH_UM / mpp))
     if ink.any():
         ink = cv2.dilate(ink, _disk(2 * INK_MARGIN_UM / mpp))
