@@ -23,7 +23,8 @@ Layout of ``<slide stem>.h5`` (one file per slide)::
         slide_mpp, mpp_source ("openslide.mpp", "tiff.resolution" or "user")
         target_mpp, patch_size (px fed to the model), level, level_downsample,
         read_size (px read at level), patch_size_level0
-        mask_method ("contours", "hsv" or "otsu"), min_foreground, n_grid (patches in the grid written),
+        mask_method ("contours", "hsv" or "otsu"), min_foreground, n_grid (patches in the grid
+        written), roi and coords_from (sha256 of the --roi region, of the --coords file; ""),
         grid_sha256 (of the grid's coords: identifies the grid for resuming)
         n_tissue (patches with tissue), max_patches (0: no limit), truncated (n_grid < n_tissue)
         model_fingerprint  sha256 of the model's weights (its state dict), whatever their source

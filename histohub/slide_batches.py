@@ -60,7 +60,8 @@ def slide_patches(slide_path: str | os.PathLike, *, target_mpp: float,
                   min_foreground: float = 0.5, interpolation: str = "bilinear",
                   pin_memory: bool = False) -> Iterator[PatchBatch]:
     """The tissue patches of a slide, ``patch_size`` px at ``target_mpp`` um/px with at
-    least ``min_foreground`` tissue (``mask``: 'contours', the default; 'hsv', the paper's rule; or 'otsu'), as
+    least ``min_foreground`` tissue (``mask``: 'contours', the default; 'hsv', the paper's
+    rule; or 'otsu'), as
     ``PatchBatch``es of up to ``batch_size``, read ahead by ``read_threads`` reader threads
     or ``num_workers`` DataLoader worker processes. ``mpp``: the slide's um/px when the file
     lacks it. ``pin_memory``: page-locked batches, for ``non_blocking`` copies to a GPU.

@@ -9,8 +9,9 @@ and black marker ink is found and cut out before the contours are traced.
 - tissue: saturation above ``SAT_MIN`` after a median blur. Saturation, not value, keeps
   the darkest, most nucleus-dense tissue (the paper's HSV rule drops value < 0.5);
 - ink: hue outside H&E's pink-to-purple range with some saturation (blue, green), violet
-  more saturated than stain (blue over tissue), nearly black, or dark grey; only where it forms strokes (an opening by ``INK_MIN_WIDTH_UM`` spares
-  single dark nuclei), widened by ``INK_MARGIN_UM`` to take the stroke's blended edges;
+  more saturated than stain (blue over tissue), nearly black, or dark grey; only where it
+  forms strokes (an opening by ``INK_MIN_WIDTH_UM`` spares single dark nuclei), widened
+  by ``INK_MARGIN_UM`` to take the stroke's blended edges;
 - contours: closing by ``CLOSING_UM``, then outer contours of at least
   ``MIN_TISSUE_AREA_UM2`` (drops dust) keeping holes of at least ``MIN_HOLE_AREA_UM2``
   (lumen, fat, cut-out ink), filled back into the mask.

@@ -64,7 +64,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "extract", help="features of whole-slide images, one HDF5 file per slide",
         description="Tile slides at the model's microns per pixel, keep patches with tissue "
-                    "(by default the 'contours' mask: all tissue, dense and pale, without pen ink or debris), and write features + coords to <out>/<slide>.h5 "
+                    "(by default the 'contours' mask: all tissue, dense and pale, without "
+                    "pen ink or debris), and write features + coords to <out>/<slide>.h5 "
                     "(the CLAM/TRIDENT layout).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="SLIDES_OR_DIRS",
