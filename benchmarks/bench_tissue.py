@@ -5,7 +5,7 @@
 
 Each case (``tissue_slides.make_case``: real H&E tissue from the shared Kather tiles and
 slide cells, with holes, 2-3 sections, blue/green/black marker strokes across tissue and
-glass, dust) is written as a JPEG pyramidal TIFF and tiled by ``histohub.wsi.tile_grid``
+glass, dust) is written as a JPEG pyramidal TIFF and tiled by ``histohub.slides._wsi.tile_grid``
 exactly as ``histohub extract`` tiles it (224 px at 0.5 um/px); its mask is compared with
 the truth brought to the mask's grid (a mask pixel is tissue in truth when over half its
 area is). Reported per method, summed over all cases:
@@ -50,7 +50,7 @@ def _patch_truth(truth: np.ndarray, grid) -> tuple[np.ndarray, np.ndarray]:
 
 def measure(case, slide_path: Path) -> dict[str, dict[str, float]]:
     """Counts per method for one case (summed later)."""
-    from histohub.wsi import open_slide, tile_grid
+    from histohub.slides._wsi import open_slide, tile_grid
 
     out = {}
     coords, fraction = None, None

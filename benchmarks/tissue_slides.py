@@ -75,7 +75,7 @@ def _slide_cells(path: Path, *, dark: bool) -> list[np.ndarray]:
     pixels); ``dark``: only the darker half of them (the CMU slide's epidermis)."""
     import cv2
 
-    from histohub.wsi import open_slide
+    from histohub.slides._wsi import open_slide
 
     if not path.is_file():
         return []

@@ -11,8 +11,8 @@ import torch
 from _servers import weights_file
 
 import histohub
-from histohub import _download
-from histohub._manifest import get_entry
+from histohub.hub import _download as _download
+from histohub.hub._registry import get_entry
 from histohub.cli import main
 
 PAYLOAD = b"PK\x03\x04" + os.urandom(200_000)  # looks like a torch file

@@ -13,8 +13,8 @@ pytest.importorskip("cv2")
 pytest.importorskip("shapely")
 
 from histohub.errors import RoiError  # noqa: E402
-from histohub.qupath import load_roi, patch_features, tissue_features, write_geojson  # noqa
-from histohub.wsi import open_slide, tile_grid  # noqa: E402
+from histohub.slides._qupath import load_roi, patch_features, tissue_features, write_geojson  # noqa
+from histohub.slides._wsi import open_slide, tile_grid  # noqa: E402
 from wsi_factory import tissue_image, write_slide  # noqa: E402
 
 
@@ -89,7 +89,7 @@ def _clam_h5(path: Path, coords: np.ndarray, *, patch_size: int, **attrs) -> Pat
 
 
 def test_coords_from_a_clam_file_are_reproduced(slide_path, tmp_path):
-    from histohub.patch_coords import coords_grid, read_coords
+    from histohub.slides._coords import coords_grid, read_coords
 
     coords = np.array([[0, 0], [256, 128], [900, 300]], np.int64)
     path = _clam_h5(tmp_path / "s.h5", coords, patch_size=256)
@@ -105,7 +105,7 @@ def test_coords_from_a_clam_file_are_reproduced(slide_path, tmp_path):
     ([[0, 0]], {"level0_width": 5000, "level0_height": 4000}, "another slide"),
 ])
 def test_coords_of_another_slide_are_refused(tmp_path, coords, attrs, match):
-    from histohub.patch_coords import read_coords
+    from histohub.slides._coords import read_coords
 
     path = _clam_h5(tmp_path / "c.h5", np.array(coords), patch_size=256, **attrs)
     with pytest.raises(RoiError, match=match) as error:

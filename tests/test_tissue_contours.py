@@ -8,8 +8,8 @@ import pytest
 
 pytest.importorskip("cv2")
 
-from histohub.tissue import DEFAULT_MASK, tissue_mask  # noqa: E402
-from histohub.wsi import open_slide, tile_grid  # noqa: E402
+from histohub.slides._tissue import DEFAULT_MASK, tissue_mask  # noqa: E402
+from histohub.slides._wsi import open_slide, tile_grid  # noqa: E402
 
 MPP = 3.5  # the mask's microns per pixel when 224 px patches are cut at 0.5 um/px
 
