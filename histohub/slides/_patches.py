@@ -33,6 +33,7 @@ from histohub.slides._batches import batch_ranges, pinned
 from histohub.slides._stream import Schedule, reader_stream, worker_stream
 from histohub.slides._reader import Slide, open_slide
 from histohub.slides._tiling import TileGrid, tile_grid
+from histohub.slides._tissue import DEFAULT_MASK
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,12 @@ class PatchBatch:
 
 def slide_patches(slide_path: str | os.PathLike, *, target_mpp: float,
                   mpp: float | None = None, patch_size: int = 224, batch_size: int = 64,
-                  read_threads: int = 1, num_workers: int = 0, mask: str = "hsv",
+                  read_threads: int = 1, num_workers: int = 0, mask: str = DEFAULT_MASK,
                   min_foreground: float = 0.5, interpolation: str = "bilinear",
                   pin_memory: bool = False) -> Iterator[PatchBatch]:
     """The tissue patches of a slide, ``patch_size`` px at ``target_mpp`` um/px with at
-    least ``min_foreground`` tissue (``mask``: 'hsv', the paper's rule, or 'otsu'), as
+    least ``min_foreground`` tissue (``mask``: 'contours', the default; 'hsv', the paper's
+    rule; or 'otsu'), as
     ``PatchBatch``es of up to ``batch_size``, read ahead by ``read_threads`` reader threads
     or ``num_workers`` DataLoader worker processes. ``mpp``: the slide's um/px when the file
     lacks it. ``pin_memory``: page-locked batches, for ``non_blocking`` copies to a GPU.
@@ -76,7 +78,7 @@ def slide_patches(slide_path: str | os.PathLike, *, target_mpp: float,
 
 def cohort_patches(slide_paths: Iterable[str | os.PathLike], *, target_mpp: float,
                    mpp: float | None = None, patch_size: int = 224, batch_size: int = 64,
-                   read_threads: int = 1, num_workers: int = 0, mask: str = "hsv",
+                   read_threads: int = 1, num_workers: int = 0, mask: str = DEFAULT_MASK,
                    min_foreground: float = 0.5, interpolation: str = "bilinear",
                    pin_memory: bool = False, skip_unreadable: bool = False
                    ) -> Iterator[PatchBatch]:

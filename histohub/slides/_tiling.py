@@ -58,6 +58,7 @@ class TileGrid:
     mask: np.ndarray
     mask_downsample: float
     n_candidates: int
+    roi: str = ""
 
     def __len__(self) -> int:
         return len(self.coords)
@@ -81,10 +82,13 @@ def choose_level(slide: Slide, slide_mpp: float, target_mpp: float) -> int:
 
 def tile_grid(slide: Slide, *, target_mpp: float, patch_size: int = 224,
               min_foreground: float = 0.5, method: str = "hsv",
-              mpp_override: float | None = None) -> TileGrid:
+              mpp_override: float | None = None, roi=None) -> TileGrid:
     """Non-overlapping ``patch_size`` px patches at ``target_mpp`` with enough tissue.
 
     ``mpp_override`` replaces the slide's microns per pixel (needed when the file has none).
+    ``method``: one of ``histohub.slides.MASK_METHODS``; "hsv" (the paper's rule, which
+    training samples with) unless given: extraction passes ``_tissue.DEFAULT_MASK``.
+    ``roi``: a ``_qupath.Roi``; only tissue inside it counts (``TileGrid.roi``: its digest).
     Raises ``SlideError`` when the mpp is unknown.
     """
     check_option("target_mpp", target_mpp, low=MPP_RANGE[0], high=MPP_RANGE[1])
@@ -100,7 +104,9 @@ def tile_grid(slide: Slide, *, target_mpp: float, patch_size: int = 224,
     read_size = max(1, round(size0 / level_ds))
     width, height = slide.dimensions
     mask_ds = max(1.0, size0 / MASK_PIXELS_PER_PATCH, max(width, height) / MASK_MAX_SIDE)
-    mask = tissue_mask(slide.thumbnail(mask_ds), method)
+    mask = tissue_mask(slide.thumbnail(mask_ds), method, mpp=slide_mpp * mask_ds)
+    if roi is not None:
+        mask &= roi.raster(mask.shape, mask_ds)
     ys, xs = np.mgrid[0:height // size0, 0:width // size0]
     candidates = np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.int64) * size0
     fractions = _box_fractions(mask, candidates, size0, mask_ds)
@@ -112,7 +118,7 @@ def tile_grid(slide: Slide, *, target_mpp: float, patch_size: int = 224,
         level_downsample=float(level_ds), read_size=read_size, coords=candidates[keep],
         foreground=fractions[keep].astype(np.float32), mask_method=method,
         min_foreground=float(min_foreground), mask=mask, mask_downsample=float(mask_ds),
-        n_candidates=len(candidates))
+        n_candidates=len(candidates), roi=roi.digest if roi is not None else "")
 
 
 def _slide_mpp(slide: Slide, mpp_override: float | None) -> tuple[float, str]:

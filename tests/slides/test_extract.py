@@ -49,13 +49,13 @@ def test_slide_to_hdf5_layout_and_values(cmu_slide, tmp_path):
     for key, value in {"model_name": "resnet18-ssl", "arch": "resnet18", "feature_dim": 512,
                        "level": 0, "patch_size": 224, "read_size": 224,
                        "patch_size_level0": 224, "target_mpp": 0.5, "slide_mpp": 0.499,
-                       "slide_width": 2220, "slide_height": 2967, "mask_method": "hsv",
+                       "slide_width": 2220, "slide_height": 2967, "mask_method": "contours",
                        "min_foreground": 0.5, "completed": True, "n_failed": 0}.items():
         assert attrs[key] == value, key
     assert attrs["slide_path"] == str(Path(cmu_slide).resolve())
     assert attrs["histohub_version"] and len(attrs["grid_sha256"]) == 64
     with open_slide(cmu_slide) as slide:
-        grid = tile_grid(slide, target_mpp=0.5)
+        grid = tile_grid(slide, target_mpp=0.5, method="contours")  # extraction's default
     np.testing.assert_array_equal(coords, grid.coords[:6])
     reader = PatchReader(grid)
     pixels = torch.from_numpy(np.stack([reader.read(i) for i in range(6)])).permute(0, 3, 1, 2)
@@ -305,7 +305,7 @@ BAD_OPTIONS = [
     ({"mpp": float("inf")}, "mpp=inf"),
     ({"min_foreground": 1.5}, r"min_foreground=1.5: must be a number in \[0, 1\]"),
     ({"min_foreground": float("nan")}, "min_foreground=nan"),
-    ({"mask": "edges"}, "mask='edges': must be one of 'hsv', 'otsu'"),
+    ({"mask": "edges"}, "mask='edges': must be one of 'contours', 'hsv', 'otsu'"),
     ({"amp": "int8"}, "amp='int8'"),
 ]
 
