@@ -25,7 +25,8 @@ Layout of ``<slide stem>.h5`` (one file per slide)::
         slide_mpp, mpp_source ("openslide.mpp", "tiff.resolution" or "user")
         target_mpp, patch_size (px fed to the model), level, level_downsample,
         read_size (px read at level), patch_size_level0
-        mask_method ("hsv" or "otsu"), min_foreground, n_grid (patches in the grid written),
+        mask_method ("contours", "hsv" or "otsu"), min_foreground, n_grid (patches in the grid
+        written), roi and coords_from (sha256 of the --roi region, of the --coords file; ""),
         grid_sha256 (of the grid's coords: identifies the grid for resuming)
         n_tissue (patches with tissue), max_patches (0: no limit), truncated (n_grid < n_tissue)
         model_fingerprint  sha256 of the model's weights (its state dict), whatever their source
@@ -59,7 +60,7 @@ from histohub.errors import (DiskFullError, FeatureFileError, OutputExistsError,
                              require)
 
 if TYPE_CHECKING:
-    from histohub.slides._wsi import TileGrid
+    from histohub.slides._tiling import TileGrid
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,9 @@ MODEL_ATTRS = ("model_name", "arch", "model_fingerprint", "norm_mean", "norm_std
 SLIDE_ATTRS = ("slide_size", "slide_fingerprint", "slide_width", "slide_height")
 #: What a complete feature file must share with a request to count as done for it.
 REQUEST_ATTRS = (*MODEL_ATTRS, *SLIDE_ATTRS, "slide_mpp", "target_mpp", "patch_size",
-                 "mask_method", "min_foreground")
+                 "mask_method", "min_foreground", "roi", "coords_from")
+#: Request attributes added since format 1; a file without them was made without them.
+_ADDED_REQUEST_ATTRS = {"roi": "", "coords_from": ""}
 _COORD_DATASETS = ("coords", "failed_coords", "nonfinite_coords")
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -177,22 +180,16 @@ def grid_sha256(coords: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(coords, np.int64).tobytes()).hexdigest()
 
 
-def feature_attrs(request: dict[str, Any], grid: TileGrid, *, model_sha256: str,
-                  feature_dim: int, n_tissue: int, max_patches: int | None,
-                  record_resolved_path: bool = False) -> dict[str, Any]:
+def feature_attrs(request: dict[str, Any], grid: TileGrid, *, names: dict[str, str],
+                  model_sha256: str, feature_dim: int, n_tissue: int, max_patches: int | None
+                  ) -> dict[str, Any]:
     """The root attributes of a feature file (module docstring) for ``request`` (its
-    ``REQUEST_ATTRS``) and the ``grid`` written (possibly the first ``max_patches`` of
-    ``n_tissue`` patches). The slide is named by its given path (links not followed);
-    ``record_resolved_path`` adds ``slide_resolved_path``, the file behind the links."""
-    from histohub.slides._names import given_path, resolved_path
-
-    resolved = {"slide_resolved_path": resolved_path(grid.slide_path)} \
-        if record_resolved_path else {}
+    ``REQUEST_ATTRS``), the slide's ``names`` (its ``NAME_ATTRS``, as the slides wing
+    gives them: ``slides._outputs.name_attrs``) and the ``grid`` written (possibly the first
+    ``max_patches`` of ``n_tissue`` patches)."""
     return {
         **request, "histohub_version": __version__, "model_sha256": model_sha256,
-        "feature_dim": feature_dim,
-        "slide_path": str(given_path(grid.slide_path)), **resolved,
-        "slide_name": Path(grid.slide_path).name,
+        "feature_dim": feature_dim, **names,
         "slide_width": grid.slide_dimensions[0], "slide_height": grid.slide_dimensions[1],
         "slide_mpp": grid.slide_mpp, "mpp_source": grid.mpp_source,
         "target_mpp": grid.target_mpp, "patch_size": grid.patch_size, "level": grid.level,
@@ -231,6 +228,7 @@ def find_done(path: str | os.PathLike, request: dict[str, Any], *, max_patches: 
         return None
     keep = "it is kept. Pass --overwrite (overwrite=True) to replace it, or choose another " \
            "output folder"
+    attrs = {**_ADDED_REQUEST_ATTRS, **attrs}
     missing = [k for k in (*REQUEST_ATTRS, "n_tissue") if k not in attrs]
     if missing:
         raise OutputExistsError(

@@ -164,17 +164,20 @@ def test_a_pseudonymised_slide_leaves_no_trace_of_the_real_name(real_slide, resn
     (tmp_path / "anon").mkdir()
     (tmp_path / "anon" / "PSEUDO-001.svs").symlink_to(Path("..") / "real" / "a.svs")
     code = run_cli(["extract", "anon/PSEUDO-001.svs", "--model", str(resnet18_file), "--out",
-                    "out", "--max-patches", "2", "--batch-size", "2", "--preview", "--quiet"])
+                    "out", "--max-patches", "2", "--batch-size", "2", "--preview", "--geojson",
+                    "--quiet"])
     report = capsys.readouterr()
     assert code == 0, report
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert written == [".PSEUDO-001.h5.lock", "PSEUDO-001.h5", "PSEUDO-001.png"]
+    assert written == [".PSEUDO-001.h5.lock", "PSEUDO-001.geojson", "PSEUDO-001.h5",
+                       "PSEUDO-001.png"]
     attrs = all_attrs(tmp_path / "out" / "PSEUDO-001.h5")
     assert attrs["/slide_name"] == "PSEUDO-001.svs"
     assert attrs["/slide_path"] == str(tmp_path / "anon" / "PSEUDO-001.svs")
     assert "/slide_resolved_path" not in attrs
     text = " ".join(as_text(v) for v in attrs.values())
-    for shown in (text, report.out, report.err, caplog.text):
+    geojson = (tmp_path / "out" / "PSEUDO-001.geojson").read_text()
+    for shown in (text, geojson, report.out, report.err, caplog.text):
         assert "a.svs" not in shown.replace("PSEUDO-001.svs", "")
         assert str(tmp_path / "real") not in shown
     assert "extracted: " in report.out and "PSEUDO-001.svs -> " in report.out
@@ -219,7 +222,7 @@ def test_three_names_for_one_file_give_three_outputs_and_three_summary_lines(
 
 
 def test_the_python_api_keeps_the_given_path(real_slide, resnet18_file, tmp_path, monkeypatch):
-    from histohub.slides import extract_slide
+    from histohub.slides import SlideExtractor, SlideJob, Tiling, extract_slide
 
     monkeypatch.chdir(tmp_path)
     os.symlink(Path("real") / "a.svs", "P1.svs")
@@ -227,9 +230,13 @@ def test_the_python_api_keeps_the_given_path(real_slide, resnet18_file, tmp_path
     assert result.slide_path == Path("P1.svs")
     attrs = all_attrs(tmp_path / "P1.h5")
     assert attrs["/slide_path"] == str(tmp_path / "P1.svs") and "/slide_resolved_path" not in attrs
-    extract_slide(resnet18_file, "P1.svs", "P1r.h5", max_patches=1, progress=False,
-                  record_resolved_path=True)
-    assert all_attrs(tmp_path / "P1r.h5")["/slide_resolved_path"] == str(real_slide)
+    with SlideExtractor(resnet18_file, progress=False) as extractor:  # asked for, per job
+        jobs = [SlideJob(Path("P1.svs"), Path("P1r.h5"), record_resolved_path=True)]
+        (result,) = extractor.extract_many(jobs, tiling=Tiling(max_patches=1))
+    assert result.error is None
+    attrs = all_attrs(tmp_path / "P1r.h5")
+    assert attrs["/slide_resolved_path"] == str(real_slide)
+    assert attrs["/slide_path"] == str(tmp_path / "P1.svs")
 
 
 def test_a_pattern_matching_a_broken_link_reports_it(linked):
