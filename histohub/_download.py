@@ -389,7 +389,7 @@ def _source_labels(file: WeightsFile) -> set[str]:
     labels = set()
     for source in file.sources:
         if source.is_hf:
-            labels.add(f"Hugging Face {source.repo_id}@{source.revision[:12]}/{source.filename}")
+            labels.add(_hf_label(source))
         else:
             labels.update({source.url, redact(source.url)})
     return labels
@@ -620,7 +620,7 @@ def _candidates(file: WeightsFile, expected: _Expected, budget: _Budget, *, prog
             yield f"the histohub package ({source.package})", _missing_from_package(source)
             continue
         if source.is_hf:
-            label = f"Hugging Face {source.repo_id}@{source.revision[:12]}/{source.filename}"
+            label = _hf_label(source)
             yield label, _hf_fetcher(source, file, budget, progress=progress, offline=offline)
         elif source.url.startswith("file://"):
             local = Path(_file_url_path(source.url))
@@ -629,6 +629,11 @@ def _candidates(file: WeightsFile, expected: _Expected, budget: _Budget, *, prog
         else:
             yield redact(source.url), _url_fetcher(source.url, file, expected, budget,
                                                    progress=progress, offline=offline)
+
+
+def _hf_label(source: Source) -> str:
+    """``Hugging Face REPO@REV12/FILE``; ``main`` for a source whose revision is not pinned."""
+    return f"Hugging Face {source.repo_id}@{(source.revision or 'main')[:12]}/{source.filename}"
 
 
 def _missing_from_package(source: Source) -> Fetcher:
