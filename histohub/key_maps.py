@@ -9,9 +9,10 @@ unchanged, so it is reported as unexpected: nothing is silently ignored.
   timm repositories of UNI, Virchow2, H-optimus, Prov-GigaPath): the identity.
 - ``hf_vit``: ``transformers`` ``ViTModel`` (owkin/phikon): query, key and value Linear
   layers are stacked into timm's ``qkv``.
-- ``hf_dinov2``: ``transformers`` ``Dinov2Model`` / ``Dinov2WithRegistersModel``
-  (owkin/phikon-v2): as ``hf_vit``, plus LayerScale (``lambda1`` -> ``gamma``), register
-  tokens and SwiGLU's ``weights_in``/``weights_out``.
+- ``hf_dinov2``: ``transformers`` ``Dinov2Model`` (owkin/phikon-v2): as ``hf_vit``, plus
+  LayerScale (``lambda1`` -> ``gamma``). Registers and SwiGLU (``Dinov2WithRegisters``,
+  ``weights_in``/``weights_out``) are not mapped: no zoo entry needs them, so such a file
+  is refused by the strict check rather than guessed at.
 
 Nothing here imports torch at module level.
 """
@@ -39,12 +40,9 @@ _HF_DINOV2_BLOCK = {
     "layer_scale2.lambda1": "ls2.gamma",
     "mlp.fc1.": "mlp.fc1.",
     "mlp.fc2.": "mlp.fc2.",
-    "mlp.weights_in.": "mlp.fc1.",
-    "mlp.weights_out.": "mlp.fc2.",
 }
 _HF_EMBEDDINGS = {
     "embeddings.cls_token": "cls_token",
-    "embeddings.register_tokens": "reg_token",
     "embeddings.position_embeddings": "pos_embed",
     "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
     "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
@@ -98,10 +96,7 @@ def _hf_vit(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _hf_dinov2(state: Mapping[str, Any]) -> dict[str, Any]:
-    converted = _hf_to_timm(state, _HF_DINOV2_BLOCK)
-    if "reg_token" in converted and converted["reg_token"].dim() == 2:
-        converted["reg_token"] = converted["reg_token"].unsqueeze(0)  # (R, D) -> (1, R, D)
-    return converted
+    return _hf_to_timm(state, _HF_DINOV2_BLOCK)
 
 
 #: Layout name -> function renaming a checkpoint's tensors to timm's names.
