@@ -732,10 +732,25 @@ def _mirror_folder_fetcher(folder: Path, file: WeightsFile, budget: _Budget,
             raise DownloadError(f"HISTOHUB_MIRROR={folder} is not a folder")
         for candidate in (folder / file.filename, folder / cache_key(file) / file.filename):
             if candidate.is_file():
-                return _copy_hashing(candidate, part, file, budget, progress)
+                digest, size = _copy_hashing(candidate, part, file, budget, progress)
+                _check_bundle_record(folder, file, digest, part)
+                return digest, size
         raise DownloadError(f"{file.filename} is not in the mirror folder {folder}")
 
     return fetch
+
+
+def _check_bundle_record(folder: Path, file: WeightsFile, digest: str, part: Path) -> None:
+    """A folder written by ``histohub bundle`` records each file's sha256: a copy that
+    differs from it is refused on arrival (whatever the manifest pins)."""
+    from .bundle import bundled_sha256
+
+    recorded = bundled_sha256(folder, cache_key(file), file.filename)
+    if recorded is not None and recorded != digest:
+        part.unlink(missing_ok=True)
+        raise ChecksumError(f"{file.filename} in the bundle {folder} has sha256 {digest}, "
+                            f"but the bundle recorded {recorded} when it was written: the "
+                            "copy was changed or damaged on the way; bundle it again")
 
 
 # --------------------------------------------------------------------------- Hugging Face

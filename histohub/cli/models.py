@@ -46,6 +46,19 @@ def register(subparsers) -> None:
     parser.set_defaults(func=_download)
 
     parser = subparsers.add_parser(
+        "bundle", help="weights + manifest + licence terms in one folder, for offline sites",
+        description="Fetch and verify each NAME, and write its weights, an extra manifest "
+                    "(for models of HISTOHUB_MANIFEST files) and its licence terms into the "
+                    "new folder OUT. Another machine uses OUT as HISTOHUB_MIRROR (and "
+                    "OUT/manifest.json in HISTOHUB_MANIFEST); every copy is checked against "
+                    "the sha256 recorded here on arrival.")
+    parser.add_argument("items", nargs="+", metavar="NAME... OUT")
+    parser.add_argument("--accept-licence", action="store_true",
+                        help="accept the licences of restricted NAMEs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=_bundle)
+
+    parser = subparsers.add_parser(
         "pin", help="write the sha256 and size of a model's files into its manifest",
         description="For maintainers with network: fetch each weights file of NAME (a cached "
                     "copy is re-hashed in full) and write its sha256 and size into the "
@@ -184,6 +197,21 @@ def _download(args: argparse.Namespace) -> int:
         for item in fetched:
             print(f"{name}: {item.path} (sha256 {item.sha256})")
     return 2 if failed else 0
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    from ..bundle import bundle
+
+    if len(args.items) < 2:
+        print("histohub bundle: error: give at least one NAME and the folder OUT",
+              file=sys.stderr)
+        return 2
+    *names, out = args.items
+    folder = bundle(names, out, accept_licence=args.accept_licence, progress=not args.quiet)
+    print(f"wrote {folder}: {len(names)} model(s). Elsewhere: HISTOHUB_MIRROR={folder}"
+          + (f" HISTOHUB_MANIFEST={folder / 'manifest.json'}"
+             if (folder / "manifest.json").exists() else ""))
+    return 0
 
 
 def _pin(args: argparse.Namespace) -> int:
