@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from histohub.models import FEATURE_DIMS, build_encoder
-from histohub.zoo_archs import ZOO_ARCHS, build_vit
+from histohub.hub._archs import FEATURE_DIMS, build_encoder
+from histohub.hub._zoo_archs import ZOO_ARCHS, build_vit
 
 
 def images_per_second(arch: str, *, size: int, batch: int, repeats: int) -> float:

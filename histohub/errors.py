@@ -15,6 +15,29 @@ import numbers
 from collections.abc import Iterable
 
 
+__all__ = [
+    "HistohubError",
+    "ManifestError",
+    "UnknownModelError",
+    "OfflineError",
+    "DownloadError",
+    "ChecksumError",
+    "CheckpointError",
+    "UnsafeCheckpointError",
+    "KeyMappingError",
+    "MissingDependencyError",
+    "SlideError",
+    "FingerprintError",
+    "LockTimeoutError",
+    "InputNotFoundError",
+    "OptionError",
+    "OutputExistsError",
+    "DiskFullError",
+    "ClusteringError",
+    "FeatureFileError",
+    "require",
+]
+
 class HistohubError(Exception):
     """Base class of every histohub error."""
 

@@ -168,7 +168,7 @@ def test_naive_and_openslide_arms_read_through_openslide_only(bench, slides, wei
     """The naive loop and the reader's OpenSlide arm decode no JPEG tile themselves."""
     import os
 
-    import histohub.jpeg_tiles as jpeg_tiles
+    import histohub.slides._jpeg_tiles as jpeg_tiles
 
     def no_tiles(self, index):
         raise AssertionError("a JPEG tile decoded by histohub")

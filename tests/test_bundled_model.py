@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import histohub
-from histohub import _manifest
+from histohub.hub import _registry as _manifest
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "resnet18-ssl-mini"
@@ -75,7 +75,7 @@ def test_its_fingerprint_is_verified_and_it_is_not_a_random_initialisation():
     trained: conv1 is at least 10% (relative L2) away from torchvision's initialisation
     under seeds 0-4, seed 0 being the one training started from (measured 17%; about 140%
     from the others). A short run moves the norm itself little, so distance is the test."""
-    from histohub.models import build_encoder
+    from histohub.hub._archs import build_encoder
 
     fingerprint = histohub.get_entry(NAME).weights[0].fingerprint
     assert fingerprint.verified and fingerprint.tensor == "conv1.weight"
@@ -90,7 +90,7 @@ def test_its_fingerprint_is_verified_and_it_is_not_a_random_initialisation():
 @pytest.mark.skipif(not (SHARED_SLIDES / "cmu_small_region.svs").is_file(),
                     reason="../shared/data/slides absent")
 def test_histohub_extract_runs_offline_with_the_bundled_model(tmp_path):
-    from histohub._h5 import read_features
+    from histohub.featurefile._layout import read_features
 
     out = tmp_path / "features"
     result = subprocess.run(

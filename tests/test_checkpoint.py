@@ -25,9 +25,9 @@ from checkpoints import (fake_lightning, lightning_checkpoint, reference_encoder
 from safetensors.torch import save_file
 
 import histohub
-from histohub._checkpoint import DEFAULT_KEY_MAP, map_state_dict, read_checkpoint
-from histohub._manifest import get_entry
-from histohub._manifest_schema import KeyMap
+from histohub.hub._checkpoint import DEFAULT_KEY_MAP, map_state_dict, read_checkpoint
+from histohub.hub._registry import get_entry
+from histohub.hub._schema import KeyMap
 from histohub.errors import (CheckpointError, HistohubError, KeyMappingError,
                              UnsafeCheckpointError)
 

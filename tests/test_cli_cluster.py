@@ -15,8 +15,8 @@ from feature_files import blobs, png, write_features  # noqa: E402
 def run_cli(argv):
     import histohub.cli as cli
 
-    if "histohub.cli.cluster" not in cli.COMMANDS:
-        cli.COMMANDS.append("histohub.cli.cluster")
+    if "histohub.cli._cluster" not in cli.COMMANDS:
+        cli.COMMANDS.append("histohub.cli._cluster")
     return cli.main(["cluster", *argv])
 
 

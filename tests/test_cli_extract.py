@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from histohub._h5 import read_features
-from histohub.cli.extract import find_slides, output_names, register
+from histohub.featurefile._layout import read_features
+from histohub.cli._extract import find_slides, output_names, register
 from wsi_factory import tissue_image, write_slide
 
 
@@ -120,8 +120,8 @@ def test_nothing_to_do_is_an_error(tmp_path, caplog):
 def test_wired_into_the_histohub_command(tmp_path, monkeypatch, caplog):
     import histohub.cli as cli
 
-    if "histohub.cli.extract" not in cli.COMMANDS:
-        monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, "histohub.cli.extract"])
+    if "histohub.cli._extract" not in cli.COMMANDS:
+        monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, "histohub.cli._extract"])
     assert cli.main(["extract", str(tmp_path / "none.svs"), "--out", str(tmp_path)]) == 1
     assert "no such file" in caplog.text
 
@@ -131,8 +131,8 @@ def test_wired_into_the_histohub_command(tmp_path, monkeypatch, caplog):
 def histohub_main(argv: list[str], monkeypatch) -> int:
     import histohub.cli as cli
 
-    if "histohub.cli.extract" not in cli.COMMANDS:
-        monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, "histohub.cli.extract"])
+    if "histohub.cli._extract" not in cli.COMMANDS:
+        monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, "histohub.cli._extract"])
     return cli.main(argv)
 
 

@@ -18,8 +18,8 @@ import torch
 from _servers import fetch_in_subprocess, weights_file
 
 import histohub
-from histohub import _download
-from histohub._manifest import get_entry
+from histohub.hub import _download as _download
+from histohub.hub._registry import get_entry
 from histohub.errors import (CheckpointError, ChecksumError, DownloadError, FingerprintError,
                              LockTimeoutError, OfflineError)
 
@@ -205,7 +205,7 @@ def test_unpinned_entry_records_hash_warns_once_and_rejects_tampering(
     entry = _entry_with(make_manifest, weights_file("model.bin", [{"url": url}]))
     digest = hashlib.sha256(PAYLOAD).hexdigest()
 
-    with caplog.at_level(logging.WARNING, logger="histohub._download"):
+    with caplog.at_level(logging.WARNING, logger="histohub.hub._download"):
         first = _download.fetch_weights(entry, progress=False)
         _download.fetch_weights(entry, progress=False)
     warnings = [r for r in caplog.records if "no sha256 pinned" in r.getMessage()]
@@ -806,7 +806,7 @@ def test_pin_after_accepting_another_file_records_it_as_verified(file_server, ma
 
 def test_a_file_shipped_in_the_package_loads_offline_without_copying(
         make_manifest, monkeypatch, tmp_path, lightning_ckpt, torchvision_features):
-    from histohub import _manifest
+    from histohub.hub import _registry as _manifest
 
     data = lightning_ckpt.read_bytes()
     (tmp_path / "pkg" / "weights").mkdir(parents=True)
@@ -827,7 +827,7 @@ def test_a_file_shipped_in_the_package_loads_offline_without_copying(
 
 def test_a_damaged_file_in_the_package_is_refused_and_a_missing_one_is_an_error(
         make_manifest, monkeypatch, tmp_path, lightning_ckpt):
-    from histohub import _manifest
+    from histohub.hub import _registry as _manifest
 
     data = lightning_ckpt.read_bytes()
     shipped = tmp_path / "weights" / "bundled.ckpt"

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from histohub._h5 import partial_path, read_features
-from histohub.cli.extract import launcher_rank, parse_shard, pick_device, shard_slides
+from histohub.featurefile._layout import partial_path, read_features
+from histohub.cli._extract import launcher_rank, parse_shard, pick_device, shard_slides
 from wsi_factory import tissue_image, write_slide
 
 SUMMARY = re.compile(r"slides: (\d+) extracted(?: \((\d+) resumed\))?, (\d+) already done, "

@@ -30,7 +30,7 @@ from checkpoints import encoder_state, reference_encoder, upstream_state_dict
 from PIL import Image
 
 import histohub
-from histohub.export import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, export_hf, push
+from histohub.hub._export import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, export_hf, push
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "frontdoor-resnet18"
@@ -81,7 +81,7 @@ def frontdoor_server(frontdoor_weights):
 def frontdoor_model(tmp_path, monkeypatch, frontdoor_weights, frontdoor_server):
     """``NAME`` in a HISTOHUB_MANIFEST file: pinned sha256 and size, the loopback URL."""
     _, path, sha256 = frontdoor_weights
-    entry = copy.deepcopy(json.loads(histohub.MANIFEST_PATH.read_text())["models"]
+    entry = copy.deepcopy(json.loads(histohub.hub.MANIFEST_PATH.read_text())["models"]
                           ["resnet18-ssl"])
     entry.update(description="Random-weight ResNet18 in the upstream layout (tests).",
                  default=False)
@@ -95,9 +95,9 @@ def frontdoor_model(tmp_path, monkeypatch, frontdoor_weights, frontdoor_server):
     manifest = tmp_path / "frontdoor.json"
     manifest.write_text(json.dumps({"schema_version": 1, "models": {NAME: entry}}))
     monkeypatch.setenv("HISTOHUB_MANIFEST", str(manifest))
-    histohub.reload_manifests()
+    histohub.hub.reload_manifests()
     yield NAME
-    histohub.reload_manifests()
+    histohub.hub.reload_manifests()
 
 
 def features(model, batch):
@@ -282,7 +282,7 @@ def test_push_an_existing_export_directory(tmp_path, fake_hub, frontdoor_weights
 def test_cli_export_hf_and_push(tmp_path, monkeypatch, capsys, fake_hub, frontdoor_weights):
     from histohub import cli
 
-    monkeypatch.setattr(cli, "COMMANDS", ["histohub.cli.hub"])
+    monkeypatch.setattr(cli, "COMMANDS", ["histohub.cli._hub"])
     out = tmp_path / "export"
     assert cli.main(["export-hf", str(frontdoor_weights[1]), str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out)

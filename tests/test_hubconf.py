@@ -40,7 +40,7 @@ def _weights() -> list[dict]:
 
 def test_hubconf_has_one_entry_point_per_model():
     hubconf = load_hubconf()
-    models = histohub.load_manifest().values()
+    models = histohub.hub.load_manifest().values()
     assert entry_points(hubconf) == {e.hub_name for e in models} | {"get_transform"}
     for entry in models:
         doc = getattr(hubconf, entry.hub_name).__doc__

@@ -26,19 +26,19 @@ PACKAGE = REPO / "histohub"
 #: ``training`` is importable as ``training.*`` and, from its scripts, as its top-level
 #: packages (``simclr``, ``downstream``, ``cli_errors``).
 TRAINING = ("training", "simclr", "downstream", "cli_errors")
-DOWNLOADS = ("histohub._download", "requests", "huggingface_hub", "urllib3", "filelock")
-SLIDES = ("histohub.wsi", "histohub.jpeg_tiles", "histohub.tissue", "histohub.patch_batches",
-          "histohub.grid_preview", "histohub.slide_features", "histohub.slide_jobs",
-          "histohub.slide_outputs", "histohub.slide_batches", "histohub.slide_stream",
-          "histohub.cluster", "histohub._h5", "histohub._h5_writer", "openslide", "tifffile",
+DOWNLOADS = ("histohub.hub._download", "requests", "huggingface_hub", "urllib3", "filelock")
+SLIDES = ("histohub.slides._wsi", "histohub.slides._jpeg_tiles", "histohub.slides._tissue", "histohub.slides._batches",
+          "histohub.slides._preview", "histohub.slides._extract", "histohub.slides._jobs",
+          "histohub.slides._outputs", "histohub.slides._patches", "histohub.slides._stream",
+          "histohub.cluster", "histohub.featurefile._layout", "histohub.featurefile._writer", "openslide", "tifffile",
           "imagecodecs", "h5py")
 RULES = {
     "histohub": TRAINING,
-    "histohub._manifest": DOWNLOADS,
-    "histohub._manifest_schema": DOWNLOADS,
-    "histohub._checkpoint": DOWNLOADS,
-    "histohub.models": SLIDES,
-    "histohub.model_runner": SLIDES,
+    "histohub.hub._registry": DOWNLOADS,
+    "histohub.hub._schema": DOWNLOADS,
+    "histohub.hub._checkpoint": DOWNLOADS,
+    "histohub.hub._archs": SLIDES,
+    "histohub.hub._runner": SLIDES,
 }
 
 
@@ -107,10 +107,10 @@ def _forbidden(name: str, banned: tuple[str, ...]) -> bool:
 
 def test_the_scan_sees_function_level_and_optional_imports():
     """The contract is only as good as the scan: it must see what histohub really imports."""
-    assert "histohub._download" in direct_imports("histohub.pretrained")
-    assert "openslide" in direct_imports("histohub.wsi")  # require("openslide", ...)
-    assert "torchvision" in direct_imports("histohub.models")  # inside build_encoder
-    assert "histohub.cli.models" in direct_imports("histohub.cli")  # import_module(...)
+    assert "histohub.hub._download" in direct_imports("histohub.hub._pretrained")
+    assert "openslide" in direct_imports("histohub.slides._wsi")  # require("openslide", ...)
+    assert "torchvision" in direct_imports("histohub.hub._archs")  # inside build_encoder
+    assert "histohub.cli._models" in direct_imports("histohub.cli")  # import_module(...)
 
 
 @pytest.mark.parametrize("importer", sorted(RULES))

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 import histohub
-from histohub import _manifest
-from histohub._manifest import MANIFEST_PATH, read_manifest
-from histohub._manifest_schema import parse_entry
+from histohub.hub import _registry as _manifest
+from histohub.hub._registry import MANIFEST_PATH, read_manifest
+from histohub.hub._schema import parse_entry
 from histohub.errors import ManifestError, UnknownModelError
-from histohub.models import FEATURE_DIMS
+from histohub.hub._archs import FEATURE_DIMS
 
 SHIPPED = json.loads(MANIFEST_PATH.read_text(encoding="utf-8"))
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -28,9 +28,9 @@ REVISION = re.compile(r"^[0-9a-f]{40}$")
 
 @pytest.fixture(autouse=True)
 def _fresh_manifest_cache():
-    histohub.reload_manifests()
+    histohub.hub.reload_manifests()
     yield
-    histohub.reload_manifests()
+    histohub.hub.reload_manifests()
 
 
 def write_manifest(path: Path, models: dict) -> Path:
@@ -134,7 +134,7 @@ def test_projection_head_is_dropped_for_every_shipped_file():
     file was exported without it: it holds exactly the encoder's keys."""
     from safetensors import safe_open
 
-    from histohub.models import build_encoder
+    from histohub.hub._archs import build_encoder
 
     for name, entry in SHIPPED["models"].items():
         if not name.startswith("resnet18"):  # the zoo: tests/test_zoo_manifest.py

@@ -7,8 +7,8 @@ import hashlib
 import pytest
 import torch
 
-import histohub.model_runner as model_runner
-from histohub.model_runner import ModelRunner, model_fingerprint, tune_allocator
+import histohub.hub._runner as model_runner
+from histohub.hub._runner import ModelRunner, model_fingerprint, tune_allocator
 from test_features import Tiny
 
 
@@ -47,10 +47,10 @@ def test_local_model_spec_only_for_weights_already_here(tmp_path, monkeypatch):
     manifest alone) and a checkpoint file (its first bytes checked at once). Not a module,
     an unknown name or a model still to download; a file that shares a model's name is the
     file."""
-    from histohub._manifest import get_entry
+    from histohub.hub._registry import get_entry
     from histohub.errors import CheckpointError
-    from histohub.model_runner import local_model_spec
-    from histohub.pretrained import _default_preprocessing
+    from histohub.hub._runner import local_model_spec
+    from histohub.hub._pretrained import _default_preprocessing
 
     monkeypatch.setenv("HISTOHUB_HOME", str(tmp_path / "home"))   # an empty cache
     spec = local_model_spec("resnet18-ssl-mini")

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from histohub._h5 import is_complete, partial_path, read_features
-from histohub.slide_features import extract_slide
-from histohub.transforms import normalize_batch
+from histohub.featurefile._layout import is_complete, partial_path, read_features
+from histohub.slides._extract import extract_slide
+from histohub.hub._transforms import normalize_batch
 from test_features import Tiny, reference
 from wsi_factory import corrupt_tile, tissue_image, write_slide
 
@@ -35,7 +35,7 @@ def test_slide_to_hdf5_layout_and_values(cmu_slide, tmp_path):
     """Real slide, random ResNet18: the file is self-describing and its features are the
     model's output on the patches at the stated coordinates."""
     from histohub import load_pretrained
-    from histohub.wsi import PatchReader, open_slide, tile_grid
+    from histohub.slides._wsi import PatchReader, open_slide, tile_grid
 
     model = load_pretrained("resnet18-ssl", pretrained=False)
     out = tmp_path / "cmu.h5"
@@ -97,7 +97,7 @@ def test_resume_after_sigkill(slide, tmp_path):
     script = textwrap.dedent(f"""
         import time
         from test_features import Tiny
-        from histohub.slide_features import extract_slide
+        from histohub.slides._extract import extract_slide
 
         class Slow(Tiny):
             def forward(self, x):
@@ -323,7 +323,7 @@ def test_bad_options_are_refused_before_anything_runs(slide, tmp_path, options, 
 
 def test_tile_grid_rejects_nan_and_inf(slide):
     from histohub.errors import OptionError
-    from histohub.wsi import open_slide, tile_grid
+    from histohub.slides._wsi import open_slide, tile_grid
 
     with open_slide(slide) as opened:
         for options in ({"target_mpp": float("nan")}, {"target_mpp": 0.5, "patch_size": 0},
@@ -403,7 +403,7 @@ def test_a_cohort_gives_the_files_of_slide_by_slide_calls(slide, tmp_path, caplo
     """One SlideExtractor over several slides (the next one prepared in the background):
     the same files as extract_slide slide by slide; a bad slide is reported, the rest go on."""
     from histohub.errors import SlideError
-    from histohub.slide_features import SlideExtractor, SlideJob, Tiling
+    from histohub.slides._extract import SlideExtractor, SlideJob, Tiling
 
     other = write_slide(tmp_path / "o.tif", tissue_image(896, 1120, [(0, 0, 1120, 672)],
                                                          seed=5), levels=1)
@@ -431,8 +431,8 @@ def test_a_cohort_gives_the_files_of_slide_by_slide_calls(slide, tmp_path, caplo
 def test_compile_auto_compiles_once_for_a_big_enough_job(slide, tmp_path, monkeypatch):
     """compile='auto' on a CPU: nothing for a small job; once, for the whole cohort, when
     the slides together hold COMPILE_MIN_PATCHES; never again for the next slide."""
-    import histohub.model_runner as model_runner
-    from histohub.slide_features import SlideExtractor
+    import histohub.hub._runner as model_runner
+    from histohub.slides._extract import SlideExtractor
 
     compiled = []
 
@@ -457,7 +457,7 @@ def test_a_slide_finished_elsewhere_meanwhile_is_not_written_again(slide, tmp_pa
                                                                     monkeypatch):
     """Prepared as 'to do', then finished by another process before the lock is taken: the
     check under the lock finds it done."""
-    import histohub.slide_features as slide_features
+    import histohub.slides._extract as slide_features
 
     out = tmp_path / "s.h5"
     take_lock, stamps = slide_features.output_lock, []

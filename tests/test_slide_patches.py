@@ -10,7 +10,7 @@ import torch
 
 import histohub
 from histohub.errors import OptionError, SlideError
-from histohub.wsi import PatchReader, open_slide, tile_grid
+from histohub.slides._wsi import PatchReader, open_slide, tile_grid
 from wsi_factory import corrupt_tile, tissue_image, write_slide
 
 pytest.importorskip("openslide")
@@ -122,7 +122,7 @@ def test_a_cohorts_unreadable_slide_stops_it_or_is_skipped(cohort, tmp_path, cap
 
 def test_a_cohort_tiles_the_next_slide_while_this_one_is_read(cohort, monkeypatch):
     """The second slide is tiled while the first slide's batches are being consumed."""
-    import histohub.slide_batches as slide_batches
+    import histohub.slides._patches as slide_batches
 
     tiled: list = []
     real = slide_batches.tile_grid
@@ -143,7 +143,7 @@ def test_a_cohort_frees_each_slides_grid_once_read(cohort, monkeypatch):
     import gc
     import weakref
 
-    import histohub.slide_batches as slide_batches
+    import histohub.slides._patches as slide_batches
 
     grids: list[weakref.ref] = []
     real = slide_batches.tile_grid
@@ -161,7 +161,7 @@ def test_worker_processes_are_started_once_for_a_whole_cohort(cohort, tmp_path, 
     new ones for every slide: 0.3-0.6 s each)."""
     import os
 
-    from histohub.patch_batches import ChunkReader
+    from histohub.slides._batches import ChunkReader
 
     real = ChunkReader.__getitem__
 

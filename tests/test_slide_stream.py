@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from histohub._h5 import is_complete, partial_path, read_features
-from histohub.slide_features import SlideExtractor, SlideJob, extract_slide
-from histohub.slide_stream import Batch, CrossBatcher
+from histohub.featurefile._layout import is_complete, partial_path, read_features
+from histohub.slides._extract import SlideExtractor, SlideJob, extract_slide
+from histohub.slides._stream import Batch, CrossBatcher
 from test_features import Tiny
 from wsi_factory import tissue_image, write_slide
 
@@ -138,7 +138,7 @@ def test_cross_batcher_drop_skips_a_slots_rows():
 def test_the_reader_takes_over_the_handle_that_tiled_the_slide(cohort, tmp_path, monkeypatch):
     """One OpenSlide handle per slide (opened to tile it, then read from, its tile cache
     warm), and every handle closed at the end."""
-    import histohub.wsi as wsi
+    import histohub.slides._wsi as wsi
 
     opened, closed = [], []
     real_init, real_close = wsi.Slide.__init__, wsi.Slide.close
@@ -173,7 +173,7 @@ def _at_the_same_time(first, second, what: str):
 def test_the_model_is_made_ready_while_the_first_slide_is_tiled(cohort, tmp_path,
                                                                  monkeypatch):
     """Making the model ready and tiling the first slide run at the same time."""
-    import histohub.slide_features as slide_features
+    import histohub.slides._extract as slide_features
 
     runner, tile = _at_the_same_time(slide_features.ModelRunner, slide_features.tile_grid,
                                      "the model was made ready")
@@ -186,7 +186,7 @@ def test_the_model_is_made_ready_while_the_first_slide_is_tiled(cohort, tmp_path
 def _loads_that_meet_tiling(monkeypatch, what: str) -> list:
     """``resolve_model`` and ``tile_grid`` patched to finish only if they run at the same
     time (``_at_the_same_time``); returns the list of what ``resolve_model`` was asked for."""
-    import histohub.slide_features as slide_features
+    import histohub.slides._extract as slide_features
 
     loads: list = []
     resolve, tile = _at_the_same_time(slide_features.resolve_model, slide_features.tile_grid,
@@ -201,7 +201,7 @@ def test_bundled_weights_load_while_the_first_slide_is_tiled(cohort, tmp_path, m
     """A model whose weights are here (the bundled resnet18-ssl-mini) is known from the
     manifest at once and loaded while the first slide is tiled; the file records the
     weights' pinned sha256."""
-    from histohub._manifest import get_entry
+    from histohub.hub._registry import get_entry
 
     loads = _loads_that_meet_tiling(monkeypatch, "the weights were loaded")
     with SlideExtractor("resnet18-ssl-mini", batch_size=4, progress=False) as extractor:
@@ -216,7 +216,7 @@ def test_weights_that_fail_to_load_leave_no_trace_and_are_not_retried(cohort, tm
                                                                        monkeypatch):
     """A bundled model whose weights turn out bad (here: the load raises) fails the job
     with that error, once; no lock, partial file or output is left behind."""
-    import histohub.slide_features as slide_features
+    import histohub.slides._extract as slide_features
     from histohub.errors import FingerprintError
 
     calls = []
@@ -285,7 +285,7 @@ def test_a_checkpoint_that_fits_no_architecture_fails_once_and_leaves_no_trace(
 
 
 def test_worker_chunks_are_consecutive_batches_two_or_more_per_worker():
-    from histohub.slide_stream import WORKER_CHUNK, worker_chunks
+    from histohub.slides._stream import WORKER_CHUNK, worker_chunks
 
     ranges = [range(i, i + 8) for i in range(0, 800, 8)]  # 100 batches
     chunks = worker_chunks(ranges, num_workers=4)
@@ -302,7 +302,7 @@ def test_a_cohort_frees_each_slides_grid_once_it_is_written(cohort, tmp_path, mo
     import gc
     import weakref
 
-    import histohub.slide_features as slide_features
+    import histohub.slides._extract as slide_features
 
     grids: list[weakref.ref] = []
     real = slide_features.tile_grid
@@ -327,9 +327,9 @@ def test_reader_threads_count_past_a_job_consumed_before_they_reach_it(cohort):
     from concurrent.futures import ThreadPoolExecutor
     from types import SimpleNamespace
 
-    from histohub.patch_batches import batch_ranges
-    from histohub.slide_stream import Schedule, _thread_batches
-    from histohub.wsi import open_slide, tile_grid
+    from histohub.slides._batches import batch_ranges
+    from histohub.slides._stream import Schedule, _thread_batches
+    from histohub.slides._wsi import open_slide, tile_grid
 
     def prepare(path):
         with open_slide(path) as slide:
@@ -365,9 +365,9 @@ def test_workers_are_not_forked_while_a_slide_is_being_prepared(cohort, tmp_path
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
-from histohub.patch_batches import ChunkReader, batch_ranges
-from histohub.slide_stream import Schedule, worker_stream
-from histohub.wsi import open_slide, tile_grid
+from histohub.slides._batches import ChunkReader, batch_ranges
+from histohub.slides._stream import Schedule, worker_stream
+from histohub.slides._wsi import open_slide, tile_grid
 
 real = ChunkReader.__getitem__
 def getitem(self, item):

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image, ImageFilter
 
 from histohub.errors import SlideError
-from histohub.grid_preview import preview
-from histohub.patch_batches import batch_ranges
-from histohub.tissue import _otsu_threshold, tissue_mask
-from histohub.wsi import PatchReader, TileReadError, _read_mpp, open_slide, tile_grid
+from histohub.slides._preview import preview
+from histohub.slides._batches import batch_ranges
+from histohub.slides._tissue import _otsu_threshold, tissue_mask
+from histohub.slides._wsi import PatchReader, TileReadError, _read_mpp, open_slide, tile_grid
 from wsi_factory import GLASS, PINK, corrupt_tile, tissue_image, write_slide
 
 pytest.importorskip("openslide")
@@ -85,7 +85,7 @@ def test_generated_slide_mpp_from_resolution_tags(pyramid):
 
 def _paper_rule(r: int, g: int, b: int) -> bool:
     """Appendix B transcribed with colorsys (hue, saturation, value on [0, 1]), the hue band
-    excluded (see histohub.tissue.tissue_mask for why)."""
+    excluded (see histohub.slides._tissue.tissue_mask for why)."""
     h, s, v = colorsys.rgb_to_hsv(r / 255, g / 255, b / 255)
     return s > 0.1 and 0.5 < v < 0.9 and not 0.5 < h < 0.65
 
@@ -239,7 +239,7 @@ def test_thumbnail_survives_a_corrupt_tile(tmp_path, caplog):
 def test_large_slide_mask_stays_bounded(tmp_path, monkeypatch):
     """The mask thumbnail is capped at MASK_MAX_SIDE (here lowered to 256 so that an
     8,000 x 4,800 px slide exercises the cap) and read block by block."""
-    import histohub.wsi as wsi
+    import histohub.slides._wsi as wsi
 
     monkeypatch.setattr(wsi, "MASK_MAX_SIDE", 256)
     image = np.full((4800, 8000, 3), 245, np.uint8)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import histohub
-from histohub._manifest import reload_manifests
+from histohub.hub._registry import reload_manifests
 from histohub.cli import main
 from histohub.errors import HistohubError, LicenceError
 

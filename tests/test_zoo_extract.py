@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from histohub._h5 import read_features
-from histohub._manifest import reload_manifests
+from histohub.featurefile._layout import read_features
+from histohub.hub._registry import reload_manifests
 from histohub.cli import main
 
 timm = pytest.importorskip("timm")
@@ -17,7 +17,7 @@ timm = pytest.importorskip("timm")
 
 @pytest.mark.slow
 def test_extract_with_a_zoo_vit_entry(cmu_slide, tmp_path, monkeypatch):
-    from histohub.zoo_archs import ZOO_ARCHS
+    from histohub.hub._zoo_archs import ZOO_ARCHS
 
     spec = ZOO_ARCHS["vit-t16"]
     torch.manual_seed(0)

@@ -21,11 +21,11 @@ import pytest
 import torch
 
 import histohub
-from histohub import zoo_archs
-from histohub._checkpoint import map_state_dict
-from histohub._manifest import load_manifest, reload_manifests
-from histohub.models import encoder_shapes
-from histohub.zoo_archs import VitSpec, vit_shapes
+from histohub.hub import _zoo_archs as zoo_archs
+from histohub.hub._checkpoint import map_state_dict
+from histohub.hub._registry import load_manifest, reload_manifests
+from histohub.hub._archs import encoder_shapes
+from histohub.hub._zoo_archs import VitSpec, vit_shapes
 
 timm = pytest.importorskip("timm")
 

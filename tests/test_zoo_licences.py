@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import histohub
-from histohub._manifest import load_manifest, reload_manifests
+from histohub.hub._registry import load_manifest, reload_manifests
 from histohub.cli import main
 from histohub.errors import LicenceError
-from histohub.zoo_archs import parameter_count
+from histohub.hub._zoo_archs import parameter_count
 
 SHIPPED = json.loads(Path(histohub.__file__).with_name("weights_manifest.json").read_text())
 ZOO = sorted(n for n in SHIPPED["models"] if not n.startswith("resnet18"))
@@ -51,7 +51,7 @@ def test_zoo_parameter_count_is_the_architectures(name):
 
 
 def test_lunit_resnet50_parameter_count():
-    from histohub.models import build_encoder
+    from histohub.hub._archs import build_encoder
 
     with torch.device("meta"):
         model = build_encoder("resnet50")

@@ -14,9 +14,9 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from histohub import write_text_atomic
+from histohub.files import write_text_atomic
 from cli_errors import run_reporting_errors
-from histohub import record_metrics
+from histohub.hub import record_metrics
 
 from . import datasets as ds
 from .encoders import resolve_encoders

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histohub.constants import IMAGE_EXTENSIONS
+from histohub.files import IMAGE_EXTENSIONS
 from histohub.errors import HistohubError
 
 IMAGE_DIRS = ("image", "images", "img")

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from histohub import (FEATURE_DIMS, Preprocessing, build_encoder, get_entry, list_models,
-                      load_pretrained, sha256_file)
+from histohub import get_entry, list_models, load_pretrained
+from histohub.hub import FEATURE_DIMS, Preprocessing, build_encoder, sha256_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from histohub import atomic_path
+from histohub.files import atomic_path
 
 from .datasets import DatasetError, ImageDataset
 from .encoders import Encoder

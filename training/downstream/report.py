@@ -19,7 +19,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from histohub import atomic_path, write_text_atomic
+from histohub.files import atomic_path, write_text_atomic
 
 from .encoders import KIND_LABELS
 

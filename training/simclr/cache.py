@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from histohub import atomic_path, write_text_atomic
+from histohub.files import atomic_path, write_text_atomic
 
 from .data import Pool, PoolDataset
 

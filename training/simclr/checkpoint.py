@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from histohub import atomic_path
+from histohub.files import atomic_path
 
 FORMAT_VERSION = 1
 

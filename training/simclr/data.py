@@ -1,7 +1,7 @@
 """Pretraining data: image folders, patches sampled from slides, and a capped pool of both.
 
 Paper section 5.4: at most ``patches_per_slide`` (100) foreground patches are sampled from
-each slide at the chosen resolution (foreground as in Appendix B, via ``histohub.wsi``);
+each slide at the chosen resolution (foreground as in Appendix B, via ``histohub.slides._wsi``);
 then ``percent`` of each dataset is drawn, at least ``min_per_dataset`` (10) and at most
 ``max_per_dataset`` (2,000) images per dataset, so large datasets cannot swamp small ones.
 Within a dataset the draw is uniform without replacement.
@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from histohub import write_text_atomic
-from histohub.constants import IMAGE_EXTENSIONS
+from histohub.files import write_text_atomic
+from histohub.files import IMAGE_EXTENSIONS
 from histohub.errors import SlideError
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def list_images(root: str | os.PathLike, pattern: str | None = None) -> list[str
 
 def list_slides(root: str | os.PathLike) -> list[str]:
     """Every whole-slide image under ``root`` (any nesting), sorted."""
-    from histohub.wsi import SLIDE_EXTENSIONS
+    from histohub.slides import SLIDE_EXTENSIONS
 
     found = []
     for folder, dirs, files in os.walk(root, followlinks=True):
@@ -117,12 +117,12 @@ def sample_slide_patches(slides: Sequence[str], *, patch_size: int, mpp: float,
     """At most ``max_patches`` random foreground patches per slide (section 5.4).
 
     Returns ``(patches, skipped)``: each patch a dict naming the slide, the level-0
-    corner, the pyramid level and read size (what ``histohub.wsi.PatchReader`` needs);
+    corner, the pyramid level and read size (what ``histohub.slides._wsi.PatchReader`` needs);
     ``skipped`` lists slides that could not be opened or tiled, with the reason.
     """
     from tqdm.auto import tqdm
 
-    from histohub.wsi import open_slide, tile_grid
+    from histohub.slides import open_slide, tile_grid
 
     rng = random.Random(seed)
     patches, skipped = [], []
@@ -244,7 +244,7 @@ class PoolDataset(torch.utils.data.Dataset):
     """``dataset[(index, batch_seed)]`` -> (uint8 (3, S, S), batch_seed, failures).
 
     ``failures``: ``[(item, reason)]`` for unreadable items that were replaced by the next
-    readable one. Slide patches are read through ``histohub.wsi.PatchReader``.
+    readable one. Slide patches are read through ``histohub.slides._wsi.PatchReader``.
     """
 
     def __init__(self, items: Sequence[Any], size: int) -> None:
@@ -292,7 +292,7 @@ class PoolDataset(torch.utils.data.Dataset):
 
 def _patch_reader(item: dict):
     """A ``PatchReader`` for one slide from a patch dict (no tissue mask needed)."""
-    from histohub.wsi import PatchReader, TileGrid
+    from histohub.slides import PatchReader, TileGrid
 
     grid = TileGrid(
         slide_path=item["slide"], slide_dimensions=(0, 0), slide_mpp=item["slide_mpp"],

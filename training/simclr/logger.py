@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from histohub import atomic_path
+from histohub.files import atomic_path
 
 log = logging.getLogger(__name__)
 

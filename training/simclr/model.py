@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from histohub import FEATURE_DIMS, build_encoder
+from histohub.hub import FEATURE_DIMS, build_encoder
 
 
 class ProjectionHead(nn.Sequential):

@@ -119,7 +119,7 @@ class Trainer:
         self.state = load_checkpoint(self.checkpoint_path) if resume else None
         seed_everything(config.seed + self.dist.rank)
         if self.dist.device.type == "cpu":
-            histohub.tune_allocator()
+            histohub.hub.tune_allocator()
         self.stored_size = config.data.cache_size or config.image_size
         self.skipped: dict[str, str] = {}
         self.pool = self._pool()

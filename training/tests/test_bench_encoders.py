@@ -9,7 +9,7 @@ import pytest
 
 from downstream import encoders
 from downstream.protocols import Protocol
-from histohub import Preprocessing
+from histohub.hub import Preprocessing
 
 TRAINED_SIZES = {"mine64": 64, "other64": 64, "mine96": 96}
 

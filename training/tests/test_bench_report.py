@@ -15,7 +15,7 @@ pytest.importorskip("sklearn")
 
 
 def _manifest(path: Path) -> Path:
-    from histohub import MANIFEST_PATH
+    from histohub.hub import MANIFEST_PATH
 
     data = json.loads(MANIFEST_PATH.read_text())
     entry = data["models"]["resnet18-ssl"]
@@ -24,7 +24,7 @@ def _manifest(path: Path) -> Path:
 
 
 def test_record_manifest_writes_validated_metrics(tmp_path, checkpoint, capsys, class_tiles):
-    from histohub import read_manifest
+    from histohub.hub import read_manifest
 
     manifest = _manifest(tmp_path / "manifest.json")
     data = class_tiles(tmp_path / "tiles", per_class=8)

@@ -1,0 +1,36 @@
+"""The slides wing: whole-slide images -> tissue patches -> feature files.
+
+Opening a slide and its levels (``_wsi``; JPEG tiles decoded straight from the file in
+``_jpeg_tiles``), the tissue mask (``_tissue``), a grid's patches read in batches by reader
+threads or DataLoader workers (``_batches``), a cohort as one stream (``_stream``), patches
+for a model histohub does not run (``_patches``), a preview of the grid (``_preview``), and
+extraction into feature files (``_jobs``, ``_outputs``, ``_extract``). The public names are
+this package's ``__all__``; the modules are private.
+"""
+
+from __future__ import annotations
+
+from histohub._lazy import lazy_exports
+
+_LAZY = {
+    "MASK_METHODS": "histohub.slides._tissue",
+    "PatchBatch": "histohub.slides._patches",
+    "PatchReader": "histohub.slides._wsi",
+    "SLIDE_EXTENSIONS": "histohub.slides._wsi",
+    "Slide": "histohub.slides._wsi",
+    "SlideExtractor": "histohub.slides._extract",
+    "SlideJob": "histohub.slides._jobs",
+    "SlideResult": "histohub.slides._jobs",
+    "TileGrid": "histohub.slides._wsi",
+    "Tiling": "histohub.slides._jobs",
+    "cohort_patches": "histohub.slides._patches",
+    "extract_slide": "histohub.slides._extract",
+    "open_slide": "histohub.slides._wsi",
+    "slide_patches": "histohub.slides._patches",
+    "tile_grid": "histohub.slides._wsi",
+    "tissue_mask": "histohub.slides._tissue",
+}
+
+__all__ = [*_LAZY]
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

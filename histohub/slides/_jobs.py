@@ -1,0 +1,71 @@
+"""A slide job and what came of it: how slides are tiled (``Tiling``), one slide to do
+(``SlideJob``), and what was done (``SlideResult``). Shared by the library and the CLI."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from histohub.errors import HistohubError
+from histohub._features import check_options
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How slides are cut into patches.
+
+    ``mpp``: the slides' microns per pixel, for files that do not record it.
+    ``target_mpp``: tile at this mpp (default: the model's). ``mask``: 'hsv' (the paper's
+    rule) or 'otsu'. ``min_foreground``: tissue fraction a patch needs. ``max_patches``:
+    keep the first N grid patches (for quick trials).
+    """
+
+    mpp: float | None = None
+    target_mpp: float | None = None
+    mask: str = "hsv"
+    min_foreground: float = 0.5
+    max_patches: int | None = None
+
+    def check(self) -> None:
+        check_options(mpp=self.mpp, target_mpp=self.target_mpp, mask=self.mask,
+                      min_foreground=self.min_foreground, max_patches=self.max_patches)
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    """One slide to extract: its file, the feature file, and an optional preview PNG."""
+
+    slide: Path
+    output: Path
+    preview: Path | None = None
+
+
+@dataclass
+class SlideResult:
+    """What the extraction did for one slide. ``error``: set (and nothing written) when
+    ``extract_many`` could not do this slide; ``extract_slide`` raises instead."""
+
+    slide_path: Path
+    output: Path
+    n_patches: int
+    n_failed: int = 0
+    n_nonfinite: int = 0
+    n_grid: int = 0
+    seconds: float = 0.0
+    skipped: bool = False   # already complete, not recomputed
+    resumed_at: int = 0     # grid position a partial run was continued from
+    patches_run: int = 0    # patches put through the model in this call
+    warnings: list[str] = field(default_factory=list)
+    error: HistohubError | None = None
+
+
+def skipped_result(job: SlideJob, done: dict[str, Any]) -> SlideResult:
+    """The result for a job whose output was already complete (``_h5.find_done``'s record)."""
+    log.info("%s: already done (%s); pass overwrite=True to redo it", job.slide.name,
+             job.output)
+    return SlideResult(job.slide, job.output, int(done["n_patches"]), int(done["n_failed"]),
+                       int(done["n_nonfinite"]), int(done["n_grid"]), skipped=True)
