@@ -15,6 +15,29 @@ import numbers
 from collections.abc import Iterable
 
 
+__all__ = [
+    "HistohubError",
+    "ManifestError",
+    "UnknownModelError",
+    "OfflineError",
+    "DownloadError",
+    "ChecksumError",
+    "CheckpointError",
+    "UnsafeCheckpointError",
+    "KeyMappingError",
+    "MissingDependencyError",
+    "SlideError",
+    "FingerprintError",
+    "LockTimeoutError",
+    "InputNotFoundError",
+    "OptionError",
+    "OutputExistsError",
+    "DiskFullError",
+    "ClusteringError",
+    "FeatureFileError",
+    "require",
+]
+
 class HistohubError(Exception):
     """Base class of every histohub error."""
 
@@ -86,6 +109,11 @@ def require(module: str, *, extra: str, purpose: str):
             f"{purpose} needs the optional dependency {module!r}. "
             f"Install it with: pip install 'histohub[{extra}]'"
         ) from error
+
+
+class LicenceError(HistohubError, PermissionError):
+    """A model's licence is restricted (non-commercial or gated) and has not been accepted;
+    the message names the licence and the three ways to accept it."""
 
 
 class FingerprintError(HistohubError, ValueError):
@@ -178,3 +206,9 @@ def check_option(name: str, value: object, *, low: float | None = None,
 def _bound(value: float) -> str:
     """A range's end as a message shows it: integers in full, other numbers short."""
     return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+class RoiError(HistohubError, ValueError):
+    """A region of interest (``--roi`` GeoJSON) or a coordinates file (``--coords`` h5)
+    that cannot be used for this slide: malformed, self-intersecting, outside the slide,
+    made for another slide. The message names the file."""

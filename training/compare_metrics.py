@@ -18,7 +18,7 @@ import histohub
 
 
 def recorded_metrics(manifest: Path, name: str) -> dict:
-    models = histohub.read_manifest_json(manifest)["models"]
+    models = histohub.hub.read_manifest_json(manifest)["models"]
     if name not in models:
         raise SystemExit(f"error: {manifest} has no model {name!r} (it has {sorted(models)})")
     return models[name].get("metrics", {})
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("manifest", type=Path, help="the other entry's manifest file")
     parser.add_argument("other", help="the other entry's name")
     args = parser.parse_args(argv)
-    shipped = recorded_metrics(histohub.MANIFEST_PATH, args.shipped)
+    shipped = recorded_metrics(histohub.hub.MANIFEST_PATH, args.shipped)
     other = recorded_metrics(args.manifest, args.other)
     print(f"{'metric':<34} {args.shipped:>22} {args.other:>22} {'difference':>11}")
     for key in sorted(set(shipped) | set(other)):
