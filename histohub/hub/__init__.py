@@ -3,7 +3,8 @@
 A pipeline, one module per step: the manifest's schema (``_schema``) and the registry of
 manifests in use (``_registry``), the one manifest writer (``_manifest_writer``), fetching
 and verifying weights (``_download``), reading checkpoints as data (``_checkpoint``),
-architectures (``_archs``), name or file -> encoder (``_pretrained``), preprocessing
+architectures (``_archs``), what a name or a file is (``_descriptor``: the one place that
+decides which it is), name or file -> encoder (``_pretrained``), preprocessing
 (``_transforms``), the model as it runs (``_runner``), and export to timm and the Hugging
 Face Hub (``_export``). The public names are this package's ``__all__``; the modules are
 private. Nothing here imports the slide or feature-file wings.
@@ -20,8 +21,9 @@ from histohub.hub._schema import SCHEMA_VERSION, KeyMap, ModelEntry, Preprocessi
 _LAZY = {
     "DEFAULT_MODEL": "histohub.hub._pretrained",
     "FEATURE_DIMS": "histohub.hub._archs",
-    "ModelInfo": "histohub.hub._pretrained",
+    "ModelDescriptor": "histohub.hub._descriptor",
     "build_encoder": "histohub.hub._archs",
+    "describe_model": "histohub.hub._descriptor",
     "export_hf": "histohub.hub._export",
     "get_transform": "histohub.hub._transforms",
     "load_pretrained": "histohub.hub._pretrained",

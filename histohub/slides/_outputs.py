@@ -16,7 +16,7 @@ from histohub.featurefile import _layout as _h5
 from histohub.featurefile._writer import FeatureWriter
 from histohub.errors import HistohubError
 from histohub.slides._preview import preview as draw_preview
-from histohub.hub._runner import ModelSpec
+from histohub.hub._descriptor import ModelDescriptor
 from histohub.slides._jobs import SlideJob, SlideResult, Tiling
 from histohub.slides._stream import Batch
 from histohub.slides._wsi import Slide, TileGrid, slide_fingerprint
@@ -93,7 +93,7 @@ class OpenOutput:
                                    "and were left out (nonfinite_coords)")
 
 
-def request_attrs(spec: ModelSpec, fingerprint: str, slide, tiling: Tiling, target_mpp: float
+def request_attrs(spec: ModelDescriptor, fingerprint: str, slide, tiling: Tiling, target_mpp: float
              ) -> dict[str, Any]:
     """The ``REQUEST_ATTRS`` of this call, known without tiling the slide."""
     from histohub.slides._wsi import _slide_mpp
@@ -102,7 +102,7 @@ def request_attrs(spec: ModelSpec, fingerprint: str, slide, tiling: Tiling, targ
     size, slide_digest = slide_fingerprint(slide.path)
     mpp = tiling.mpp
     return {
-        "model_name": spec.name, "arch": spec.arch, "model_fingerprint": fingerprint,
+        "model_name": spec.name, "arch": spec.arch or "", "model_fingerprint": fingerprint,
         "norm_mean": tuple(float(v) for v in pre.mean),
         "norm_std": tuple(float(v) for v in pre.std), "interpolation": pre.interpolation,
         "slide_size": size, "slide_fingerprint": slide_digest,
