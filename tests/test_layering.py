@@ -37,6 +37,7 @@ RULES = {
     "histohub.hub._registry": DOWNLOADS,
     "histohub.hub._schema": DOWNLOADS,
     "histohub.hub._checkpoint": DOWNLOADS,
+    "histohub.hub._descriptor": DOWNLOADS + SLIDES,   # describes a model without fetching it
     "histohub.hub._archs": SLIDES,
     "histohub.hub._runner": SLIDES,
 }
