@@ -88,7 +88,8 @@ class ModelDescriptor:
                ) -> ModelDescriptor:
         """This model with its weights read: the architecture they fit, their sha256 and
         the file they came from."""
-        return replace(self, arch=arch, feature_dim=FEATURE_DIMS[arch], sha256=sha256,
+        feature_dim = self.entry.feature_dim if self.entry is not None else FEATURE_DIMS[arch]
+        return replace(self, arch=arch, feature_dim=feature_dim, sha256=sha256,
                        weights_path=weights_path)
 
 

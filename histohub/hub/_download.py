@@ -389,7 +389,7 @@ def _source_labels(file: WeightsFile) -> set[str]:
     labels = set()
     for source in file.sources:
         if source.is_hf:
-            labels.add(f"Hugging Face {source.repo_id}@{source.revision[:12]}/{source.filename}")
+            labels.add(_hf_label(source))
         else:
             labels.update({source.url, redact(source.url)})
     return labels
@@ -620,7 +620,7 @@ def _candidates(file: WeightsFile, expected: _Expected, budget: _Budget, *, prog
             yield f"the histohub package ({source.package})", _missing_from_package(source)
             continue
         if source.is_hf:
-            label = f"Hugging Face {source.repo_id}@{source.revision[:12]}/{source.filename}"
+            label = _hf_label(source)
             yield label, _hf_fetcher(source, file, budget, progress=progress, offline=offline)
         elif source.url.startswith("file://"):
             local = Path(_file_url_path(source.url))
@@ -629,6 +629,11 @@ def _candidates(file: WeightsFile, expected: _Expected, budget: _Budget, *, prog
         else:
             yield redact(source.url), _url_fetcher(source.url, file, expected, budget,
                                                    progress=progress, offline=offline)
+
+
+def _hf_label(source: Source) -> str:
+    """``Hugging Face REPO@REV12/FILE``; ``main`` for a source whose revision is not pinned."""
+    return f"Hugging Face {source.repo_id}@{(source.revision or 'main')[:12]}/{source.filename}"
 
 
 def _missing_from_package(source: Source) -> Fetcher:
@@ -727,10 +732,25 @@ def _mirror_folder_fetcher(folder: Path, file: WeightsFile, budget: _Budget,
             raise DownloadError(f"HISTOHUB_MIRROR={folder} is not a folder")
         for candidate in (folder / file.filename, folder / cache_key(file) / file.filename):
             if candidate.is_file():
-                return _copy_hashing(candidate, part, file, budget, progress)
+                digest, size = _copy_hashing(candidate, part, file, budget, progress)
+                _check_bundle_record(folder, file, digest, part)
+                return digest, size
         raise DownloadError(f"{file.filename} is not in the mirror folder {folder}")
 
     return fetch
+
+
+def _check_bundle_record(folder: Path, file: WeightsFile, digest: str, part: Path) -> None:
+    """A folder written by ``histohub bundle`` records each file's sha256: a copy that
+    differs from it is refused on arrival (whatever the manifest pins)."""
+    from histohub.hub._bundle import bundled_sha256
+
+    recorded = bundled_sha256(folder, cache_key(file), file.filename)
+    if recorded is not None and recorded != digest:
+        part.unlink(missing_ok=True)
+        raise ChecksumError(f"{file.filename} in the bundle {folder} has sha256 {digest}, "
+                            f"but the bundle recorded {recorded} when it was written: the "
+                            "copy was changed or damaged on the way; bundle it again")
 
 
 # --------------------------------------------------------------------------- Hugging Face

@@ -23,6 +23,8 @@ from histohub.hub._registry import default_model
 from histohub.hub._schema import KeyMap, WeightsFile
 from histohub.errors import FingerprintError, KeyMappingError
 from histohub.hub._archs import FEATURE_DIMS, build_encoder, encoder_shapes
+from histohub.hub._licences import check_accepted
+from histohub.hub._zoo_archs import ZOO_ARCHS, build_vit, vit_shapes
 
 #: The model the packaged manifest marks ``"default": true``.
 DEFAULT_MODEL = default_model()
@@ -30,7 +32,7 @@ DEFAULT_MODEL = default_model()
 
 def load_pretrained(model: str | os.PathLike = DEFAULT_MODEL, *, arch: str | None = None,
                     pretrained: bool = True, device: str | torch.device = "cpu",
-                    progress: bool = True) -> nn.Module:
+                    progress: bool = True, accept_licence: bool = False) -> nn.Module:
     """An eval-mode encoder ``(B, 3, 224, 224) -> (B, feature_dim)`` with verified weights.
 
     Args:
@@ -43,6 +45,8 @@ def load_pretrained(model: str | os.PathLike = DEFAULT_MODEL, *, arch: str | Non
         pretrained: False gives the same architecture randomly initialised (names only).
         device: where the encoder is placed.
         progress: show download progress bars.
+        accept_licence: accept a non-commercial or gated model's licence (remembered in
+            ``HISTOHUB_HOME``; see ``histohub.licences``).
 
     Returns:
         The encoder in eval mode, carrying ``model.histohub_info``: its ``ModelDescriptor``
@@ -52,34 +56,41 @@ def load_pretrained(model: str | os.PathLike = DEFAULT_MODEL, *, arch: str | Non
         UnknownModelError: neither a file nor a known name (close names listed).
         InputNotFoundError: a checkpoint path that is missing or a folder.
         FingerprintError: the manifest's fingerprint does not match the weights.
+        LicenceError: before any download, a restricted licence has not been accepted.
     """
     described = describe_model(model, arch=arch)
-    encoder = load_described(described, pretrained=pretrained, progress=progress)
+    encoder = load_described(described, pretrained=pretrained, progress=progress,
+                             accept_licence=accept_licence)
     return encoder.to(device).eval()
 
 
 def load_described(described: ModelDescriptor, *, pretrained: bool = True,
-                   progress: bool = True) -> nn.Module:
+                   progress: bool = True, accept_licence: bool = False) -> nn.Module:
     """The encoder ``described`` (``describe_model``'s result), its ``histohub_info`` the
-    descriptor with the weights' architecture, sha256 and file filled in."""
+    descriptor with the weights' architecture, sha256 and file filled in. A manifest
+    model's licence is checked (``check_accepted``) before any download."""
     if not pretrained:
         if described.is_file:
             raise ValueError("pretrained=False with a checkpoint path makes no sense; pass a "
                              "model name or an architecture name instead")
-        encoder = build_encoder(described.arch)
+        encoder = _build(described.arch, described.entry.pooling)
         info = replace(described, sha256=None, weights_path=None)  # random weights
     else:
-        info, state, file = read_weights(described, progress=progress)
-        encoder = _assemble(info.arch, state)
+        info, state, file = read_weights(described, progress=progress,
+                                         accept_licence=accept_licence)
+        pooling = described.entry.pooling if described.entry is not None else None
+        encoder = _assemble(info.arch, state, pooling=pooling)
         if file is not None:
             _check_fingerprint(info.name, file, encoder)
     encoder.histohub_info = info
     return encoder
 
 
-def read_weights(described: ModelDescriptor, *, progress: bool = True
+def read_weights(described: ModelDescriptor, *, progress: bool = True,
+                 accept_licence: bool = False
                  ) -> tuple[ModelDescriptor, dict[str, torch.Tensor], WeightsFile | None]:
-    """Read the weights ``described`` (fetched and verified for a name) and map their keys.
+    """Read the weights ``described`` (for a name: its licence checked, then fetched and
+    verified) and map their keys.
 
     Returns:
         The descriptor filled in (``loaded``: architecture, sha256, weights path), the
@@ -93,10 +104,16 @@ def read_weights(described: ModelDescriptor, *, progress: bool = True
         info = described.loaded(arch=arch, sha256=sha256_file(described.file),
                                 weights_path=str(described.file))
         return info, state, None
-    fetched = fetch_weights(described.entry, progress=progress)
+    entry = described.entry
+    check_accepted(entry, accept_now=accept_licence)   # before any request
+    fetched = fetch_weights(entry, progress=progress)
     checkpoint = read_checkpoint(fetched.path, format=fetched.file.format)
-    arch, state = fit_architecture(checkpoint, key_map=fetched.file.key_map,
-                                   archs=[described.arch])
+    if entry.is_zoo:
+        arch = entry.arch
+        state = map_state_dict(checkpoint, fetched.file.key_map, vit_shapes(arch))
+    else:
+        arch, state = fit_architecture(checkpoint, key_map=fetched.file.key_map,
+                                       archs=[entry.arch])
     info = described.loaded(arch=arch, sha256=fetched.sha256, weights_path=str(fetched.path))
     return info, state, fetched.file
 
@@ -129,10 +146,18 @@ def fit_architecture(checkpoint: Mapping, *, key_map: KeyMap = DEFAULT_KEY_MAP,
                           "unexpected for it")
 
 
-def _assemble(arch: str, state: Mapping[str, torch.Tensor]) -> nn.Module:
+def _build(arch: str, pooling: str | None) -> nn.Module:
+    """A zoo ViT (``zoo_archs``) or a torchvision ResNet encoder, randomly initialised."""
+    if arch in ZOO_ARCHS:
+        return build_vit(arch, pooling=pooling or "cls")
+    return build_encoder(arch)
+
+
+def _assemble(arch: str, state: Mapping[str, torch.Tensor], *, pooling: str | None = None
+              ) -> nn.Module:
     """Build ``arch`` on the meta device and assign the mapped tensors (no random init)."""
     with torch.device("meta"):
-        encoder = build_encoder(arch)
+        encoder = _build(arch, pooling)
     state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
     encoder.load_state_dict(state, strict=True, assign=True)
     return encoder
