@@ -35,7 +35,7 @@ WINGS = {
         "sha256_file": "histohub.hub._download",
         "read_manifest": "histohub.hub._registry",
         "read_manifest_json": "histohub.hub._registry",
-        "parse_entry": "histohub.hub._schema",
+        "parse_entry": "histohub.hub._parse",
         "load_manifest": "histohub.hub._registry",
         "reload_manifests": "histohub.hub._registry",
         "get_entry": "histohub.hub._registry",

@@ -44,6 +44,7 @@ RULES = {
     # The manifest and checkpoint readers never import download code: reading a manifest or a
     # checkpoint works offline and without network libraries.
     "histohub.hub._schema": ("histohub.hub._download", *NETWORK),
+    "histohub.hub._parse": ("histohub.hub._download", *NETWORK),
     "histohub.hub._registry": ("histohub.hub._download", *NETWORK),
     "histohub.hub._checkpoint": ("histohub.hub._download", *NETWORK),
     # Name or file, and what is known of the model, is decided without fetching anything.

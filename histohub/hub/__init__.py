@@ -16,7 +16,8 @@ from histohub._lazy import lazy_exports
 from histohub.hub._manifest_writer import pin_weights, record_metrics, write_manifest_entry
 from histohub.hub._registry import (MANIFEST_PATH, get_entry, list_models, load_manifest,
                                     read_manifest, read_manifest_json, reload_manifests)
-from histohub.hub._schema import SCHEMA_VERSION, KeyMap, ModelEntry, Preprocessing, parse_entry
+from histohub.hub._parse import parse_entry
+from histohub.hub._schema import SCHEMA_VERSION, KeyMap, ModelEntry, Preprocessing
 
 _LAZY = {
     "DEFAULT_MODEL": "histohub.hub._pretrained",

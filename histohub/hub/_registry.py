@@ -17,7 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from histohub.hub._schema import PACKAGE_DIR, ModelEntry, check_manifest_header, parse_entry
+from histohub.hub._parse import check_manifest_header, parse_entry
+from histohub.hub._schema import PACKAGE_DIR, ModelEntry
 from histohub.errors import ManifestError, UnknownModelError
 
 MANIFEST_PATH = PACKAGE_DIR / "weights_manifest.json"
