@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from histohub._env import mallopt_enabled
 from histohub.errors import HistohubError, check_option
 
 if TYPE_CHECKING:
@@ -301,7 +302,7 @@ def tune_allocator() -> bool:
     if _ALLOCATOR_TUNED is not None:
         return _ALLOCATOR_TUNED
     _ALLOCATOR_TUNED = False
-    if os.environ.get("HISTOHUB_MALLOPT", "1") in ("0", "false", "no", "off"):
+    if not mallopt_enabled():
         return False
     if not sys.platform.startswith("linux"):
         return False
