@@ -106,7 +106,7 @@ def local_model_spec(model_or_name: nn.Module | str | os.PathLike) -> ModelSpec 
     from pathlib import Path
 
     from histohub.hub._checkpoint import sniff_format
-    from histohub.hub._download import cache_status
+    from histohub.hub._cache import cache_status
     from histohub.hub._registry import load_manifest
     from histohub.hub._pretrained import _default_preprocessing
 
