@@ -29,7 +29,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from histohub._env import histohub_home, is_offline, lock_timeout
+from histohub._env import (accepted_sha256s, histohub_home, is_offline, lock_timeout,
+                           max_download_bytes)
 from histohub._env import mirror as env_mirror
 from histohub.errors import (ChecksumError, DownloadError, HistohubError, LockTimeoutError,
                              OfflineError)
@@ -95,6 +96,7 @@ def fetch_file(file: WeightsFile, *, progress: bool = True, name: str | None = N
     hit = bundled(file) or cache_hit(file, rehash=rehash)
     if hit is not None:
         return hit
+    _check_settings()
     path = cached_path(file)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path):
@@ -112,6 +114,12 @@ def fetch_file(file: WeightsFile, *, progress: bool = True, name: str | None = N
                 logger.debug("%s: %s", label, redact(str(error)))
                 failures.append((label, error))
         raise _failure(name or file.filename, (file,), failures)
+
+
+def _check_settings() -> None:
+    """Read every setting a fetch uses, so that a bad value is refused (OptionError, naming
+    it) before the cache is touched rather than midway, under the lock."""
+    lock_timeout(), max_download_bytes(), accepted_sha256s(), is_offline()
 
 
 @contextmanager
