@@ -61,7 +61,8 @@ def worker_throughput(slide: str, repeats: int, batch_size: int) -> dict:
     from histohub._features import ModelRunner as _Runner, tune_allocator
     from histohub.slides._extract import extract_slide
     from histohub.hub._transforms import normalize_batch
-    from histohub.slides._wsi import PatchReader, open_slide, tile_grid
+    from histohub.slides._reader import PatchReader, open_slide
+    from histohub.slides._tiling import tile_grid
 
     tuned = tune_allocator()
     model = load_pretrained("resnet18-ssl", pretrained=False)
@@ -161,7 +162,7 @@ def make_large_slide(cmu: Path, folder: Path) -> Path:
 
     from wsi_factory import write_slide
 
-    from histohub.slides._wsi import open_slide
+    from histohub.slides._reader import open_slide
 
     with open_slide(cmu) as slide:
         image = slide.read_region((0, 0), 0, slide.dimensions)

@@ -321,7 +321,7 @@ def arm_patches(slides: list[dict[str, Any]], *, option: str, readers: int, coho
 
 
 def _decode_share(grid: Any, share: int, shares: int) -> None:
-    from histohub.slides._wsi import PatchReader
+    from histohub.slides._reader import PatchReader
 
     reader = PatchReader(grid)
     for index in range(share * len(grid) // shares, (share + 1) * len(grid) // shares):
@@ -338,7 +338,7 @@ def arm_decode(slides: list[dict[str, Any]], *, processes: int) -> dict[str, Any
     import multiprocessing
 
     import histohub
-    from histohub.slides._wsi import tile_grid
+    from histohub.slides._tiling import tile_grid
 
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     grids = []

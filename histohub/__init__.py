@@ -27,7 +27,7 @@ _LAZY = {
     "extract_slide": "histohub.slides._extract",
     "get_transform": "histohub.hub._transforms",
     "load_pretrained": "histohub.hub._pretrained",
-    "open_slide": "histohub.slides._wsi",
+    "open_slide": "histohub.slides._reader",
     "slide_patches": "histohub.slides._patches",
     "tissue_mask": "histohub.slides._tissue",
 }

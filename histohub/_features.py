@@ -42,7 +42,7 @@ PREFETCH_BATCHES = 2
 def _option_rules() -> dict[str, dict[str, Any]]:
     from histohub.hub._schema import INTERPOLATIONS
     from histohub.slides._tissue import MASK_METHODS
-    from histohub.slides._wsi import MPP_RANGE
+    from histohub.slides._reader import MPP_RANGE
 
     mpp = {"low": MPP_RANGE[0], "high": MPP_RANGE[1], "optional": True}
     return {

@@ -196,3 +196,9 @@ def check_option(name: str, value: object, *, low: float | None = None,
         shown = str(value) if flag and isinstance(value, (int, str)) else repr(value)
     label = f"{flag} {shown}" if flag else f"{name}={shown}"
     raise OptionError(f"{label}: must be {allowed}")
+
+
+class RoiError(HistohubError, ValueError):
+    """A region of interest (``--roi`` GeoJSON) or a coordinates file (``--coords`` h5)
+    that cannot be used for this slide: malformed, self-intersecting, outside the slide,
+    made for another slide. The message names the file."""

@@ -184,7 +184,7 @@ def slide_features(cmu_slide, tmp_path_factory):
     pytest.importorskip("h5py")
     from feature_files import PATCH, write_features
 
-    from histohub.slides._wsi import open_slide
+    from histohub.slides._reader import open_slide
 
     folder = tmp_path_factory.mktemp("features")
     with open_slide(cmu_slide) as slide:

@@ -113,6 +113,9 @@ def register(subparsers) -> None:
     parser.add_argument("--slide-dir", type=Path,
                         help="where to find the slides if they moved since extraction "
                              "(looked up by file name)")
+    parser.add_argument("--geojson", action="store_true",
+                        help="also write geojson/<feature file>.geojson: each slide's patches "
+                             "as QuPath tiles classified 'Cluster <id>', one colour each")
     parser.add_argument("--no-figures", action="store_true",
                         help="skip the montage and the overlays (no slide reading)")
     parser.set_defaults(func=run)
@@ -145,6 +148,22 @@ def _check_arguments(args: argparse.Namespace) -> None:
     if too_large:
         raise ClusteringError(f"--clusters-to-show: cluster ids {too_large} do not exist with "
                               f"k <= {k_max}: ids run from 0 to k - 1.")
+
+
+def write_cluster_geojson(result, folder: Path) -> list[Path]:
+    """One FeatureCollection per feature file: its patches coloured by cluster."""
+    from histohub.slides._qupath import cluster_features, write_geojson
+
+    written = []
+    for i, file in enumerate(result.files):
+        if file.patch_size_level0 is None:
+            raise FeatureFileError(f"{file.path}: no patch_size_level0 attribute, so the "
+                                   "patches' squares are unknown; re-extract it")
+        rows = result.file_index == i
+        features = cluster_features(result.coords[rows], int(file.patch_size_level0),
+                                    result.labels[rows], result.distances[rows])
+        written.append(write_geojson(folder / f"{file.path.stem}.geojson", features))
+    return written
 
 
 def run(args: argparse.Namespace) -> int:
@@ -181,6 +200,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"k = {result.k}: explained variance {result.explained_variance:.1%}")
     for written in cluster.save_clusters(result, out, curve=curve):
         print(f"wrote {written}")
+    if args.geojson:
+        written = write_cluster_geojson(result, out / "geojson")
+        print(f"wrote {len(written)} GeoJSON file(s) in {out / 'geojson'}")
     if not args.no_figures:
         montage = cluster.write_montage(result, out / "montage.png", n=args.montage_size,
                                         clusters=args.clusters_to_show,

@@ -25,7 +25,7 @@ for the HDF5 files ``histohub extract`` writes (the CLAM / TRIDENT layout, read 
 
 One module per job: ``store`` (feature files as one matrix, in memory or streamed),
 ``kmeans`` (k-means and the elbow), ``results`` (clusters.h5, assignments.csv, elbow.csv),
-``figures`` (elbow plot, montage, overlays; slides through ``histohub.slides._wsi``). The names
+``figures`` (elbow plot, montage, overlays; slides through ``histohub.slides._reader``). The names
 below are the public API; the exceptions live in ``histohub.errors``.
 """
 

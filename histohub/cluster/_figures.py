@@ -1,7 +1,7 @@
 """Figures of a clustering: the elbow curve, the montage of the patches nearest each
 centre (paper Fig. 5) and chosen clusters coloured over each slide (paper Fig. 6).
 
-Slides are opened and read through :mod:`histohub.slides._wsi`; PNGs are written atomically.
+Slides are opened and read through :mod:`histohub.slides._reader`; PNGs are written atomically.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from PIL import Image
 
 from histohub.files import atomic_path
 from histohub.errors import ClusteringError, SlideError, require
-from histohub.slides._wsi import Slide, choose_level, open_slide
+from histohub.slides._reader import Slide, open_slide
+from histohub.slides._tiling import choose_level
 from histohub.cluster._kmeans import ClusterResult, ElbowResult
 from histohub.cluster._store import FeatureFile
 
@@ -108,7 +109,7 @@ def _slide_candidates(f: FeatureFile, slide_dir: Path | None) -> list[Path]:
 
 
 def _open_slide(f: FeatureFile, slide_dir: Path | None) -> Slide | None:
-    """A :class:`histohub.slides._wsi.Slide` for the file's slide, or None (with a warning)."""
+    """A :class:`histohub.slides._reader.Slide` for the file's slide, or None (with a warning)."""
     for candidate in _slide_candidates(f, slide_dir):
         if candidate.is_file():
             try:

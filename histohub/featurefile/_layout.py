@@ -23,7 +23,8 @@ Layout of ``<slide stem>.h5`` (one file per slide)::
         slide_mpp, mpp_source ("openslide.mpp", "tiff.resolution" or "user")
         target_mpp, patch_size (px fed to the model), level, level_downsample,
         read_size (px read at level), patch_size_level0
-        mask_method ("hsv" or "otsu"), min_foreground, n_grid (patches in the grid written),
+        mask_method ("contours", "hsv" or "otsu"), min_foreground, n_grid (patches in the grid
+        written), roi and coords_from (sha256 of the --roi region, of the --coords file; ""),
         grid_sha256 (of the grid's coords: identifies the grid for resuming)
         n_tissue (patches with tissue), max_patches (0: no limit), truncated (n_grid < n_tissue)
         model_fingerprint  sha256 of the model's weights (its state dict), whatever their source
@@ -57,7 +58,7 @@ from histohub.errors import (DiskFullError, FeatureFileError, OutputExistsError,
                              require)
 
 if TYPE_CHECKING:
-    from histohub.slides._wsi import TileGrid
+    from histohub.slides._tiling import TileGrid
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,9 @@ MODEL_ATTRS = ("model_name", "arch", "model_fingerprint", "norm_mean", "norm_std
 SLIDE_ATTRS = ("slide_size", "slide_fingerprint", "slide_width", "slide_height")
 #: What a complete feature file must share with a request to count as done for it.
 REQUEST_ATTRS = (*MODEL_ATTRS, *SLIDE_ATTRS, "slide_mpp", "target_mpp", "patch_size",
-                 "mask_method", "min_foreground")
+                 "mask_method", "min_foreground", "roi", "coords_from")
+#: Request attributes added since format 1; a file without them was made without them.
+_ADDED_REQUEST_ATTRS = {"roi": "", "coords_from": ""}
 _COORD_DATASETS = ("coords", "failed_coords", "nonfinite_coords")
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -222,6 +225,7 @@ def find_done(path: str | os.PathLike, request: dict[str, Any], *, max_patches: 
         return None
     keep = "it is kept. Pass --overwrite (overwrite=True) to replace it, or choose another " \
            "output folder"
+    attrs = {**_ADDED_REQUEST_ATTRS, **attrs}
     missing = [k for k in (*REQUEST_ATTRS, "n_tissue") if k not in attrs]
     if missing:
         raise OutputExistsError(

@@ -18,11 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from histohub._env import manifest_files
-from histohub.hub._schema import ModelEntry, check_manifest_header, parse_entry
+from histohub.hub._schema import PACKAGE_DIR, ModelEntry, check_manifest_header, parse_entry
 from histohub.errors import ManifestError, UnknownModelError
 
-#: The installed package's folder: where ``package`` sources' files lie.
-PACKAGE_DIR = Path(__file__).resolve().parent.parent
 MANIFEST_PATH = PACKAGE_DIR / "weights_manifest.json"
 #: Deepest nesting of objects and lists a manifest may have (the shipped one needs 7).
 MAX_DEPTH = 32

@@ -26,6 +26,8 @@ from typing import Any
 from histohub.errors import ManifestError
 from histohub.hub._archs import FEATURE_DIMS
 
+#: The installed package's folder: where ``package`` sources' files lie (read at each use).
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 SCHEMA_VERSION = 1
 FORMATS = ("safetensors", "torch", "lightning")
 #: How a patch read at another size is resized to the model's input (PIL's filters).
@@ -57,8 +59,6 @@ class Source:
     @property
     def package_path(self) -> Path | None:
         """Where a ``package`` source's file lies in this installation (else None)."""
-        from histohub.hub._registry import PACKAGE_DIR  # where this installation lies
-
         return PACKAGE_DIR / self.package if self.package else None
 
     def describe(self) -> str:

@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from histohub.slides._wsi import PatchReader, Slide, TileGrid, TileReadError
+from histohub.slides._reader import PatchReader, Slide, TileReadError
+
+from histohub.slides._tiling import TileGrid
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Whole slides -> HDF5 feature files (the CLAM/TRIDENT layout of ``histohub.featurefile._layout``).
 
 - ``extract_slide(model, slide, out_h5)``: one slide, tiled at the model's microns per
-  pixel (``histohub.slides._wsi``), patches read while the model runs, features appended batch by
+  pixel (``histohub.slides._reader``), patches read while the model runs, features appended batch by
   batch; resumable, corrupt tiles skipped.
 - ``SlideExtractor(model)``: the same for a cohort, paying per slide only what is the
   slide's: the model is placed on its device (and compiled, see ``compile``) once, and
@@ -55,7 +55,12 @@ from histohub.slides._jobs import SlideJob, SlideResult, Tiling, skipped_result
 from histohub.slides._outputs import (OpenOutput, output_lock, request_attrs, warm_imports,
                                       write_preview)
 from histohub.slides._stream import Batch, CrossBatcher, Schedule, reader_stream, worker_stream
-from histohub.slides._wsi import open_slide, tile_grid
+from histohub.slides._coords import coords_grid
+from histohub.slides._outputs import write_grid_geojson
+from histohub.slides._reader import open_slide
+from histohub.slides._regions import SlideRegions, slide_regions
+from histohub.slides._tiling import _slide_mpp, tile_grid
+from histohub.slides._tissue import DEFAULT_MASK
 
 # h5py and filelock are imported with this module, while nothing else runs: imported beside
 # the thread that tiles the first slide, h5py's import took up to 8x longer (0.15-0.2 s)
@@ -255,16 +260,24 @@ class SlideExtractor:
         prepared = OpenOutput(job, {}, started, slide=open_slide(job.slide))
         try:
             slide = prepared.slide
+            regions = slide_regions(tiling, slide)
+            if regions.coords is not None:  # the coordinates file sets the patches' mpp
+                target = _slide_mpp(slide, tiling.mpp)[0] * regions.size0 / pre.input_size
             if not overwrite and job.output.exists():  # done already? known before tiling
-                prepared.request = self._request(slide, tiling, target)
+                prepared.request = self._request(slide, tiling, target, regions)
                 done = _h5.find_done(job.output, prepared.request,
                                      max_patches=tiling.max_patches)
                 if done is not None:
                     prepared.release()
                     return replace(prepared, done=done)
-            grid = tile_grid(slide, target_mpp=target, patch_size=pre.input_size,
-                             min_foreground=tiling.min_foreground, method=tiling.mask,
-                             mpp_override=tiling.mpp)
+            if regions.coords is not None:
+                grid = coords_grid(slide, regions.coords, regions.size0,
+                                   patch_size=pre.input_size, method=tiling.mask,
+                                   mpp_override=tiling.mpp)
+            else:
+                grid = tile_grid(slide, target_mpp=target, patch_size=pre.input_size,
+                                 min_foreground=tiling.min_foreground, method=tiling.mask,
+                                 mpp_override=tiling.mpp, roi=regions.roi)
             prepared.n_tissue = len(grid)
             log.info("%s: %s", job.slide.name, grid_summary(grid))
             if tiling.max_patches is not None:
@@ -273,8 +286,11 @@ class SlideExtractor:
             prepared.grid = grid
             if job.preview is not None:
                 write_preview(slide, grid, job.preview)
+            if job.geojson is not None:
+                write_grid_geojson(grid, job.geojson)
             # a new output needs the model's fingerprint only now: made meanwhile
-            prepared.request = prepared.request or self._request(slide, tiling, target)
+            prepared.request = prepared.request or self._request(slide, tiling, target,
+                                                                 regions)
             prepared.lock = output_lock(job.output)
             # under the lock: finished by another process meanwhile?
             done = None if overwrite else _h5.find_done(job.output, prepared.request,
@@ -288,9 +304,11 @@ class SlideExtractor:
             raise
         return prepared
 
-    def _request(self, slide, tiling: Tiling, target_mpp: float) -> dict[str, Any]:
+    def _request(self, slide, tiling: Tiling, target_mpp: float, regions: SlideRegions
+                 ) -> dict[str, Any]:
         fingerprint = self._fingerprint()  # first: it loads the weights and settles spec
-        return request_attrs(self.spec, fingerprint, slide, tiling, target_mpp)
+        return request_attrs(self.spec, fingerprint, slide, tiling, target_mpp,
+                             roi=regions.roi_digest, coords_from=regions.coords_digest)
 
     def _open(self, prepared: OpenOutput, tiling: Tiling, overwrite: bool) -> SlideResult:
         """The partial feature file (new or resumed) and the grid batches still to run."""
@@ -298,7 +316,7 @@ class SlideExtractor:
         result = SlideResult(job.slide, job.output, 0, n_grid=len(grid))
         if len(grid) == 0:
             message = (f"{job.slide.name}: no patch has >= {tiling.min_foreground:.0%} tissue "
-                       f"({tiling.mask} mask); the output holds no features. Try --mask otsu "
+                       f"({tiling.mask} mask); the output holds no features. Try another --mask "
                        "or a lower --min-foreground, and check the preview (--preview)")
             log.warning(message)
             result.warnings.append(message)
@@ -388,7 +406,7 @@ def extract_slide(model_or_name: nn.Module | str | os.PathLike, slide_path: str 
                   target_mpp: float | None = None, batch_size: int = 64,
                   device: str | torch.device = "cpu", num_workers: int = 0,
                   read_threads: int = 1, amp: bool | str = False,
-                  compile: bool | str = "auto", mask: str = "hsv",
+                  compile: bool | str = "auto", mask: str = DEFAULT_MASK,
                   min_foreground: float = 0.5, overwrite: bool = False,
                   preview: str | os.PathLike | None = None, max_patches: int | None = None,
                   progress: bool = True) -> SlideResult:
@@ -396,7 +414,8 @@ def extract_slide(model_or_name: nn.Module | str | os.PathLike, slide_path: str 
 
     Tiles the slide at ``target_mpp`` (default: the model's, from the manifest; 0.5 um/px
     for the paper's models) with 224 px patches holding at least ``min_foreground`` tissue
-    (``mask``: the paper's 'hsv' rule or 'otsu'), reads them while the model runs, and
+    (``mask``: 'contours', the default: tissue without ink or debris; the paper's 'hsv'
+    rule; or 'otsu'), reads them while the model runs, and
     appends ``features`` (N, D) and ``coords`` (N, 2) to ``out_h5`` (layout:
     ``histohub.featurefile``). ``mpp`` gives the slide's microns per pixel when the file lacks it.
     ``max_patches`` keeps the first N grid patches (for quick trials). ``preview``: write a

@@ -10,6 +10,7 @@ from typing import Any
 
 from histohub.errors import HistohubError
 from histohub._features import check_options
+from histohub.slides._tissue import DEFAULT_MASK
 
 log = logging.getLogger(__name__)
 
@@ -19,16 +20,24 @@ class Tiling:
     """How slides are cut into patches.
 
     ``mpp``: the slides' microns per pixel, for files that do not record it.
-    ``target_mpp``: tile at this mpp (default: the model's). ``mask``: 'hsv' (the paper's
+    ``target_mpp``: tile at this mpp (default: the model's). ``mask``: 'contours' (the
+    default: all tissue, dense and pale, without pen ink or debris), 'hsv' (the paper's
     rule) or 'otsu'. ``min_foreground``: tissue fraction a patch needs. ``max_patches``:
-    keep the first N grid patches (for quick trials).
+    keep the first N grid patches (for quick trials). ``roi``: a GeoJSON file, or a folder
+    of them named by slide stem: only tissue inside counts, annotations of a class matching
+    ``roi_exclude`` are cut out (``histohub.slides._qupath.load_roi``). ``coords``: a CLAM or
+    TRIDENT h5 (or a folder of them by slide stem): exactly its patches are extracted
+    (``histohub.slides._coords``), whatever the mask.
     """
 
     mpp: float | None = None
     target_mpp: float | None = None
-    mask: str = "hsv"
+    mask: str = DEFAULT_MASK
     min_foreground: float = 0.5
     max_patches: int | None = None
+    roi: Path | None = None
+    roi_exclude: tuple[str, ...] = ("Ignore*",)
+    coords: Path | None = None
 
     def check(self) -> None:
         check_options(mpp=self.mpp, target_mpp=self.target_mpp, mask=self.mask,
@@ -37,11 +46,13 @@ class Tiling:
 
 @dataclass(frozen=True)
 class SlideJob:
-    """One slide to extract: its file, the feature file, and an optional preview PNG."""
+    """One slide to extract: its file, the feature file, an optional preview PNG and an
+    optional GeoJSON of its tissue and patches for QuPath."""
 
     slide: Path
     output: Path
     preview: Path | None = None
+    geojson: Path | None = None
 
 
 @dataclass

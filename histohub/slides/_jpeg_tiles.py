@@ -15,7 +15,7 @@ once per thread. A file's tiles leave the cache when the last level open on it i
 as an OpenSlide handle's cache does.
 
 Only what is known to match OpenSlide is read here; everything else raises ``Unsupported``
-and is read by OpenSlide (``histohub.slides._wsi.Slide``, which also compares a piece of the first
+and is read by OpenSlide (``_reader.Slide``, which also compares a piece of the first
 region it reads from a level with OpenSlide's and keeps to OpenSlide when they differ):
 
 - ``open_jpeg_level`` gives a level only for OpenSlide's 'aperio' and 'generic-tiff' formats

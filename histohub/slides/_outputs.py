@@ -19,7 +19,8 @@ from histohub.slides._preview import preview as draw_preview
 from histohub.hub._runner import ModelSpec
 from histohub.slides._jobs import SlideJob, SlideResult, Tiling
 from histohub.slides._stream import Batch
-from histohub.slides._wsi import Slide, TileGrid, slide_fingerprint
+from histohub.slides._reader import Slide, slide_fingerprint
+from histohub.slides._tiling import TileGrid
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +94,11 @@ class OpenOutput:
                                    "and were left out (nonfinite_coords)")
 
 
-def request_attrs(spec: ModelSpec, fingerprint: str, slide, tiling: Tiling, target_mpp: float
-             ) -> dict[str, Any]:
-    """The ``REQUEST_ATTRS`` of this call, known without tiling the slide."""
-    from histohub.slides._wsi import _slide_mpp
+def request_attrs(spec: ModelSpec, fingerprint: str, slide, tiling: Tiling, target_mpp: float,
+                  *, roi: str = "", coords_from: str = "") -> dict[str, Any]:
+    """The ``REQUEST_ATTRS`` of this call, known without tiling the slide (``roi``,
+    ``coords_from``: digests of the ROI and of the coordinates file, "" without)."""
+    from histohub.slides._tiling import _slide_mpp
 
     pre = spec.preprocessing
     size, slide_digest = slide_fingerprint(slide.path)
@@ -111,6 +113,7 @@ def request_attrs(spec: ModelSpec, fingerprint: str, slide, tiling: Tiling, targ
         "slide_mpp": float(mpp) if mpp is not None else _slide_mpp(slide, None)[0],
         "target_mpp": float(target_mpp), "patch_size": pre.input_size,
         "mask_method": tiling.mask, "min_foreground": float(tiling.min_foreground),
+        "roi": roi, "coords_from": coords_from,
     }
 
 
@@ -121,6 +124,19 @@ def write_preview(slide, grid: TileGrid, path: Path) -> None:
         if not _h5.is_disk_full(error):
             raise
         path.unlink(missing_ok=True)
+        raise _h5.disk_full_error(path, error) from error
+
+
+def write_grid_geojson(grid: TileGrid, path: Path) -> None:
+    """The grid's tissue contours (annotations) and patches (tiles) as GeoJSON for QuPath."""
+    from histohub.slides._qupath import patch_features, tissue_features, write_geojson
+
+    try:
+        write_geojson(path, tissue_features(grid) + patch_features(grid.coords,
+                                                                   grid.patch_size_level0))
+    except OSError as error:
+        if not _h5.is_disk_full(error):
+            raise
         raise _h5.disk_full_error(path, error) from error
 
 

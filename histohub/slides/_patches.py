@@ -10,7 +10,7 @@ the patches: ``extract_slide``'s reading without its model and its feature file.
 ``cohort_patches(slides)`` does the same for many slides in one stream, each slide tiled
 while the one before is read (as ``SlideExtractor.extract_many`` does): slide after slide,
 the tiling is off the readers' path. Slides are tiled as ``extract_slide`` tiles them
-(``histohub.slides._wsi.tile_grid``), and read by ``read_threads`` threads or ``num_workers``
+(``histohub.slides._tiling.tile_grid``), and read by ``read_threads`` threads or ``num_workers``
 DataLoader processes (``histohub.slides._stream``) while the caller works on earlier batches.
 """
 
@@ -31,7 +31,9 @@ from histohub._features import check_options
 from histohub.slides._preview import grid_summary
 from histohub.slides._batches import batch_ranges, pinned
 from histohub.slides._stream import Schedule, reader_stream, worker_stream
-from histohub.slides._wsi import Slide, TileGrid, open_slide, tile_grid
+from histohub.slides._reader import Slide, open_slide
+from histohub.slides._tiling import TileGrid, tile_grid
+from histohub.slides._tissue import DEFAULT_MASK
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +57,12 @@ class PatchBatch:
 
 def slide_patches(slide_path: str | os.PathLike, *, target_mpp: float,
                   mpp: float | None = None, patch_size: int = 224, batch_size: int = 64,
-                  read_threads: int = 1, num_workers: int = 0, mask: str = "hsv",
+                  read_threads: int = 1, num_workers: int = 0, mask: str = DEFAULT_MASK,
                   min_foreground: float = 0.5, interpolation: str = "bilinear",
                   pin_memory: bool = False) -> Iterator[PatchBatch]:
     """The tissue patches of a slide, ``patch_size`` px at ``target_mpp`` um/px with at
-    least ``min_foreground`` tissue (``mask``: 'hsv', the paper's rule, or 'otsu'), as
+    least ``min_foreground`` tissue (``mask``: 'contours', the default; 'hsv', the paper's
+    rule; or 'otsu'), as
     ``PatchBatch``es of up to ``batch_size``, read ahead by ``read_threads`` reader threads
     or ``num_workers`` DataLoader worker processes. ``mpp``: the slide's um/px when the file
     lacks it. ``pin_memory``: page-locked batches, for ``non_blocking`` copies to a GPU.
@@ -75,7 +78,7 @@ def slide_patches(slide_path: str | os.PathLike, *, target_mpp: float,
 
 def cohort_patches(slide_paths: Iterable[str | os.PathLike], *, target_mpp: float,
                    mpp: float | None = None, patch_size: int = 224, batch_size: int = 64,
-                   read_threads: int = 1, num_workers: int = 0, mask: str = "hsv",
+                   read_threads: int = 1, num_workers: int = 0, mask: str = DEFAULT_MASK,
                    min_foreground: float = 0.5, interpolation: str = "bilinear",
                    pin_memory: bool = False, skip_unreadable: bool = False
                    ) -> Iterator[PatchBatch]:

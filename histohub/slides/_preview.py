@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from histohub.files import atomic_path
-from histohub.slides._wsi import Slide, TileGrid
+from histohub.slides._reader import Slide
+from histohub.slides._tiling import TileGrid
 
 
 def preview(slide: Slide, grid: TileGrid, path: str | os.PathLike, *, max_side: int = 1200

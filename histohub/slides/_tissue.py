@@ -1,7 +1,10 @@
 """Tissue (foreground) masks: RGB uint8 ``(H, W, 3)`` -> bool ``(H, W)``.
 
-``tissue_mask(rgb)`` is the paper's HSV foreground rule (Appendix B) or Otsu on saturation
-(``MASK_METHODS``). ``histohub.slides._wsi.tile_grid`` keeps the patches it covers enough of.
+``tissue_mask(rgb, method)`` is one of ``MASK_METHODS``: ``"contours"`` (the default for
+extraction, ``DEFAULT_MASK``: tissue contours with holes, pen ink and debris left out;
+``_contours``), the paper's HSV foreground rule (Appendix B; what training samples
+pretraining patches with, as the paper did) or Otsu on saturation. ``_tiling.tile_grid``
+keeps the patches it covers enough of. Measured against known masks: ``docs/tissue.md``.
 """
 
 from __future__ import annotations
@@ -9,7 +12,10 @@ from __future__ import annotations
 import numpy as np
 
 #: Tissue detection methods of ``tissue_mask``.
-MASK_METHODS = ("hsv", "otsu")
+MASK_METHODS = ("contours", "hsv", "otsu")
+#: The extraction default: keeps dense dark and pale tissue, drops glass, ink and dust
+#: (IoU and ink kept against known masks: ``benchmarks/bench_tissue.py``).
+DEFAULT_MASK = "contours"
 #: The paper's HSV bounds (Appendix B), all on [0, 1] scales.
 HSV_HUE_EXCLUDED = (0.5, 0.65)
 HSV_MIN_SATURATION = 0.1
@@ -18,8 +24,12 @@ HSV_VALUE_RANGE = (0.5, 0.9)
 OTSU_MIN_SATURATION = 0.05
 
 
-def tissue_mask(rgb: np.ndarray, method: str = "hsv") -> np.ndarray:
+def tissue_mask(rgb: np.ndarray, method: str = "hsv", *, mpp: float | None = None
+                ) -> np.ndarray:
     """Foreground (tissue) mask of an RGB uint8 ``(H, W, 3)`` image -> bool ``(H, W)``.
+
+    ``method="contours"``: ``histohub.slides._contours.contour_mask`` at ``mpp`` (microns
+    per pixel of ``rgb``, required: its sizes are in microns).
 
     ``method="hsv"``: the paper's rule (Appendix B): "0.65 > hue > 0.5, saturation > 0.1,
     and 0.9 > value > 0.5", bounds "determined ... to isolate the irrelevant background
@@ -47,6 +57,13 @@ def tissue_mask(rgb: np.ndarray, method: str = "hsv") -> np.ndarray:
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"tissue_mask wants an RGB uint8 (H, W, 3) array, got {rgb.dtype} "
                          f"{rgb.shape}")
+    if method == "contours":
+        if mpp is None:
+            raise ValueError("tissue_mask(method='contours') needs mpp=, the image's microns "
+                             "per pixel")
+        from histohub.slides._contours import contour_mask
+
+        return contour_mask(rgb, mpp=mpp)
     hsv = np.asarray(Image.fromarray(rgb).convert("HSV"))  # each channel 0..255 for 0..1
     hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
     if method == "hsv":
@@ -57,7 +74,8 @@ def tissue_mask(rgb: np.ndarray, method: str = "hsv") -> np.ndarray:
     if method == "otsu":
         threshold = max(_otsu_threshold(sat), OTSU_MIN_SATURATION * 255)
         return sat > threshold
-    raise ValueError(f"Unknown mask method {method!r}; choose 'hsv' (the paper's) or 'otsu'")
+    raise ValueError(f"Unknown mask method {method!r}; choose 'contours' (the "
+                     "extraction default), 'hsv' (the paper's) or 'otsu'")
 
 
 def _otsu_threshold(channel: np.ndarray) -> float:

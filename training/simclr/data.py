@@ -1,7 +1,7 @@
 """Pretraining data: image folders, patches sampled from slides, and a capped pool of both.
 
 Paper section 5.4: at most ``patches_per_slide`` (100) foreground patches are sampled from
-each slide at the chosen resolution (foreground as in Appendix B, via ``histohub.slides._wsi``);
+each slide at the chosen resolution (foreground as in Appendix B, via ``histohub.slides._reader``);
 then ``percent`` of each dataset is drawn, at least ``min_per_dataset`` (10) and at most
 ``max_per_dataset`` (2,000) images per dataset, so large datasets cannot swamp small ones.
 Within a dataset the draw is uniform without replacement.
@@ -117,7 +117,7 @@ def sample_slide_patches(slides: Sequence[str], *, patch_size: int, mpp: float,
     """At most ``max_patches`` random foreground patches per slide (section 5.4).
 
     Returns ``(patches, skipped)``: each patch a dict naming the slide, the level-0
-    corner, the pyramid level and read size (what ``histohub.slides._wsi.PatchReader`` needs);
+    corner, the pyramid level and read size (what ``histohub.slides._reader.PatchReader`` needs);
     ``skipped`` lists slides that could not be opened or tiled, with the reason.
     """
     from tqdm.auto import tqdm
@@ -244,7 +244,7 @@ class PoolDataset(torch.utils.data.Dataset):
     """``dataset[(index, batch_seed)]`` -> (uint8 (3, S, S), batch_seed, failures).
 
     ``failures``: ``[(item, reason)]`` for unreadable items that were replaced by the next
-    readable one. Slide patches are read through ``histohub.slides._wsi.PatchReader``.
+    readable one. Slide patches are read through ``histohub.slides._reader.PatchReader``.
     """
 
     def __init__(self, items: Sequence[Any], size: int) -> None:

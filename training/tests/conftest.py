@@ -50,7 +50,7 @@ def class_tiles() -> Callable[..., Path]:
 
 
 @pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory) -> Path:
+def other_seed(tmp_path_factory) -> Path:
     """``other-seed.safetensors``: a ResNet18 encoder that differs from ``random`` (another
     seed; no pretrained weights can be downloaded here). Benchmarks label it ``other-seed``."""
     from safetensors.torch import save_file

@@ -140,7 +140,7 @@ def test_half_export_into_the_package_states_the_scale_the_model_saw(tmp_path, m
     monkeypatch.setattr(export, "MANIFEST_PATH", manifest)
     monkeypatch.setattr(export, "PACKAGE_WEIGHTS", package / "weights")
     # histohub has no public seam for where it is installed: the test stands in for it
-    monkeypatch.setattr("histohub.hub._registry.PACKAGE_DIR", package)
+    monkeypatch.setattr("histohub.hub._schema.PACKAGE_DIR", package)
 
     entry = export.export(tmp_path / "checkpoint.pt", name="tiny-ssl", half=True,
                           into_package=True, data_note="Tiles: CC0.")

@@ -1,5 +1,5 @@
 """Dataset pool: per-dataset caps (section 5.4), any folder nesting, slide patches through
-histohub.slides._wsi, unreadable images skipped and reported, rank slices of global batches."""
+histohub.slides._reader, unreadable images skipped and reported, rank slices of global batches."""
 
 from pathlib import Path
 

@@ -73,7 +73,7 @@ def test_no_sys_path_edits_under_training():
     ("from histohub.hub._registry import parse_entry", "private module histohub.hub._registry"),
     ("import histohub.hub._fetch", "private module histohub.hub._fetch"),
     ("from histohub import _manifest", "not in histohub.__all__"),
-    ("from histohub.slides._wsi import _level_for", "private module histohub.slides._wsi"),
+    ("from histohub.slides._reader import _level_for", "private module histohub.slides._reader"),
     ("from histohub.slides import _level_for", "not in histohub.slides.__all__"),
 ])
 def test_the_checks_catch_what_they_forbid(source, problem):

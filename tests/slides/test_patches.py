@@ -10,7 +10,8 @@ import torch
 
 import histohub
 from histohub.errors import OptionError, SlideError
-from histohub.slides._wsi import PatchReader, open_slide, tile_grid
+from histohub.slides._reader import PatchReader, open_slide
+from histohub.slides._tiling import tile_grid
 from wsi_factory import corrupt_tile, tissue_image, write_slide
 
 pytest.importorskip("openslide")
@@ -80,9 +81,9 @@ def test_stopping_early_stops_the_readers(slide, readers):
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory, slide):
+def three_slides(tmp_path_factory, slide):
     """``slide`` and two more: 3 x 1 patches of tissue, and blank glass (no patch)."""
-    folder = tmp_path_factory.mktemp("cohort")
+    folder = tmp_path_factory.mktemp("three_slides")
     strip = tissue_image(448, 896, [(0, 0, 672, 224)], seed=5)
     blank = np.full((448, 448, 3), 240, np.uint8)
     return [slide, write_slide(folder / "strip.tif", strip, mpp=0.5, levels=1),
@@ -90,14 +91,14 @@ def cohort(tmp_path_factory, slide):
 
 
 @pytest.mark.parametrize("readers", [{}, {"read_threads": 2}, {"num_workers": 2}])
-def test_a_cohort_is_each_slides_batches_in_turn(cohort, readers):
+def test_a_cohort_is_each_slides_batches_in_turn(three_slides, readers):
     """Three slides in one stream: each slide's batches are what ``slide_patches`` gives for
     it alone, in the slides' order, the last flagged; the blank slide gives none."""
-    batches = list(histohub.cohort_patches(cohort, target_mpp=0.5, batch_size=5, **readers))
+    batches = list(histohub.cohort_patches(three_slides, target_mpp=0.5, batch_size=5, **readers))
     assert [(b.slide, len(b.pixels), b.last) for b in batches] == [
-        (cohort[0], 5, False), (cohort[0], 5, False), (cohort[0], 5, False),
-        (cohort[0], 1, True), (cohort[1], 3, True)]
-    for path in cohort[:2]:
+        (three_slides[0], 5, False), (three_slides[0], 5, False), (three_slides[0], 5, False),
+        (three_slides[0], 1, True), (three_slides[1], 3, True)]
+    for path in three_slides[:2]:
         alone = list(histohub.slide_patches(path, target_mpp=0.5, batch_size=5))
         mine = [b for b in batches if b.slide == path]
         for a, b in zip(alone, mine, strict=True):
@@ -105,22 +106,22 @@ def test_a_cohort_is_each_slides_batches_in_turn(cohort, readers):
             np.testing.assert_array_equal(a.coords, b.coords)
 
 
-def test_a_cohorts_unreadable_slide_stops_it_or_is_skipped(cohort, tmp_path, caplog):
+def test_a_cohorts_unreadable_slide_stops_it_or_is_skipped(three_slides, tmp_path, caplog):
     broken = tmp_path / "broken.svs"
     broken.write_bytes(b"not a slide")
-    slides = [cohort[1], broken, cohort[1]]
+    slides = [three_slides[1], broken, three_slides[1]]
     patches = histohub.cohort_patches(slides, target_mpp=0.5)
-    assert next(patches).slide == cohort[1]
+    assert next(patches).slide == three_slides[1]
     with pytest.raises(SlideError, match="broken.svs"):
         next(patches)
     kept = list(histohub.cohort_patches(slides, target_mpp=0.5, skip_unreadable=True))
-    assert [b.slide for b in kept] == [cohort[1], cohort[1]]
+    assert [b.slide for b in kept] == [three_slides[1], three_slides[1]]
     assert "broken.svs" in caplog.text and "skipped" in caplog.text
     with pytest.raises(OptionError, match="slide_patches"):
-        histohub.cohort_patches(cohort[0], target_mpp=0.5)
+        histohub.cohort_patches(three_slides[0], target_mpp=0.5)
 
 
-def test_a_cohort_tiles_the_next_slide_while_this_one_is_read(cohort, monkeypatch):
+def test_a_cohort_tiles_the_next_slide_while_this_one_is_read(three_slides, monkeypatch):
     """The second slide is tiled while the first slide's batches are being consumed."""
     import histohub.slides._patches as slide_batches
 
@@ -128,18 +129,18 @@ def test_a_cohort_tiles_the_next_slide_while_this_one_is_read(cohort, monkeypatc
     real = slide_batches.tile_grid
     monkeypatch.setattr(slide_batches, "tile_grid",
                         lambda slide, **kw: tiled.append(slide.path.name) or real(slide, **kw))
-    patches = histohub.cohort_patches(cohort[:2], target_mpp=0.5, batch_size=5)
+    patches = histohub.cohort_patches(three_slides[:2], target_mpp=0.5, batch_size=5)
     first = next(patches)
-    assert first.slide == cohort[0] and not first.last
+    assert first.slide == three_slides[0] and not first.last
     for _ in range(100):  # the background thread may still be at it
         if len(tiled) == 2:
             break
         threading.Event().wait(0.05)
-    assert tiled == [cohort[0].name, cohort[1].name]
+    assert tiled == [three_slides[0].name, three_slides[1].name]
     patches.close()
 
 
-def test_a_cohort_frees_each_slides_grid_once_read(cohort, monkeypatch):
+def test_a_cohort_frees_each_slides_grid_once_read(three_slides, monkeypatch):
     import gc
     import weakref
 
@@ -149,14 +150,15 @@ def test_a_cohort_frees_each_slides_grid_once_read(cohort, monkeypatch):
     real = slide_batches.tile_grid
     monkeypatch.setattr(slide_batches, "tile_grid",
                         lambda *a, **k: (g := real(*a, **k), grids.append(weakref.ref(g)))[0])
-    patches = histohub.cohort_patches([cohort[0], cohort[1], cohort[1]], target_mpp=0.5)
-    assert [next(patches).slide for _ in range(2)] == [cohort[0], cohort[1]]
+    first, second = three_slides[0], three_slides[1]
+    patches = histohub.cohort_patches([first, second, second], target_mpp=0.5)
+    assert [next(patches).slide for _ in range(2)] == [three_slides[0], three_slides[1]]
     gc.collect()
     assert grids[0]() is None and grids[1]() is not None
     patches.close()
 
 
-def test_worker_processes_are_started_once_for_a_whole_cohort(cohort, tmp_path, monkeypatch):
+def test_worker_processes_are_started_once_for_a_whole_cohort(three_slides, tmp_path, monkeypatch):
     """Two worker processes read all three slides (one DataLoader per slide started two
     new ones for every slide: 0.3-0.6 s each)."""
     import os
@@ -170,10 +172,11 @@ def test_worker_processes_are_started_once_for_a_whole_cohort(cohort, tmp_path, 
         return real(self, item)
 
     monkeypatch.setattr(ChunkReader, "__getitem__", recorded)  # workers fork with it
-    slides = [cohort[0], cohort[1], cohort[0]]
+    slides = [three_slides[0], three_slides[1], three_slides[0]]
     batches = list(histohub.cohort_patches(slides, target_mpp=0.5, batch_size=4,
                                            num_workers=2))
-    assert [b.slide for b in batches] == [cohort[0]] * 4 + [cohort[1]] + [cohort[0]] * 4
+    first, second = three_slides[0], three_slides[1]
+    assert [b.slide for b in batches] == [first] * 4 + [second] + [first] * 4
     seen = [name.split("-") for name in os.listdir(tmp_path)]
     assert {slot for _, slot in seen} == {"0", "1", "2"}
     assert len({pid for pid, _ in seen}) == 2

@@ -2,7 +2,7 @@
 
 Every shipped entry is checked field by field; malformed entries are refused with an
 error naming the field; ``HISTOHUB_MANIFEST`` adds entries. (``hubconf.py``, which offers
-one torch.hub entry point per entry: tests/test_hubconf.py.)
+one torch.hub entry point per entry: tests/hub/test_hubconf.py.)
 """
 
 from __future__ import annotations

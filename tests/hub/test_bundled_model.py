@@ -18,7 +18,7 @@ import torch
 import histohub
 from histohub.hub import _registry as _manifest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NAME = "resnet18-ssl-mini"
 SHARED_SLIDES = REPO.parent / "shared" / "data" / "slides"
 

@@ -1,4 +1,4 @@
-"""A cohort as one stream: full model batches across slides, features back to their slide,
+"""A four_slides as one stream: full model batches across slides, features back to their slide,
 results in order, nothing left locked or half-written when a run stops early."""
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ class Recording(Tiny):
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> list[Path]:
+def four_slides(tmp_path_factory) -> list[Path]:
     """Four small slides at 0.5 um/px with 2, 5, 1 and 7 tissue patches of 224 px."""
-    folder = tmp_path_factory.mktemp("cohort")
+    folder = tmp_path_factory.mktemp("four_slides")
     shapes = [(2, 1), (5, 1), (1, 1), (7, 1)]
     slides = []
     for i, (cols, rows) in enumerate(shapes):
@@ -41,18 +41,18 @@ def cohort(tmp_path_factory) -> list[Path]:
     return slides
 
 
-def test_model_batches_cross_slide_boundaries(cohort, tmp_path):
+def test_model_batches_cross_slide_boundaries(four_slides, tmp_path):
     """15 patches in slides of 2/5/1/7 at batch size 4: 4 + 4 + 4 + 3 forward passes, where
     slide by slide would take 1 + 2 + 1 + 2 short ones, and every file holds what a
     single-slide run writes."""
     model = Recording()
-    jobs = [SlideJob(s, tmp_path / f"{s.stem}.h5") for s in cohort]
+    jobs = [SlideJob(s, tmp_path / f"{s.stem}.h5") for s in four_slides]
     with SlideExtractor(model, batch_size=4, progress=False) as extractor:
         results = list(extractor.extract_many(jobs))
-    assert [r.slide_path for r in results] == cohort
+    assert [r.slide_path for r in results] == four_slides
     assert [r.n_patches for r in results] == [2, 5, 1, 7]
     assert model.sizes == [1, 4, 4, 4, 3]  # 1: the feature-size probe (no histohub_info)
-    for slide, result in zip(cohort, results):
+    for slide, result in zip(four_slides, results):
         alone = extract_slide(Tiny(), slide, tmp_path / "alone" / f"{slide.stem}.h5",
                               batch_size=4, progress=False)
         a, b = read_features(result.output), read_features(alone.output)
@@ -61,13 +61,13 @@ def test_model_batches_cross_slide_boundaries(cohort, tmp_path):
         assert is_complete(result.output) and not partial_path(result.output).exists()
 
 
-def test_a_failing_slide_leaves_its_neighbours_whole(cohort, tmp_path):
+def test_a_failing_slide_leaves_its_neighbours_whole(four_slides, tmp_path):
     """The second output is another tool's file: that slide reports an error, the others
     are written in full, and the foreign file is untouched."""
-    outputs = [tmp_path / f"{s.stem}.h5" for s in cohort]
+    outputs = [tmp_path / f"{s.stem}.h5" for s in four_slides]
     outputs[1].write_bytes(b"not histohub's")
     with SlideExtractor(Tiny(), batch_size=4, progress=False) as extractor:
-        results = list(extractor.extract_many(list(zip(cohort, outputs))))
+        results = list(extractor.extract_many(list(zip(four_slides, outputs))))
     assert [r.error is None for r in results] == [True, False, True, True]
     assert [r.n_patches for r in results] == [2, 0, 1, 7]
     assert outputs[1].read_bytes() == b"not histohub's"
@@ -75,10 +75,10 @@ def test_a_failing_slide_leaves_its_neighbours_whole(cohort, tmp_path):
         assert is_complete(out)
 
 
-def test_stopping_early_releases_every_slide(cohort, tmp_path):
+def test_stopping_early_releases_every_slide(four_slides, tmp_path):
     """Leaving the loop after the first result: no lock is left held, the slides already
     opened keep a partial file, and the next run finishes all of them."""
-    jobs = [SlideJob(s, tmp_path / f"{s.stem}.h5") for s in cohort]
+    jobs = [SlideJob(s, tmp_path / f"{s.stem}.h5") for s in four_slides]
     with SlideExtractor(Recording(), batch_size=4, progress=False) as extractor:
         results = extractor.extract_many(jobs)
         first = next(results)
@@ -135,10 +135,10 @@ def test_cross_batcher_drop_skips_a_slots_rows():
     assert runs == [2] and done == [a, b] and a.features is None and len(b.features) == 2
 
 
-def test_the_reader_takes_over_the_handle_that_tiled_the_slide(cohort, tmp_path, monkeypatch):
+def test_the_reader_takes_over_the_handle_that_tiled_the_slide(four_slides, tmp_path, monkeypatch):
     """One OpenSlide handle per slide (opened to tile it, then read from, its tile cache
     warm), and every handle closed at the end."""
-    import histohub.slides._wsi as wsi
+    import histohub.slides._reader as wsi
 
     opened, closed = [], []
     real_init, real_close = wsi.Slide.__init__, wsi.Slide.close
@@ -146,10 +146,11 @@ def test_the_reader_takes_over_the_handle_that_tiled_the_slide(cohort, tmp_path,
                         lambda self, path: opened.append(path) or real_init(self, path))
     monkeypatch.setattr(wsi.Slide, "close", lambda self: closed.append(self) or real_close(self))
     with SlideExtractor(Tiny(), batch_size=4, progress=False) as extractor:
-        results = list(extractor.extract_many([(s, tmp_path / f"{s.stem}.h5") for s in cohort]))
+        jobs = [(s, tmp_path / f"{s.stem}.h5") for s in four_slides]
+        results = list(extractor.extract_many(jobs))
     assert [r.n_patches for r in results] == [2, 5, 1, 7]
-    assert sorted(map(str, opened)) == sorted(map(str, cohort))
-    assert len(closed) == len(cohort)
+    assert sorted(map(str, opened)) == sorted(map(str, four_slides))
+    assert len(closed) == len(four_slides)
 
 
 def _at_the_same_time(first, second, what: str):
@@ -170,7 +171,7 @@ def _at_the_same_time(first, second, what: str):
             wrap(second, 1, f"{what} only after tiling"))
 
 
-def test_the_model_is_made_ready_while_the_first_slide_is_tiled(cohort, tmp_path,
+def test_the_model_is_made_ready_while_the_first_slide_is_tiled(four_slides, tmp_path,
                                                                  monkeypatch):
     """Making the model ready and tiling the first slide run at the same time."""
     import histohub.slides._extract as slide_features
@@ -179,7 +180,7 @@ def test_the_model_is_made_ready_while_the_first_slide_is_tiled(cohort, tmp_path
                                      "the model was made ready")
     monkeypatch.setattr(slide_features, "ModelRunner", runner)
     monkeypatch.setattr(slide_features, "tile_grid", tile)
-    result = extract_slide(Tiny(), cohort[0], tmp_path / "s.h5", batch_size=4, progress=False)
+    result = extract_slide(Tiny(), four_slides[0], tmp_path / "s.h5", batch_size=4, progress=False)
     assert result.n_patches == 2
 
 
@@ -197,7 +198,7 @@ def _loads_that_meet_tiling(monkeypatch, what: str) -> list:
     return loads
 
 
-def test_bundled_weights_load_while_the_first_slide_is_tiled(cohort, tmp_path, monkeypatch):
+def test_bundled_weights_load_while_the_first_slide_is_tiled(four_slides, tmp_path, monkeypatch):
     """A model whose weights are here (the bundled resnet18-ssl-mini) is known from the
     manifest at once and loaded while the first slide is tiled; the file records the
     weights' pinned sha256."""
@@ -206,13 +207,13 @@ def test_bundled_weights_load_while_the_first_slide_is_tiled(cohort, tmp_path, m
     loads = _loads_that_meet_tiling(monkeypatch, "the weights were loaded")
     with SlideExtractor("resnet18-ssl-mini", batch_size=4, progress=False) as extractor:
         assert loads == []                      # known from the manifest, nothing read yet
-        result = extractor.extract(cohort[1], tmp_path / "s.h5")
+        result = extractor.extract(four_slides[1], tmp_path / "s.h5")
     assert loads == ["resnet18-ssl-mini"] and result.n_patches > 0
     features = read_features(tmp_path / "s.h5")
     assert features["attrs"]["model_sha256"] == get_entry("resnet18-ssl-mini").weights[0].sha256
 
 
-def test_weights_that_fail_to_load_leave_no_trace_and_are_not_retried(cohort, tmp_path,
+def test_weights_that_fail_to_load_leave_no_trace_and_are_not_retried(four_slides, tmp_path,
                                                                        monkeypatch):
     """A bundled model whose weights turn out bad (here: the load raises) fails the job
     with that error, once; no lock, partial file or output is left behind."""
@@ -226,7 +227,7 @@ def test_weights_that_fail_to_load_leave_no_trace_and_are_not_retried(cohort, tm
         raise FingerprintError("resnet18-ssl-mini: the loaded conv1.weight has L2 norm 1.00")
 
     monkeypatch.setattr(slide_features, "resolve_model", broken)
-    jobs = [(s, tmp_path / f"{s.stem}.h5") for s in cohort]
+    jobs = [(s, tmp_path / f"{s.stem}.h5") for s in four_slides]
     with SlideExtractor("resnet18-ssl-mini", batch_size=4, progress=False) as extractor:
         with pytest.raises(FingerprintError, match="L2 norm"):
             list(extractor.extract_many(jobs))
@@ -236,7 +237,7 @@ def test_weights_that_fail_to_load_leave_no_trace_and_are_not_retried(cohort, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_a_checkpoint_file_loads_while_the_first_slide_is_tiled(cohort, resnet18_file,
+def test_a_checkpoint_file_loads_while_the_first_slide_is_tiled(four_slides, resnet18_file,
                                                                tmp_path, monkeypatch):
     """A checkpoint path is checked at once (its first bytes) and read while the first
     slide is tiled; the file records the checkpoint's sha256 and 512 features per patch."""
@@ -245,7 +246,7 @@ def test_a_checkpoint_file_loads_while_the_first_slide_is_tiled(cohort, resnet18
     loads = _loads_that_meet_tiling(monkeypatch, "the checkpoint was loaded")
     with SlideExtractor(resnet18_file, batch_size=4, progress=False) as extractor:
         assert loads == []
-        result = extractor.extract(cohort[0], tmp_path / "s.h5")
+        result = extractor.extract(four_slides[0], tmp_path / "s.h5")
     assert loads == [resnet18_file] and result.n_patches == 2
     features = read_features(tmp_path / "s.h5")
     assert features["features"].shape == (2, 512)
@@ -253,7 +254,7 @@ def test_a_checkpoint_file_loads_while_the_first_slide_is_tiled(cohort, resnet18
         resnet18_file.read_bytes()).hexdigest()
 
 
-def test_a_checkpoint_that_is_no_checkpoint_is_refused_before_any_slide(cohort, tmp_path):
+def test_a_checkpoint_that_is_no_checkpoint_is_refused_before_any_slide(four_slides, tmp_path):
     from histohub.errors import CheckpointError
 
     page = tmp_path / "weights.safetensors"
@@ -263,7 +264,7 @@ def test_a_checkpoint_that_is_no_checkpoint_is_refused_before_any_slide(cohort, 
 
 
 def test_a_checkpoint_that_fits_no_architecture_fails_once_and_leaves_no_trace(
-        cohort, tmp_path):
+        four_slides, tmp_path):
     """Its keys are found wrong only when it is read, while the first slide is tiled: the
     job fails with that error, once, and nothing is left in the output folder."""
     from safetensors.torch import save_file
@@ -275,7 +276,7 @@ def test_a_checkpoint_that_fits_no_architecture_fails_once_and_leaves_no_trace(
     save_file({"encoder.weight": torch.zeros(3, 3)}, weights)
     out = tmp_path / "out"
     out.mkdir()
-    jobs = [(s, out / f"{s.stem}.h5") for s in cohort]
+    jobs = [(s, out / f"{s.stem}.h5") for s in four_slides]
     with SlideExtractor(weights, batch_size=4, progress=False) as extractor:
         with pytest.raises(KeyMappingError):
             list(extractor.extract_many(jobs))
@@ -296,7 +297,7 @@ def test_worker_chunks_are_consecutive_batches_two_or_more_per_worker():
     assert worker_chunks(ranges[:1], num_workers=8) == [[ranges[0]]]
 
 
-def test_a_cohort_frees_each_slides_grid_once_it_is_written(cohort, tmp_path, monkeypatch):
+def test_a_cohort_frees_each_slides_grid_once_it_is_written(four_slides, tmp_path, monkeypatch):
     """The grids (masks up to 4096 x 4096 bytes) of finished slides are freed during the run,
     not held to its end: over thousands of slides they were gigabytes."""
     import gc
@@ -308,7 +309,7 @@ def test_a_cohort_frees_each_slides_grid_once_it_is_written(cohort, tmp_path, mo
     real = slide_features.tile_grid
     monkeypatch.setattr(slide_features, "tile_grid",
                         lambda *a, **k: (g := real(*a, **k), grids.append(weakref.ref(g)))[0])
-    jobs = [SlideJob(s, tmp_path / f"{s.stem}-{i}.h5") for i in range(2) for s in cohort]
+    jobs = [SlideJob(s, tmp_path / f"{s.stem}-{i}.h5") for i in range(2) for s in four_slides]
     alive_at_the_end = None
     with SlideExtractor(Tiny(), batch_size=2, read_threads=2, progress=False) as extractor:
         for result in extractor.extract_many(jobs):
@@ -320,7 +321,7 @@ def test_a_cohort_frees_each_slides_grid_once_it_is_written(cohort, tmp_path, mo
     assert alive_at_the_end[:5] == [False] * 5
 
 
-def test_reader_threads_count_past_a_job_consumed_before_they_reach_it(cohort):
+def test_reader_threads_count_past_a_job_consumed_before_they_reach_it(four_slides):
     """A thread that reaches a job only after its batches were all consumed (none of them
     was its own) counts them, and reads its own share of the next job: the k-th batch of
     the stream is thread k % threads'."""
@@ -329,7 +330,8 @@ def test_reader_threads_count_past_a_job_consumed_before_they_reach_it(cohort):
 
     from histohub.slides._batches import batch_ranges
     from histohub.slides._stream import Schedule, _thread_batches
-    from histohub.slides._wsi import open_slide, tile_grid
+    from histohub.slides._reader import open_slide
+    from histohub.slides._tiling import tile_grid
 
     def prepare(path):
         with open_slide(path) as slide:
@@ -338,7 +340,7 @@ def test_reader_threads_count_past_a_job_consumed_before_they_reach_it(cohort):
 
     released = []
     with ThreadPoolExecutor(1) as pool:
-        schedule = Schedule(pool, [cohort[1], cohort[3]], prepare, release=released.append)
+        schedule = Schedule(pool, four_slides[1::2], prepare, release=released.append)
         first = schedule.get(0)
         schedule.finished(0)  # as if its 3 batches (stream batches 0-2) had been consumed
         assert released == [first] and first.grid is not None
@@ -351,7 +353,7 @@ def test_reader_threads_count_past_a_job_consumed_before_they_reach_it(cohort):
     assert len(released) == 2  # the second job, at close; the first not again
 
 
-def test_workers_are_not_forked_while_a_slide_is_being_prepared(cohort, tmp_path):
+def test_workers_are_not_forked_while_a_slide_is_being_prepared(four_slides, tmp_path):
     """A worker forked while the preparing thread was importing a module waited on that
     import's lock forever (seen with PIL on the first slide): run in a child process, so a
     hang is a timeout here, not a hung test run."""
@@ -367,7 +369,8 @@ from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from histohub.slides._batches import ChunkReader, batch_ranges
 from histohub.slides._stream import Schedule, worker_stream
-from histohub.slides._wsi import open_slide, tile_grid
+from histohub.slides._reader import open_slide
+from histohub.slides._tiling import tile_grid
 
 real = ChunkReader.__getitem__
 def getitem(self, item):
@@ -382,7 +385,7 @@ def prepare(path):
     return SimpleNamespace(grid=grid, ranges=batch_ranges(0, len(grid), 4))
 
 with ThreadPoolExecutor(1) as pool:
-    schedule = Schedule(pool, [{str(cohort[3])!r}], prepare, release=lambda unit: None)
+    schedule = Schedule(pool, [{str(four_slides[3])!r}], prepare, release=lambda unit: None)
     schedule.start()
     time.sleep(0.3)  # the preparing thread is inside the import now
     stream = worker_stream(schedule, num_workers=1, interpolation="bilinear", pin_memory=False)

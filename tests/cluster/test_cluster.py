@@ -232,7 +232,7 @@ def test_empty_files_are_skipped(tmp_path, caplog):
 
 
 def test_montage_shows_the_patches_nearest_each_centre(slide_features, cmu_slide, tmp_path):
-    from histohub.slides._wsi import open_slide
+    from histohub.slides._reader import open_slide
 
     result = cluster.fit_kmeans([slide_features], 3, seed=0, progress=False)
     canvas, layout = cluster.montage_canvas(result, [2, 0], n=3, patch_px=64)

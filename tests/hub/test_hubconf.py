@@ -15,7 +15,7 @@ from _servers import weights_file
 import histohub
 from histohub.errors import ManifestError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 #: Import names of pyproject's core dependencies, where they differ from the distribution's.
 IMPORT_NAMES = {"pillow": "PIL"}
 

@@ -10,7 +10,8 @@ import pytest
 
 import histohub.slides._jpeg_tiles as jpeg_tiles
 from histohub.slides._jpeg_tiles import Unsupported, check_scan, open_jpeg_level
-from histohub.slides._wsi import PatchReader, Slide, TileReadError, open_slide, tile_grid
+from histohub.slides._reader import PatchReader, Slide, TileReadError, open_slide
+from histohub.slides._tiling import tile_grid
 from wsi_factory import tile_byte_range, tissue_image, write_slide
 
 openslide = pytest.importorskip("openslide")
@@ -108,7 +109,8 @@ def test_slide_keeps_to_openslide_where_the_tiles_differ(pyramid, monkeypatch, c
     real = jpeg_tiles.JpegTileLevel._decode
     monkeypatch.setattr(jpeg_tiles.JpegTileLevel, "_decode",
                         lambda self, index: real(self, index) ^ np.uint8(1))
-    with open_slide(pyramid) as slide, caplog.at_level(logging.INFO, logger="histohub.slides._wsi"):
+    reader_log = caplog.at_level(logging.INFO, logger="histohub.slides._reader")
+    with open_slide(pyramid) as slide, reader_log:
         first = slide.read_region((0, 0), 0, (224, 224))
         assert "reading it through OpenSlide" in caplog.text
         assert slide._tiles[0] is False

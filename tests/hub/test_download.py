@@ -19,7 +19,7 @@ from _servers import fetch_in_subprocess, weights_file
 
 import histohub
 from histohub import _env
-from histohub.hub import _cache, _fetch
+from histohub.hub import _cache, _fetch, _schema
 from histohub.hub._registry import get_entry
 from histohub.errors import (CheckpointError, ChecksumError, DownloadError, FingerprintError,
                              LockTimeoutError, OfflineError)
@@ -807,12 +807,11 @@ def test_pin_after_accepting_another_file_records_it_as_verified(file_server, ma
 
 def test_a_file_shipped_in_the_package_loads_offline_without_copying(
         make_manifest, monkeypatch, tmp_path, lightning_ckpt, torchvision_features):
-    from histohub.hub import _registry as _manifest
 
     data = lightning_ckpt.read_bytes()
     (tmp_path / "pkg" / "weights").mkdir(parents=True)
     (tmp_path / "pkg" / "weights" / "bundled.ckpt").write_bytes(data)
-    monkeypatch.setattr(_manifest, "PACKAGE_DIR", tmp_path / "pkg")
+    monkeypatch.setattr(_schema, "PACKAGE_DIR", tmp_path / "pkg")
     monkeypatch.setenv("HISTOHUB_OFFLINE", "1")
     _entry_with(make_manifest, weights_file("bundled.ckpt", [{"package": "weights/bundled.ckpt"}],
                                             data=data, format="lightning"))
@@ -828,12 +827,11 @@ def test_a_file_shipped_in_the_package_loads_offline_without_copying(
 
 def test_a_damaged_file_in_the_package_is_refused_and_a_missing_one_is_an_error(
         make_manifest, monkeypatch, tmp_path, lightning_ckpt):
-    from histohub.hub import _registry as _manifest
 
     data = lightning_ckpt.read_bytes()
     shipped = tmp_path / "weights" / "bundled.ckpt"
     shipped.parent.mkdir()
-    monkeypatch.setattr(_manifest, "PACKAGE_DIR", tmp_path)
+    monkeypatch.setattr(_schema, "PACKAGE_DIR", tmp_path)
     _entry_with(make_manifest, weights_file("bundled.ckpt", [{"package": "weights/bundled.ckpt"}],
                                             data=data, format="lightning"))
     with pytest.raises(DownloadError, match="missing from this installation"):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("openslide")
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_slides.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_slides.py"
 
 
 @pytest.fixture(scope="module")

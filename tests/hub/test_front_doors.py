@@ -32,7 +32,7 @@ from PIL import Image
 import histohub
 from histohub.hub._export import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, export_hf, push
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NAME = "frontdoor-resnet18"
 HUB_NAME = "frontdoor_resnet18"
 

@@ -24,9 +24,9 @@ SUMMARY = re.compile(r"slides: (\d+) extracted(?: \((\d+) resumed\))?, (\d+) alr
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory, cmu_slide) -> Path:
+def cohort_folder(tmp_path_factory, cmu_slide) -> Path:
     """Seven small synthetic slides at 0.5 um/px and the shared CMU slide (0.499 um/px)."""
-    folder = tmp_path_factory.mktemp("cohort")
+    folder = tmp_path_factory.mktemp("cohort_folder")
     for i in range(7):
         write_slide(folder / f"s{i}.tif",
                     tissue_image(448, 448 + 224 * (i % 3), [(0, 0, 448 + 224 * (i % 3), 448)],
@@ -35,10 +35,10 @@ def cohort(tmp_path_factory, cmu_slide) -> Path:
     return folder
 
 
-def extract(cohort: Path, resnet18_file: Path, out: Path, *extra: str,
+def extract(cohort_folder: Path, resnet18_file: Path, out: Path, *extra: str,
             env: dict[str, str] | None = None) -> subprocess.Popen:
     """``histohub extract`` in a new process (stdout: its summary)."""
-    command = [sys.executable, "-m", "histohub", "extract", str(cohort), "--model",
+    command = [sys.executable, "-m", "histohub", "extract", str(cohort_folder), "--model",
                str(resnet18_file), "--out", str(out), "--device", "cpu", "--batch-size", "4",
                "--max-patches", "6", "--quiet", *extra]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -96,12 +96,12 @@ def test_launcher_environment(monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_processes_write_every_slide_once(cohort, resnet18_file, tmp_path):
+def test_two_processes_write_every_slide_once(cohort_folder, resnet18_file, tmp_path):
     """--shard 0/2 and 1/2 side by side: each slide is extracted by exactly one process;
     then the same split as torchrun ranks finds everything done."""
-    slides = sorted(cohort.iterdir())
+    slides = sorted(cohort_folder.iterdir())
     out = tmp_path / "shards"
-    runs = [extract(cohort, resnet18_file, out, "--shard", f"{i}/2") for i in range(2)]
+    runs = [extract(cohort_folder, resnet18_file, out, "--shard", f"{i}/2") for i in range(2)]
     counts = [finish(run) for run in runs]
     assert [c[0] for c in counts] == [4, 4]  # 8 slides: 4 each, extracted once in all
     assert sum(c[2] + c[3] for c in counts) == 0
@@ -109,28 +109,28 @@ def test_two_processes_write_every_slide_once(cohort, resnet18_file, tmp_path):
     assert sorted(written) == sorted(p.stem for p in slides)
     assert all(4 <= rows <= 6 for rows in written.values())  # 4-8 tissue patches, at most 6
 
-    again = [extract(cohort, resnet18_file, out, env={"RANK": str(i), "WORLD_SIZE": "2",
+    again = [extract(cohort_folder, resnet18_file, out, env={"RANK": str(i), "WORLD_SIZE": "2",
                                                        "LOCAL_RANK": str(i)}) for i in range(2)]
     assert [finish(run) for run in again] == [(0, 0, 4, 0), (0, 0, 4, 0)]
 
 
 @pytest.mark.slow
-def test_concurrent_runs_without_shards_never_write_a_slide_twice(cohort, resnet18_file,
+def test_concurrent_runs_without_shards_never_write_a_slide_twice(cohort_folder, resnet18_file,
                                                                      tmp_path):
     """Two unsharded runs on one folder at once: the output locks let one write each slide;
     the other finds it done, or busy (reported as failed, exit code 1); a rerun finds all
     done."""
     out = tmp_path / "both"
-    runs = [extract(cohort, resnet18_file, out) for _ in range(2)]
+    runs = [extract(cohort_folder, resnet18_file, out) for _ in range(2)]
     results = []
     for run in runs:
         stdout, err = run.communicate(timeout=600)
         assert run.returncode in (0, 1), err
         results.append(tuple(int(g or 0) for g in SUMMARY.search(stdout).groups()))
-    n = len(list(cohort.iterdir()))
+    n = len(list(cohort_folder.iterdir()))
     assert sum(r[0] for r in results) == n  # each slide by one of them, never twice
     assert all(r[0] + r[2] + r[3] == n for r in results)  # busy ones are reported
-    assert finish(extract(cohort, resnet18_file, out)) == (0, 0, n, 0)
+    assert finish(extract(cohort_folder, resnet18_file, out)) == (0, 0, n, 0)
     assert len(outputs(out)) == n
 
 
@@ -140,13 +140,13 @@ def test_a_killed_process_slide_is_resumed_by_the_next_run(tmp_path, resnet18_fi
     file, and the other shard's slides are found done."""
     import h5py
 
-    cohort = tmp_path / "in"
-    cohort.mkdir()
+    cohort_folder = tmp_path / "in"
+    cohort_folder.mkdir()
     for i in range(2):  # 6 x 4 = 24 patches each, 12 batches: killed midway
-        write_slide(cohort / f"big{i}.tif", tissue_image(896, 1344, [(0, 0, 1344, 896)],
+        write_slide(cohort_folder / f"big{i}.tif", tissue_image(896, 1344, [(0, 0, 1344, 896)],
                                                          seed=i), mpp=0.5, levels=2)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "histohub", "extract", str(cohort), "--model",
+    command = [sys.executable, "-m", "histohub", "extract", str(cohort_folder), "--model",
                str(resnet18_file), "--out", str(out), "--device", "cpu", "--batch-size", "2",
                "--quiet"]
     victim = subprocess.Popen([*command, "--shard", "0/2"], stdout=subprocess.DEVNULL,

@@ -19,7 +19,7 @@ from histohub.hub._transforms import normalize_batch
 from test_features import Tiny, reference
 from wsi_factory import corrupt_tile, tissue_image, write_slide
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/: the helpers a child process imports
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,8 @@ def test_slide_to_hdf5_layout_and_values(cmu_slide, tmp_path):
     """Real slide, random ResNet18: the file is self-describing and its features are the
     model's output on the patches at the stated coordinates."""
     from histohub import load_pretrained
-    from histohub.slides._wsi import PatchReader, open_slide, tile_grid
+    from histohub.slides._reader import PatchReader, open_slide
+    from histohub.slides._tiling import tile_grid
 
     model = load_pretrained("resnet18-ssl", pretrained=False)
     out = tmp_path / "cmu.h5"
@@ -48,13 +49,13 @@ def test_slide_to_hdf5_layout_and_values(cmu_slide, tmp_path):
     for key, value in {"model_name": "resnet18-ssl", "arch": "resnet18", "feature_dim": 512,
                        "level": 0, "patch_size": 224, "read_size": 224,
                        "patch_size_level0": 224, "target_mpp": 0.5, "slide_mpp": 0.499,
-                       "slide_width": 2220, "slide_height": 2967, "mask_method": "hsv",
+                       "slide_width": 2220, "slide_height": 2967, "mask_method": "contours",
                        "min_foreground": 0.5, "completed": True, "n_failed": 0}.items():
         assert attrs[key] == value, key
     assert attrs["slide_path"] == str(Path(cmu_slide).resolve())
     assert attrs["histohub_version"] and len(attrs["grid_sha256"]) == 64
     with open_slide(cmu_slide) as slide:
-        grid = tile_grid(slide, target_mpp=0.5)
+        grid = tile_grid(slide, target_mpp=0.5, method="contours")  # extraction's default
     np.testing.assert_array_equal(coords, grid.coords[:6])
     reader = PatchReader(grid)
     pixels = torch.from_numpy(np.stack([reader.read(i) for i in range(6)])).permute(0, 3, 1, 2)
@@ -304,7 +305,7 @@ BAD_OPTIONS = [
     ({"mpp": float("inf")}, "mpp=inf"),
     ({"min_foreground": 1.5}, r"min_foreground=1.5: must be a number in \[0, 1\]"),
     ({"min_foreground": float("nan")}, "min_foreground=nan"),
-    ({"mask": "edges"}, "mask='edges': must be one of 'hsv', 'otsu'"),
+    ({"mask": "edges"}, "mask='edges': must be one of 'contours', 'hsv', 'otsu'"),
     ({"amp": "int8"}, "amp='int8'"),
 ]
 
@@ -323,7 +324,8 @@ def test_bad_options_are_refused_before_anything_runs(slide, tmp_path, options, 
 
 def test_tile_grid_rejects_nan_and_inf(slide):
     from histohub.errors import OptionError
-    from histohub.slides._wsi import open_slide, tile_grid
+    from histohub.slides._reader import open_slide
+    from histohub.slides._tiling import tile_grid
 
     with open_slide(slide) as opened:
         for options in ({"target_mpp": float("nan")}, {"target_mpp": 0.5, "patch_size": 0},

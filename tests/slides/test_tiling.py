@@ -12,7 +12,8 @@ from histohub.errors import SlideError
 from histohub.slides._preview import preview
 from histohub.slides._batches import batch_ranges
 from histohub.slides._tissue import _otsu_threshold, tissue_mask
-from histohub.slides._wsi import PatchReader, TileReadError, _read_mpp, open_slide, tile_grid
+from histohub.slides._reader import PatchReader, TileReadError, _read_mpp, open_slide
+from histohub.slides._tiling import tile_grid
 from wsi_factory import GLASS, PINK, corrupt_tile, tissue_image, write_slide
 
 pytest.importorskip("openslide")
@@ -239,9 +240,9 @@ def test_thumbnail_survives_a_corrupt_tile(tmp_path, caplog):
 def test_large_slide_mask_stays_bounded(tmp_path, monkeypatch):
     """The mask thumbnail is capped at MASK_MAX_SIDE (here lowered to 256 so that an
     8,000 x 4,800 px slide exercises the cap) and read block by block."""
-    import histohub.slides._wsi as wsi
+    import histohub.slides._tiling as tiling
 
-    monkeypatch.setattr(wsi, "MASK_MAX_SIDE", 256)
+    monkeypatch.setattr(tiling, "MASK_MAX_SIDE", 256)
     image = np.full((4800, 8000, 3), 245, np.uint8)
     image[1600:2048, 4000:5344] = PINK
     path = write_slide(tmp_path / "large.tif", image, mpp=0.5, levels=4)
