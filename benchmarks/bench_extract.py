@@ -160,7 +160,7 @@ def make_large_slide(cmu: Path, folder: Path) -> Path:
     """CMU-1-Small-Region tiled (mirrored) to ten times its area, as a 4-level pyramid."""
     import numpy as np
 
-    from wsi_factory import write_slide
+    from histohub.slides._synthetic import write_slide
 
     from histohub.slides._reader import open_slide
 

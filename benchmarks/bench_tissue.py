@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from tissue_slides import MPP, make_case, tiles
-from wsi_factory import write_slide
+from histohub.slides._synthetic import write_slide
 
 METHODS = ("contours", "hsv", "otsu")
 

@@ -20,6 +20,8 @@ The settings, their readers and defaults:
 - ``HISTOHUB_MIRROR``: ``mirror()``; none.
 - ``HISTOHUB_OFFLINE``: ``is_offline()``, a switch; off.
 - ``HISTOHUB_ACCEPT_SHA256``: ``accepted_sha256s()``, a list split at commas or blanks; none.
+- ``HISTOHUB_ACCEPT_LICENCES``: ``accepted_licences()``, a list split at commas or blanks;
+  none.
 - ``HISTOHUB_MAX_DOWNLOAD_BYTES``: ``max_download_bytes()``, a number; 4 GiB.
 - ``HISTOHUB_DOWNLOAD_TIMEOUT``: ``download_timeout()``, seconds; 3600.
 - ``HISTOHUB_LOCK_TIMEOUT``: ``lock_timeout()``, seconds; the download timeout plus 60.
@@ -122,6 +124,12 @@ def accepted_sha256s() -> frozenset[str]:
     if bad:
         raise _bad("HISTOHUB_ACCEPT_SHA256", bad[0], "full 64-hex lower-case sha256 values")
     return frozenset(values)
+
+
+def accepted_licences() -> frozenset[str]:
+    """``HISTOHUB_ACCEPT_LICENCES``: model or licence names whose terms the user accepted
+    (separated by commas or blanks; compared lower-cased)."""
+    return frozenset(item.lower() for item in _items("HISTOHUB_ACCEPT_LICENCES", r"[,\s]+"))
 
 
 def max_download_bytes() -> int:

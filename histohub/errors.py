@@ -111,6 +111,11 @@ def require(module: str, *, extra: str, purpose: str):
         ) from error
 
 
+class LicenceError(HistohubError, PermissionError):
+    """A model's licence is restricted (non-commercial or gated) and has not been accepted;
+    the message names the licence and the three ways to accept it."""
+
+
 class FingerprintError(HistohubError, ValueError):
     """A loaded encoder fails its manifest fingerprint (a tensor's L2 norm is off): the
     wrong file, or a key map that filled the wrong tensors."""

@@ -3,8 +3,8 @@ kind, a bad value refused in one line naming the setting (issue 20, item 5)."""
 
 from __future__ import annotations
 
+import ast
 import os
-import re
 from pathlib import Path
 
 import pytest
@@ -15,9 +15,33 @@ from histohub.cli import main
 from histohub.errors import OptionError
 
 PACKAGE = Path(__file__).resolve().parents[1] / "histohub"
-#: A read of a HISTOHUB_* variable: os.environ.get("HISTOHUB_..."), os.environ["HISTOHUB_..."],
-#: os.getenv("HISTOHUB_...").
-READ = re.compile(r"""(?:environ(?:\.get)?|getenv)\s*[(\[]\s*[rbf]?["']HISTOHUB_""")
+
+
+def _environment_reads(source: str) -> list[str]:
+    """The names read from the environment in ``source``: ``os.environ.get(X)``,
+    ``os.environ[X]``, ``os.getenv(X)``, ``X`` a string or a module-level string constant."""
+    tree = ast.parse(source)
+    constants = {target.id: node.value.value for node in tree.body
+                 if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+                 and isinstance(node.value.value, str)
+                 for target in node.targets if isinstance(target, ast.Name)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and node.args and (
+                getattr(node.func, "attr", None) == "getenv"
+                or (getattr(node.func, "attr", None) == "get"
+                    and getattr(node.func.value, "attr", None) == "environ")):
+            arg = node.args[0]
+        elif isinstance(node, ast.Subscript) and getattr(node.value, "attr", None) == "environ":
+            arg = node.slice
+        else:
+            continue
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+            found.append(arg.value)
+        elif isinstance(arg, ast.Name):
+            found.append(constants.get(arg.id, f"<{arg.id}>"))
+    return found
+
 
 NUMBERS = {"HISTOHUB_MAX_DOWNLOAD_BYTES": _env.max_download_bytes,
            "HISTOHUB_DOWNLOAD_TIMEOUT": _env.download_timeout,
@@ -28,18 +52,19 @@ SWITCHES = {"HISTOHUB_OFFLINE": (_env.is_offline, False),
 SHA = "ab" * 32
 
 
-def test_no_module_reads_a_histohub_setting_but_through_env():
-    """_env itself reads each by a name passed to its parse rule, never inline."""
-    readers = sorted(str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
-                     if READ.search(path.read_text(encoding="utf-8")))
+def test_no_module_but_env_reads_a_histohub_setting():
+    readers = sorted(f"{path.relative_to(PACKAGE)}: {name}" for path in PACKAGE.rglob("*.py")
+                     if path.name != "_env.py"
+                     for name in _environment_reads(path.read_text(encoding="utf-8"))
+                     if name.startswith("HISTOHUB_"))
     assert readers == []
 
 
-@pytest.mark.parametrize("line", [
+@pytest.mark.parametrize("source", [
     'os.environ.get("HISTOHUB_MALLOPT", "1")', "os.environ['HISTOHUB_HOME']",
-    'os.getenv( "HISTOHUB_X")'])
-def test_the_scan_sees_each_way_of_reading_the_environment(line):
-    assert READ.search(line)
+    'os.getenv( "HISTOHUB_X")', 'ENV = "HISTOHUB_X"\ndef f():\n    return os.environ.get(ENV, "")'])
+def test_the_scan_sees_each_way_of_reading_the_environment(source):
+    assert [name for name in _environment_reads(source) if name.startswith("HISTOHUB_")]
 
 
 @pytest.mark.parametrize("name", sorted(NUMBERS))
@@ -84,6 +109,8 @@ def test_lists_drop_empty_items(monkeypatch, tmp_path):
     monkeypatch.setenv("HISTOHUB_ACCEPT_SHA256", f"{SHA},{SHA.upper()}")
     with pytest.raises(OptionError, match="^HISTOHUB_ACCEPT_SHA256 takes full 64-hex"):
         _env.accepted_sha256s()
+    monkeypatch.setenv("HISTOHUB_ACCEPT_LICENCES", "UNI, CC-BY-NC-ND-4.0,")
+    assert _env.accepted_licences() == {"uni", "cc-by-nc-nd-4.0"}
     first, second = tmp_path / "a.json", tmp_path / "b.json"
     monkeypatch.setenv("HISTOHUB_MANIFEST", f"{os.pathsep}{first}{os.pathsep}{os.pathsep}{second}")
     assert _env.manifest_files() == [first, second]

@@ -25,7 +25,7 @@ PACKAGE = REPO / "histohub"
 
 #: Each rule: every module of a wing (a package, and everything under it) -> what it must
 #: never import, directly or through other histohub modules.
-TRAINING = ("training", "simclr", "downstream", "cli_errors")
+TRAINING = ("training", "histohub_training")
 SLIDE_LIBRARIES = ("openslide", "tifffile", "imagecodecs", "h5py")
 NETWORK = ("requests", "huggingface_hub", "urllib3", "filelock")
 #: The download modules (what ``_download`` was split into).

@@ -28,13 +28,13 @@ from typing import Any
 import torch
 
 from histohub.files import write_bytes_atomic, write_text_atomic
-from cli_errors import run_reporting_errors
+from histohub_training.cli_errors import run_reporting_errors
 from histohub.hub import (FEATURE_DIMS, MANIFEST_PATH, KeyMap, build_encoder, map_state_dict,
                           parse_entry, read_checkpoint, read_manifest, read_manifest_json,
                           write_manifest_entry)
 from histohub.errors import CheckpointError
-from simclr.checkpoint import FORMAT_VERSION
-from simclr.config import config_from_dict
+from histohub_training.simclr.checkpoint import FORMAT_VERSION
+from histohub_training.simclr.config import config_from_dict
 
 PAPER_CITATION = ("Ciga O, Xu T, Martel AL. Self supervised contrastive learning for digital "
                   "histopathology. Machine Learning with Applications 7:100198 (2022). "

@@ -18,7 +18,7 @@ from histohub._version import __version__
 from histohub.errors import HistohubError
 
 COMMANDS = ["histohub.cli._models", "histohub.cli._hub", "histohub.cli._extract",
-            "histohub.cli._cluster"]
+            "histohub.cli._cluster", "histohub.cli._demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -73,6 +73,9 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=default_model(),
                    help=f"model name or checkpoint path (default: {default_model()})")
     p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--accept-licence", action="store_true",
+                   help="accept the licence of a restricted (non-commercial or gated) --model; "
+                        "remembered in HISTOHUB_HOME")
     p.add_argument("--mpp", type=float,
                    help="microns per pixel of the slides, for files that do not record it")
     p.add_argument("--target-mpp", type=float,
@@ -256,6 +259,8 @@ def run(args: argparse.Namespace) -> int:
     check_options(cli=True, batch_size=args.batch_size, num_workers=args.workers,
                   read_threads=args.read_threads, max_patches=args.max_patches, mpp=args.mpp,
                   target_mpp=args.target_mpp, min_foreground=args.min_foreground)
+    if args.accept_licence:
+        _accept_licence(args.model)
     index, count = parse_shard(args.shard)
     rank, world, local_rank = launcher_rank()
     share, shares = index * world + rank, count * world
@@ -319,6 +324,16 @@ def check_regions(tiling, slides: list[Path]) -> None:
             continue  # not a slide: reported with the others when its turn comes
         with slide:
             slide_regions(tiling, slide)
+
+
+def _accept_licence(model: str) -> None:
+    """Record acceptance of ``model``'s licence (a manifest name; a path needs none)."""
+    from histohub.hub._registry import load_manifest
+    from histohub.hub._licences import accept
+
+    entry = load_manifest().get(model)
+    if entry is not None:
+        accept(entry)
 
 
 def _summary(results: list, failed: list[str], seconds: float, out: Path) -> None:

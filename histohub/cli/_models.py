@@ -15,11 +15,16 @@ from histohub.files import atomic_path
 from histohub.hub._registry import get_entry, load_manifest, read_manifest
 from histohub.hub._manifest_writer import pin_weights
 from histohub.errors import HistohubError, KeyMappingError, ManifestError
+from histohub.hub._licences import check_accepted
 
 
 def register(subparsers) -> None:
     """Add the model sub-commands to the ``histohub`` parser."""
     parser = subparsers.add_parser("list", help="list the models of the manifests in use")
+    parser.add_argument("--commercial", action="store_true",
+                        help="only models whose licence allows commercial use")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the table as Markdown (the README's zoo table)")
     parser.set_defaults(func=_list)
 
     parser = subparsers.add_parser("info", help="describe a model: preprocessing, weights, "
@@ -37,7 +42,23 @@ def register(subparsers) -> None:
                         help="fetch every alternative weights file (to fill a mirror), not "
                              "just the first that can be fetched")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--accept-licence", action="store_true",
+                        help="accept the licence of each restricted (non-commercial or "
+                             "gated) NAME; remembered in HISTOHUB_HOME")
     parser.set_defaults(func=_download)
+
+    parser = subparsers.add_parser(
+        "bundle", help="weights + manifest + licence terms in one folder, for offline sites",
+        description="Fetch and verify each NAME, and write its weights, an extra manifest "
+                    "(for models of HISTOHUB_MANIFEST files) and its licence terms into the "
+                    "new folder OUT. Another machine uses OUT as HISTOHUB_MIRROR (and "
+                    "OUT/manifest.json in HISTOHUB_MANIFEST); every copy is checked against "
+                    "the sha256 recorded here on arrival.")
+    parser.add_argument("items", nargs="+", metavar="NAME... OUT")
+    parser.add_argument("--accept-licence", action="store_true",
+                        help="accept the licences of restricted NAMEs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=_bundle)
 
     parser = subparsers.add_parser(
         "pin", help="write the sha256 and size of a model's files into its manifest",
@@ -64,17 +85,44 @@ def register(subparsers) -> None:
 # --------------------------------------------------------------------------- list / info
 
 
+#: Parameters above which a model is listed as a GPU model (minutes per slide on a CPU).
+GPU_PARAMS = 250_000_000
+
+
 def _list(args: argparse.Namespace) -> int:
-    rows = [("NAME", "ARCH", "DIM", "PINNED", "CACHED", "LICENCE")]
+    header = ("NAME", "ARCH", "DIM", "INPUT", "MPP", "PARAMS", "RUNS ON", "COMMERCIAL",
+              "GATED", "PINNED", "CACHED", "LICENCE")
+    rows = []
     for name, entry in sorted(load_manifest().items()):
-        rows.append((name + (" *" if entry.default else ""), entry.arch,
-                     str(entry.feature_dim), _pinned(entry), _cached(entry), entry.license))
+        if args.commercial and entry.licence.commercial is not True:
+            continue
+        pre, terms = entry.preprocessing, entry.licence
+        rows.append((
+            name + (" *" if entry.default else ""), entry.arch, str(entry.feature_dim),
+            f"{pre.input_size}px", f"{pre.mpp:g}" if pre.mpp else "-",
+            f"{entry.params / 1e6:.0f}M" if entry.params else "-",
+            "GPU" if (entry.params or 0) > GPU_PARAMS else "CPU or GPU",
+            {True: "yes", False: "no", None: "unknown"}[terms.commercial],
+            "yes" if terms.gated else "no", _pinned(entry), _cached(entry), entry.license))
+    if args.markdown:
+        _print_markdown(header, rows)
+        return 0
+    rows.insert(0, header)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     print("\n* default model.  `histohub info NAME` for details, `histohub download NAME` to "
-          "prefetch.")
+          "prefetch. Models not commercial or gated load only after `--accept-licence`.")
     return 0
+
+
+def _print_markdown(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """The table without the cache columns (they describe this machine, not the model)."""
+    keep = [i for i, h in enumerate(header) if h not in ("PINNED", "CACHED")]
+    print("| " + " | ".join(header[i].capitalize() for i in keep) + " |")
+    print("|" + "---|" * len(keep))
+    for row in rows:
+        print("| " + " | ".join(row[i].replace("|", "/") for i in keep) + " |")
 
 
 def _pinned(entry) -> str:
@@ -138,6 +186,7 @@ def _download(args: argparse.Namespace) -> int:
     for name in args.names:
         try:
             entry = get_entry(name)
+            check_accepted(entry, accept_now=args.accept_licence)
             if args.all_files:
                 fetched = [fetch_file(f, progress=not args.quiet, name=name)
                            for f in entry.weights]
@@ -150,6 +199,21 @@ def _download(args: argparse.Namespace) -> int:
         for item in fetched:
             print(f"{name}: {item.path} (sha256 {item.sha256})")
     return 2 if failed else 0
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    from histohub.hub._bundle import bundle
+
+    if len(args.items) < 2:
+        print("histohub bundle: error: give at least one NAME and the folder OUT",
+              file=sys.stderr)
+        return 2
+    *names, out = args.items
+    folder = bundle(names, out, accept_licence=args.accept_licence, progress=not args.quiet)
+    print(f"wrote {folder}: {len(names)} model(s). Elsewhere: HISTOHUB_MIRROR={folder}"
+          + (f" HISTOHUB_MANIFEST={folder / 'manifest.json'}"
+             if (folder / "manifest.json").exists() else ""))
+    return 0
 
 
 def _pin(args: argparse.Namespace) -> int:

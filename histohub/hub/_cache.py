@@ -180,10 +180,15 @@ def _source_labels(file: WeightsFile) -> set[str]:
     labels = set()
     for source in file.sources:
         if source.is_hf:
-            labels.add(f"Hugging Face {source.repo_id}@{source.revision[:12]}/{source.filename}")
+            labels.add(hf_label(source))
         else:
             labels.update({source.url, redact(source.url)})
     return labels
+
+
+def hf_label(source: Source) -> str:
+    """``Hugging Face REPO@REV12/FILE``; ``main`` for a source whose revision is not pinned."""
+    return f"Hugging Face {source.repo_id}@{(source.revision or 'main')[:12]}/{source.filename}"
 
 
 def has_legacy(file: WeightsFile) -> bool:

@@ -155,6 +155,10 @@ def map_state_dict(checkpoint: Mapping, key_map: KeyMap, expected: Mapping[str, 
         if key in mapped:
             raise KeyMappingError(f"Two checkpoint keys map onto {key!r}; fix the key map")
         mapped[key] = value
+    if key_map.layout is not None:
+        from histohub.hub._key_maps import apply_layout
+
+        mapped = apply_layout(key_map.layout, mapped)
     not_tensors = sorted(k for k, v in mapped.items() if not isinstance(v, torch.Tensor))
     for key in [k for k in expected if k.endswith("num_batches_tracked") and k not in mapped]:
         mapped[key] = torch.zeros((), dtype=torch.long)

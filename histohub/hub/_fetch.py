@@ -36,7 +36,7 @@ from histohub.errors import (ChecksumError, DownloadError, HistohubError, LockTi
                              OfflineError)
 from histohub.files import fsync_dir
 from histohub.hub._cache import (adopt_legacy, bundled, cache_hit, cache_mismatch, cached_path,
-                                 has_legacy, read_record, weights_dir, write_record)
+                                 has_legacy, hf_label, read_record, weights_dir, write_record)
 from histohub.hub._hf import hf_fetcher
 from histohub.hub._http import url_fetcher
 from histohub.hub._redact import redact
@@ -189,8 +189,8 @@ def _candidates(file: WeightsFile, expected: Expected, budget: Budget, *, progre
             yield f"the histohub package ({source.package})", missing_from_package(source)
             continue
         if source.is_hf:
-            label = f"Hugging Face {source.repo_id}@{source.revision[:12]}/{source.filename}"
-            yield label, hf_fetcher(source, file, budget, progress=progress, offline=offline)
+            yield hf_label(source), hf_fetcher(source, file, budget, progress=progress,
+                                               offline=offline)
         elif source.url.startswith("file://"):
             local = Path(file_url_path(source.url))
             yield redact(source.url), lambda part, local=local: copy_hashing(

@@ -23,6 +23,8 @@ from histohub.hub._registry import default_model, get_entry, load_manifest
 from histohub.hub._schema import KeyMap, ModelEntry, Preprocessing, WeightsFile
 from histohub.errors import FingerprintError, KeyMappingError, UnknownModelError
 from histohub.hub._archs import FEATURE_DIMS, build_encoder, encoder_shapes
+from histohub.hub._licences import check_accepted
+from histohub.hub._zoo_archs import ZOO_ARCHS, build_vit, vit_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ class ModelInfo:
 
 def load_pretrained(model: str | os.PathLike = DEFAULT_MODEL, *, arch: str | None = None,
                     pretrained: bool = True, device: str | torch.device = "cpu",
-                    progress: bool = True) -> nn.Module:
+                    progress: bool = True, accept_licence: bool = False) -> nn.Module:
     """An eval-mode encoder ``(B, 3, 224, 224) -> (B, feature_dim)`` with verified weights.
 
     ``model``: a manifest name (``histohub.list_models()``) or a local checkpoint path
@@ -53,7 +55,10 @@ def load_pretrained(model: str | os.PathLike = DEFAULT_MODEL, *, arch: str | Non
     file always means the file, even when its name is also a model name (a warning says
     so). ``pretrained=False`` gives the same architecture randomly initialised.
     The result carries ``model.histohub_info`` (name, arch, sha256, preprocessing).
-    Raises FingerprintError when the manifest's fingerprint does not match the weights.
+    ``accept_licence``: accept a non-commercial or gated model's licence (remembered in
+    ``HISTOHUB_HOME``; see ``histohub.licences``).
+    Raises FingerprintError when the manifest's fingerprint does not match the weights;
+    LicenceError, before any download, when a restricted licence has not been accepted.
     """
     name = os.fspath(model)
     entries = load_manifest()
@@ -69,6 +74,8 @@ def load_pretrained(model: str | os.PathLike = DEFAULT_MODEL, *, arch: str | Non
         if arch is not None and arch != entry.arch:
             raise ValueError(f"{name!r} is a {entry.arch}; drop arch={arch!r} or pass "
                              f"arch={entry.arch!r}")
+        if pretrained:
+            check_accepted(entry, accept_now=accept_licence)
         encoder, info = _from_entry(entry, pretrained=pretrained, progress=progress)
     else:
         raise UnknownModelError(name, entries)
@@ -80,11 +87,15 @@ def _from_entry(entry: ModelEntry, *, pretrained: bool, progress: bool):
     if not pretrained:
         info = ModelInfo(entry.name, entry.arch, entry.feature_dim, None, None,
                          entry.preprocessing)
-        return build_encoder(entry.arch), info
+        return _build(entry.arch, entry.pooling), info
     fetched = fetch_weights(entry, progress=progress)
     checkpoint = read_checkpoint(fetched.path, format=fetched.file.format)
-    _, state = fit_architecture(checkpoint, key_map=fetched.file.key_map, archs=[entry.arch])
-    encoder = _assemble(entry.arch, state)
+    if entry.is_zoo:
+        state = map_state_dict(checkpoint, fetched.file.key_map, vit_shapes(entry.arch))
+    else:
+        _, state = fit_architecture(checkpoint, key_map=fetched.file.key_map,
+                                    archs=[entry.arch])
+    encoder = _assemble(entry.arch, state, pooling=entry.pooling)
     _check_fingerprint(entry.name, fetched.file, encoder)
     info = ModelInfo(entry.name, entry.arch, entry.feature_dim, fetched.sha256,
                      str(fetched.path), entry.preprocessing)
@@ -130,10 +141,18 @@ def fit_architecture(checkpoint: Mapping, *, key_map: KeyMap = DEFAULT_KEY_MAP,
                           "unexpected for it")
 
 
-def _assemble(arch: str, state: Mapping[str, torch.Tensor]) -> nn.Module:
+def _build(arch: str, pooling: str | None) -> nn.Module:
+    """A zoo ViT (``zoo_archs``) or a torchvision ResNet encoder, randomly initialised."""
+    if arch in ZOO_ARCHS:
+        return build_vit(arch, pooling=pooling or "cls")
+    return build_encoder(arch)
+
+
+def _assemble(arch: str, state: Mapping[str, torch.Tensor], *, pooling: str | None = None
+              ) -> nn.Module:
     """Build ``arch`` on the meta device and assign the mapped tensors (no random init)."""
     with torch.device("meta"):
-        encoder = build_encoder(arch)
+        encoder = _build(arch, pooling)
     state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
     encoder.load_state_dict(state, strict=True, assign=True)
     return encoder

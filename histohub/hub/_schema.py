@@ -25,6 +25,7 @@ from typing import Any
 
 from histohub.errors import ManifestError
 from histohub.hub._archs import FEATURE_DIMS
+from histohub.hub._zoo_archs import POOLINGS, ZOO_ARCHS
 
 #: The installed package's folder: where ``package`` sources' files lie (read at each use).
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -51,6 +52,7 @@ class Source:
     filename: str | None = None
     revision: str | None = None
     package: str | None = None
+    revision_note: str = ""
 
     @property
     def is_hf(self) -> bool:
@@ -64,7 +66,8 @@ class Source:
     def describe(self) -> str:
         """One line for listings (no credentials are stored in sources' labels here)."""
         if self.is_hf:
-            return f"huggingface {self.repo_id}@{self.revision} {self.filename}"
+            return f"huggingface {self.repo_id}@{self.revision or 'main (not pinned)'} " \
+                   f"{self.filename}"
         if self.package:
             return f"the histohub package: {self.package}"
         return self.url
@@ -77,11 +80,13 @@ class KeyMap:
     ``state_dict_key``: the nested dict holding the tensors (used when present).
     ``strip_prefixes``: removed from the start of each key, first match only.
     ``drop``: regular expressions of keys to discard after stripping (the projection head).
+    ``layout``: the upstream naming to convert from (``key_maps.LAYOUTS``), applied last.
     """
 
     state_dict_key: str | None = None
     strip_prefixes: tuple[str, ...] = ()
     drop: tuple[str, ...] = ()
+    layout: str | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,21 @@ class Preprocessing:
 
 
 @dataclass(frozen=True)
+class Licence:
+    """The terms of a model's weights: ``commercial`` use allowed (None: not established),
+    ``gated`` (the upstream host asks users to accept terms before downloading), ``url``
+    of the licence text. ``restricted``: histohub loads it only after acceptance."""
+
+    commercial: bool | None = True
+    gated: bool = False
+    url: str = ""
+
+    @property
+    def restricted(self) -> bool:
+        return self.gated or self.commercial is not True
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     """A model name and everything needed to build, fetch, verify and preprocess for it.
 
@@ -177,6 +197,15 @@ class ModelEntry:
     metrics: dict[str, Any]
     default: bool = False
     manifest_path: Path | None = None
+    licence: Licence = field(default_factory=lambda: Licence())
+    pooling: str | None = None
+    params: int | None = None
+    facts: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_zoo(self) -> bool:
+        """True for a zoo ViT (``zoo_archs``), False for a torchvision ResNet."""
+        return self.arch in ZOO_ARCHS
 
     @property
     def hub_name(self) -> str:
@@ -189,7 +218,8 @@ _ENTRY_FIELDS = {
     "preprocessing": dict, "license": str, "citation": str, "recipe": dict,
     "training_data": str, "metrics": dict,
 }
-_OPTIONAL_ENTRY_FIELDS = {"default": bool}
+_OPTIONAL_ENTRY_FIELDS = {"default": bool, "commercial": (bool, type(None)), "gated": bool,
+                          "license_url": str, "pooling": str, "params": int, "facts": dict}
 _FILE_FIELDS = {"filename": str, "format": str, "sha256": (str, type(None)),
                 "size": (int, type(None)), "sources": list}
 _OPTIONAL_FILE_FIELDS = {"key_map": dict, "reported": dict, "fingerprint": dict}
@@ -198,8 +228,10 @@ _OPTIONAL_REPORTED_FIELDS = {"sha256": str, "size": int}
 _FINGERPRINT_FIELDS = {"tensor": str, "l2_norm": (int, float), "rtol": (int, float),
                        "verified": bool}
 _OPTIONAL_FINGERPRINT_FIELDS = {"note": str}
-_SOURCE_FIELDS = {"url": str, "repo_id": str, "filename": str, "revision": str, "package": str}
-_KEY_MAP_FIELDS = {"state_dict_key": (str, type(None)), "strip_prefixes": list, "drop": list}
+_SOURCE_FIELDS = {"url": str, "repo_id": str, "filename": str,
+                  "revision": (str, type(None)), "revision_note": str, "package": str}
+_KEY_MAP_FIELDS = {"state_dict_key": (str, type(None)), "strip_prefixes": list, "drop": list,
+                   "layout": str}
 _PREPROCESSING_FIELDS = {"input_size": int, "mean": list, "std": list}
 _OPTIONAL_PREPROCESSING_FIELDS = {"interpolation": str, "mpp": (int, float, type(None)),
                                   "mpp_note": str}
@@ -244,10 +276,15 @@ def _parse_source(where: str, data: Any) -> Source:
     if not {"filename", "revision"} <= set(data):
         raise ManifestError(f"{where}: a Hugging Face source needs 'repo_id', 'filename' and a "
                             "pinned 'revision' (a 40-hex commit hash)")
-    if not _REVISION.match(data["revision"]):
+    revision = data["revision"]
+    if revision is None and not data.get("revision_note", "").strip():
+        raise ManifestError(f"{where}.revision: null (not established) needs a 'revision_note' "
+                            "saying why; pin a full 40-hex commit hash where one is known")
+    if revision is not None and not _REVISION.match(revision):
         raise ManifestError(f"{where}.revision: pin a full 40-hex commit hash, got "
-                            f"{data['revision']!r}")
-    return Source(repo_id=data["repo_id"], filename=data["filename"], revision=data["revision"])
+                            f"{revision!r}")
+    return Source(repo_id=data["repo_id"], filename=data["filename"], revision=revision,
+                  revision_note=data.get("revision_note", ""))
 
 
 def _parse_file(where: str, data: Any) -> WeightsFile:
@@ -269,6 +306,12 @@ def _parse_file(where: str, data: Any) -> WeightsFile:
                             "'sha256' and 'size' (it is checked at every load)")
     key_map = data.get("key_map", {})
     _check_fields(f"{where}.key_map", key_map, {}, _KEY_MAP_FIELDS)
+    if key_map.get("layout") is not None:
+        from histohub.hub._key_maps import LAYOUTS
+
+        if key_map["layout"] not in LAYOUTS:
+            raise ManifestError(f"{where}.key_map.layout: {key_map['layout']!r} is not one of "
+                                f"{sorted(LAYOUTS)}")
     for pattern in key_map.get("drop", []):
         try:
             re.compile(pattern)
@@ -279,7 +322,8 @@ def _parse_file(where: str, data: Any) -> WeightsFile:
         size=data["size"], sources=sources,
         key_map=KeyMap(state_dict_key=key_map.get("state_dict_key"),
                        strip_prefixes=tuple(key_map.get("strip_prefixes", ())),
-                       drop=tuple(key_map.get("drop", ()))),
+                       drop=tuple(key_map.get("drop", ())),
+                       layout=key_map.get("layout")),
         reported=_parse_reported(f"{where}.reported", data["reported"])
         if "reported" in data else None,
         fingerprint=_parse_fingerprint(f"{where}.fingerprint", data["fingerprint"])
@@ -353,11 +397,12 @@ def parse_entry(name: str, data: Any, *, manifest_path: Path | None = None) -> M
     if not re.match(r"^[a-z0-9][a-z0-9.\-]*$", name):
         raise ManifestError(f"{where}: model names are lower-case letters, digits, '-' and '.'")
     _check_fields(where, data, _ENTRY_FIELDS, _OPTIONAL_ENTRY_FIELDS)
-    if data["arch"] not in FEATURE_DIMS:
+    if data["arch"] not in FEATURE_DIMS and data["arch"] not in ZOO_ARCHS:
         raise ManifestError(f"{where}.arch: {data['arch']!r} is not one of "
-                            f"{tuple(FEATURE_DIMS)}")
+                            f"{tuple(FEATURE_DIMS) + tuple(ZOO_ARCHS)}")
     if data["feature_dim"] <= 0:
         raise ManifestError(f"{where}.feature_dim: must be positive")
+    pooling = _check_zoo_fields(where, data)
     if not data["weights"]:
         raise ManifestError(f"{where}.weights: list at least one weights file")
     return ModelEntry(
@@ -369,7 +414,35 @@ def parse_entry(name: str, data: Any, *, manifest_path: Path | None = None) -> M
         license=data["license"], citation=data["citation"], recipe=data["recipe"],
         training_data=data["training_data"], metrics=data["metrics"],
         default=data.get("default", False), manifest_path=manifest_path,
+        licence=Licence(commercial=data.get("commercial", True),
+                        gated=data.get("gated", False), url=data.get("license_url", "")),
+        pooling=pooling, params=data.get("params"),
+        facts={str(k): str(v) for k, v in data.get("facts", {}).items()},
     )
+
+
+def _check_zoo_fields(where: str, data: dict) -> str | None:
+    """Check pooling, feature_dim, params and facts; returns the pooling (None for ResNets)."""
+    from histohub.hub._zoo_archs import feature_dim
+
+    for key, value in data.get("facts", {}).items():
+        if not isinstance(value, str) or not value.strip():
+            raise ManifestError(f"{where}.facts.{key}: say where the fact came from (a string)")
+    if data.get("params") is not None and data["params"] <= 0:
+        raise ManifestError(f"{where}.params: must be positive")
+    if data["arch"] not in ZOO_ARCHS:
+        if "pooling" in data:
+            raise ManifestError(f"{where}.pooling: only zoo ViTs take a pooling; a ResNet "
+                                "returns its global average pool")
+        return None
+    pooling = data.get("pooling", "cls")
+    if pooling not in POOLINGS:
+        raise ManifestError(f"{where}.pooling: one of {POOLINGS}, got {pooling!r}")
+    if data["feature_dim"] != feature_dim(data["arch"], pooling):
+        raise ManifestError(f"{where}.feature_dim: {data['arch']} with pooling {pooling!r} "
+                            f"gives {feature_dim(data['arch'], pooling)}, not "
+                            f"{data['feature_dim']}")
+    return pooling
 
 
 def check_manifest_header(path: str | os.PathLike, data: Any) -> None:

@@ -5,7 +5,8 @@ the Hugging Face cache).
 Limits hold while the bytes arrive, not after: a download stops as soon as it exceeds the
 expected size (or, for a file of unknown size, ``HISTOHUB_MAX_DOWNLOAD_BYTES``, default
 4 GiB), a server announcing more is not read at all, and a mirror-folder file that is too
-large is not copied. All sources of one file share one deadline,
+large is not copied; a copy from a folder written by ``histohub bundle`` must match the
+sha256 its ``histohub-bundle.json`` recorded. All sources of one file share one deadline,
 ``HISTOHUB_DOWNLOAD_TIMEOUT`` seconds (default 3600; a partial download is kept and resumed
 next time). Every copy is hashed (sha256) while it is written and fsynced before its hash
 is returned.
@@ -14,6 +15,7 @@ is returned.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from collections.abc import Callable
@@ -23,11 +25,13 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from histohub._env import download_timeout, max_download_bytes
-from histohub.errors import DownloadError
+from histohub.errors import ChecksumError, DownloadError
 from histohub.hub._cache import cache_key
 from histohub.hub._schema import Source, WeightsFile
 from histohub.hub._verify import CHUNK, Expected
 
+#: What ``histohub bundle`` writes into a bundle folder: each file's sha256, checked on arrival.
+BUNDLE_RECORD = "histohub-bundle.json"
 #: Writes one source's copy of a file to the given temporary path; returns (sha256, size).
 Fetcher = Callable[[Path], tuple[str, int]]
 
@@ -122,10 +126,37 @@ def mirror_folder_fetcher(folder: Path, file: WeightsFile, budget: Budget,
             raise DownloadError(f"HISTOHUB_MIRROR={folder} is not a folder")
         for candidate in (folder / file.filename, folder / cache_key(file) / file.filename):
             if candidate.is_file():
-                return copy_hashing(candidate, part, file, budget, progress)
+                digest, size = copy_hashing(candidate, part, file, budget, progress)
+                _check_bundle_record(folder, file, digest, part)
+                return digest, size
         raise DownloadError(f"{file.filename} is not in the mirror folder {folder}")
 
     return fetch
+
+
+def _check_bundle_record(folder: Path, file: WeightsFile, digest: str, part: Path) -> None:
+    """A folder written by ``histohub bundle`` records each file's sha256: a copy that
+    differs from it is refused on arrival (whatever the manifest pins)."""
+    recorded = bundled_sha256(folder, cache_key(file), file.filename)
+    if recorded is not None and recorded != digest:
+        part.unlink(missing_ok=True)
+        raise ChecksumError(f"{file.filename} in the bundle {folder} has sha256 {digest}, "
+                            f"but the bundle recorded {recorded} when it was written: the "
+                            "copy was changed or damaged on the way; bundle it again")
+
+
+def bundled_sha256(folder: Path, key: str, filename: str) -> str | None:
+    """The sha256 a bundle folder recorded for ``key/filename`` (None: not a bundle, or
+    not in it)."""
+    try:
+        data = json.loads((folder / BUNDLE_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for item in data.get("files", []) if isinstance(data, dict) else []:
+        if isinstance(item, dict) and (item.get("cache_key"), item.get("filename")) == \
+                (key, filename):
+            return item.get("sha256")
+    return None
 
 
 def missing_from_package(source: Source) -> Fetcher:

@@ -51,13 +51,17 @@ def _row(out: str, name: str) -> list[str]:
 def test_list_shows_every_model_with_pinned_and_cached_columns(capsys, served_model):
     code, out, _ = run(capsys, "list")
     assert code == 0
-    assert out.splitlines()[0].split() == ["NAME", "ARCH", "DIM", "PINNED", "CACHED", "LICENCE"]
-    assert _row(out, "resnet18-ssl")[1:] == ["*", "resnet18", "512", "no", "no", "MIT"]
-    assert _row(out, "cli-model")[1:] == ["resnet18", "512", "yes", "no", "MIT"]
-    assert _row(out, "cli-unpinned")[3] == "no"
+    assert out.splitlines()[0].split() == ["NAME", "ARCH", "DIM", "INPUT", "MPP", "PARAMS",
+                                           "RUNS", "ON", "COMMERCIAL", "GATED", "PINNED",
+                                           "CACHED", "LICENCE"]
+    assert _row(out, "resnet18-ssl")[1:] == ["*", "resnet18", "512", "224px", "0.5", "11M",
+                                             "CPU", "or", "GPU", "yes", "no", "no", "no", "MIT"]
+    assert _row(out, "cli-model")[1:] == ["resnet18", "512", "224px", "0.5", "-", "CPU", "or",
+                                          "GPU", "yes", "no", "yes", "no", "MIT"]
+    assert _row(out, "cli-unpinned")[-3] == "no"
 
     assert run(capsys, "download", "-q", "cli-model")[0] == 0
-    assert _row(run(capsys, "list")[1], "cli-model")[4] == "yes"
+    assert _row(run(capsys, "list")[1], "cli-model")[-2] == "yes"
 
 
 def test_info_gives_preprocessing_sources_and_citation(capsys, served_model, file_server):

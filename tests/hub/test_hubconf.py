@@ -44,9 +44,10 @@ def test_hubconf_has_one_entry_point_per_model():
     assert entry_points(hubconf) == {e.hub_name for e in models} | {"get_transform"}
     for entry in models:
         doc = getattr(hubconf, entry.hub_name).__doc__
-        for fact in (entry.arch, f"(B, {entry.feature_dim})", "mean (0.5, 0.5, 0.5)",
-                     "std (0.5, 0.5, 0.5)", f"{entry.preprocessing.mpp:g} um/px",
-                     f"Licence: {entry.license}", "doi:10.1016/j.mlwa.2021.100198",
+        pre = entry.preprocessing
+        for fact in (entry.arch, f"(B, {entry.feature_dim})", f"mean {pre.mean}",
+                     f"std {pre.std}", f"{pre.mpp:g} um/px",
+                     f"Licence: {entry.license}", entry.citation.split(".")[0],
                      f'get_transform("{entry.name}")'):
             assert fact in doc.replace("\n    ", " "), (entry.name, fact)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simclr.model import SimCLRModel
+from histohub_training.simclr.model import SimCLRModel
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 

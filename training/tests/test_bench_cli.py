@@ -10,8 +10,8 @@ import shutil
 import pytest
 import torch
 
-from downstream import report
-from downstream.cli import main
+from histohub_training.downstream import report
+from histohub_training.downstream.cli import main
 
 pytest.importorskip("sklearn")
 

@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from downstream import encoders
-from downstream.protocols import Protocol
+from histohub_training.downstream import encoders
+from histohub_training.downstream.protocols import Protocol
 from histohub.hub import Preprocessing
 
 TRAINED_SIZES = {"mine64": 64, "other64": 64, "mine96": 96}

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from downstream import datasets as ds
-from downstream.cli import main
-from downstream.splits import split_dataset
+from histohub_training.downstream import datasets as ds
+from histohub_training.downstream.cli import main
+from histohub_training.downstream.splits import split_dataset
 
 pytest.importorskip("sklearn")
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from downstream import report
-from downstream.cli import main
+from histohub_training.downstream import report
+from histohub_training.downstream.cli import main
 
 pytest.importorskip("sklearn")
 

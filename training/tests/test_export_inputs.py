@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import export
-from simclr.checkpoint import save_checkpoint
-from simclr.config import load_config, to_dict
-from simclr.model import SimCLRModel
+from histohub_training.simclr.checkpoint import save_checkpoint
+from histohub_training.simclr.config import load_config, to_dict
+from histohub_training.simclr.model import SimCLRModel
 
 
 def _payload(arch: str = "resnet18") -> dict:

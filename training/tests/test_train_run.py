@@ -12,12 +12,12 @@ from PIL import Image
 
 import export
 import run_pretrain
-from simclr.augment import BatchAugment
-from simclr.config import load_config
-from simclr.data import Pool, PoolDataset
-from simclr.loss import nt_xent_loss
-from simclr.model import SimCLRModel
-from simclr.train import resolve_precision, resume_config, train
+from histohub_training.simclr.augment import BatchAugment
+from histohub_training.simclr.config import load_config
+from histohub_training.simclr.data import Pool, PoolDataset
+from histohub_training.simclr.loss import nt_xent_loss
+from histohub_training.simclr.model import SimCLRModel
+from histohub_training.simclr.train import resolve_precision, resume_config, train
 
 
 @pytest.fixture(scope="module", autouse=True)

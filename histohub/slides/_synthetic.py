@@ -1,9 +1,10 @@
 """Synthetic whole-slide images OpenSlide reads: tiled, JPEG-compressed pyramidal TIFFs.
 
-OpenSlide's generic-tiff driver needs tiled levels; it takes microns per pixel from the
-TIFF resolution tags. tifffile writes the tiles we JPEG-encode with PIL (no imagecodecs
-needed). Used by the benchmarks of this folder (imported as a sibling) and by the tests
-(pytest's ``pythonpath`` lists this folder).
+``write_demo_slide`` gives a new user a slide to run ``histohub extract`` on before they
+point it at their own (``histohub demo-slide``); the tests and benchmarks build their slides
+with ``write_slide`` and ``tissue_image``. OpenSlide's generic-tiff driver needs tiled
+levels; it takes microns per pixel from the TIFF resolution tags. tifffile writes the tiles,
+JPEG-encoded with PIL (no imagecodecs needed).
 """
 
 from __future__ import annotations
@@ -85,20 +86,11 @@ def tissue_image(height: int, width: int, boxes: list[tuple[int, int, int, int]]
     return image
 
 
-def tile_byte_range(path: str | Path, *, level: int, x: int, y: int) -> tuple[int, int]:
-    """(offset, length) in the file of the JPEG tile holding level pixel (x, y)."""
-    import tifffile
-
-    with tifffile.TiffFile(path) as tif:
-        page = tif.pages[level]
-        across = -(-page.imagewidth // page.tilewidth)
-        index = (y // page.tilelength) * across + x // page.tilewidth
-        return int(page.dataoffsets[index]), int(page.databytecounts[index])
-
-
-def corrupt_tile(path: str | Path, *, level: int = 0, x: int, y: int) -> None:
-    """Damage the JPEG tile holding level pixel (x, y) so that decoding it fails."""
-    offset, length = tile_byte_range(path, level=level, x=x, y=y)
-    with open(path, "r+b") as handle:
-        handle.seek(offset + 2)
-        handle.write(b"\x00" * min(64, length - 4))
+def write_demo_slide(path: str | Path) -> Path:
+    """A 4,096 x 3,072 px slide at 0.5 um/px (a 2 x 1.5 mm region at 20x): three sections of
+    H&E-coloured texture on glass, one with a hole, in a three-level pyramid (about 4 MB).
+    Synthetic: it shows the pipeline working, not what a model sees in tissue."""
+    image = tissue_image(3072, 4096, [(256, 384, 1536, 1024), (2048, 256, 1536, 1280),
+                                      (768, 1792, 2560, 1024)], seed=7)
+    image[640:1024, 768:1280] = GLASS  # a lumen: glass inside a section
+    return write_slide(path, image, mpp=0.5, levels=3)

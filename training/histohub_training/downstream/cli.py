@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from histohub.files import write_text_atomic
-from cli_errors import run_reporting_errors
+from histohub_training.cli_errors import run_reporting_errors
 from histohub.hub import record_metrics
 
 from . import datasets as ds

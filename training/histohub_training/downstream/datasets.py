@@ -26,7 +26,7 @@ IMAGE_DIRS = ("image", "images", "img")
 MASK_DIRS = ("label", "labels", "mask", "masks")
 MASK_THRESHOLD = 128
 #: Where the presets live: ``$HISTOHUB_BENCH_DATA`` or ``<repo>/../shared/data``.
-DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[3] / "shared" / "data"
+DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[4] / "shared" / "data"
 
 
 class DatasetError(HistohubError, ValueError):
