@@ -87,12 +87,12 @@ def register(subparsers) -> None:
                         "few CPU cores; 2 when reading is the bottleneck)")
     p.add_argument("--workers", type=int, default=0,
                    help="DataLoader worker processes reading patches instead of threads "
-                        "(default 0: threads). On a GPU reading is the bottleneck: 4 workers "
-                        "read 1.6x what one thread reads (16 cores)")
+                        "(default 0: threads); on a GPU, where reading is the bottleneck, "
+                        "one per free CPU core")
     p.add_argument("--mask", choices=("contours", "hsv", "otsu"), default="contours",
                    help="tissue detection. contours (default): tissue contours with holes, "
                         "keeping dense dark and pale tissue and leaving out glass, blue/green/"
-                        "black pen ink and dust (IoU 0.97 against known masks, docs/tissue.md)"
+                        "black pen ink and dust (IoU 0.979 against known masks, docs/tissue.md)"
                         "; hsv: the paper's rule (Appendix B; drops the darkest, densest "
                         "tissue; what training samples with); otsu: Otsu on saturation "
                         "(keeps ink)")

@@ -1,6 +1,6 @@
 """Regions of a JPEG-tiled TIFF level (Aperio .svs, generic tiled TIFF) decoded straight from
-its tiles: the same pixels as OpenSlide, 2.4x the patches/s of a reader thread
-(``benchmarks/bench_slides.py``, reader part).
+its tiles: the same pixels as OpenSlide, 2.74x the patches/s of a reader thread
+(``benchmarks/bench_slides.py``, reader part; docs/benchmarks.md).
 
 OpenSlide composites every region through cairo and hands back premultiplied ARGB, which
 cost more than decoding the JPEG tiles a 224 px patch needs (0.75 ms for a patch whose

@@ -45,7 +45,7 @@ class Slide:
     of x and y), or ``None`` when the file does not record it. Use as a context manager.
 
     Levels of JPEG tiles in an .svs or a tiled TIFF are read straight from their tiles
-    (``histohub.slides._jpeg_tiles``: the same pixels, 2.4x the patches/s), once a piece of the
+    (``histohub.slides._jpeg_tiles``: the same pixels, 2.74x the patches/s), once a piece of the
     first region read from a level is found identical to OpenSlide's; everything else, and
     a level where they differ, is read by OpenSlide.
     """
