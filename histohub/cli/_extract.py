@@ -10,6 +10,11 @@ whose output was made for the same request is skipped, a ``--max-patches`` trial
 extended; an output histohub did not write, or made for another slide, model or tiling, is
 kept and reported unless ``--overwrite``. A killed run resumes where it stopped.
 
+A slide is the path given, made absolute without following links: a linked slide's output,
+logs and attributes carry the link's own name, and two names for one file are two slides
+(``histohub.slides._names``, docs/extraction-names.md). The summary lists every slide given,
+once: extracted, already done, or failed and why.
+
 The model is loaded (and compiled, when the job is big enough) once for all slides, and
 the next slide's tissue mask and grid are prepared while the current one runs.
 
@@ -130,11 +135,17 @@ def register(subparsers) -> None:
                         "when i %% N == I; for job arrays (see below)")
     p.add_argument("--max-patches", type=int, help="only the first N patches of each slide")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--record-resolved-path", action="store_true",
+                   help="also record the file a linked slide leads to (slide_resolved_path); "
+                        "by default outputs, logs and attributes name a slide only by the path "
+                        "given (a link's own name), see docs/extraction-names.md")
     p.set_defaults(func=run)
 
 
 def find_slides(inputs: list[str]) -> tuple[list[Path], list[str]]:
-    """Expand files, folders, globs and CSV/text lists -> (slides, problems)."""
+    """Expand files, folders, globs and CSV/text lists -> (slides, problems). Slides keep
+    the path given (made absolute, links not followed: ``slides._names.given_path``)."""
+    from histohub.slides._names import broken_link, find_in_folder, given_path
     from histohub.slides._reader import SLIDE_EXTENSIONS
 
     slides: list[Path] = []
@@ -142,9 +153,9 @@ def find_slides(inputs: list[str]) -> tuple[list[Path], list[str]]:
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*")
-                           if p.is_file() and p.suffix.lower() in SLIDE_EXTENSIONS)
-            if not found:
+            found, broken = find_in_folder(path, SLIDE_EXTENSIONS)
+            problems += broken
+            if not found and not broken:
                 problems.append(f"{path}: no slide files ({', '.join(SLIDE_EXTENSIONS)}) inside")
             slides += found
         elif path.is_file() and path.suffix.lower() in _LIST_SUFFIXES:
@@ -155,16 +166,22 @@ def find_slides(inputs: list[str]) -> tuple[list[Path], list[str]]:
                 if entry.is_file():
                     slides.append(entry)
                 else:
-                    problems.append(f"{entry} (listed in {path.name}): no such file")
+                    problems.append(broken_link(entry) or
+                                    f"{entry} (listed in {path.name}): no such file")
         elif path.is_file():
             slides.append(path)
+        elif problem := broken_link(path):
+            problems.append(problem)
         else:
             matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True))
+            broken = [problem for problem in map(broken_link, matches) if problem]
             matches = [m for m in matches if m.is_file()]
-            if not matches:
+            if not matches and not broken:
                 problems.append(f"{item}: no such file, folder or matching pattern")
+            problems += broken
             slides += matches
-    unique = list(dict.fromkeys(p.resolve() for p in slides))
+    # the path as given (links not followed): two names for one file are two slides
+    unique = list(dict.fromkeys(given_path(p) for p in slides))
     return unique, problems
 
 
@@ -254,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
 
     from histohub._features import check_options
     from histohub.slides._extract import SlideExtractor, SlideJob, Tiling
+    from histohub.slides._names import same_files
 
     compile = {"auto": "auto", "on": True, "off": False}[args.compile]
     check_options(cli=True, batch_size=args.batch_size, num_workers=args.workers,
@@ -271,6 +289,9 @@ def run(args: argparse.Namespace) -> int:
         log.error("no slides to process")
         return 1
     names = output_names(slides)  # from the whole list: every share names outputs alike
+    for group in same_files(slides):
+        log.info("%s are one file; each name gets its own output",
+                 ", ".join(str(p) for p in group))
     if shares > 1:
         total = len(slides)
         slides = shard_slides(slides, share, shares)
@@ -282,7 +303,8 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = [SlideJob(slide, args.out / f"{names[slide]}.h5",
                      args.out / f"{names[slide]}.png" if args.preview else None,
-                     args.out / f"{names[slide]}.geojson" if args.geojson else None)
+                     args.out / f"{names[slide]}.geojson" if args.geojson else None,
+                     record_resolved_path=args.record_resolved_path)
             for slide in slides]
     started = time.perf_counter()
     failed, results = list(problems), []
@@ -337,6 +359,8 @@ def _accept_licence(model: str) -> None:
 
 
 def _summary(results: list, failed: list[str], seconds: float, out: Path) -> None:
+    from histohub.slides._names import slide_lines
+
     skipped = sum(r.skipped for r in results)
     patches = sum(r.n_patches for r in results)
     run_now = sum(r.patches_run for r in results)
@@ -354,6 +378,8 @@ def _summary(results: list, failed: list[str], seconds: float, out: Path) -> Non
         f"time: {seconds:.1f} s, {run_now / seconds if seconds > 0 else 0:.1f} patches/s",
         f"output: {out}",
     ]
+    # with the failed ones below: every slide given, once
+    lines = slide_lines(results) + lines
     for problem in failed:
         lines.append(f"failed: {problem}")
     print("\n".join(lines))

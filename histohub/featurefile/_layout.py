@@ -19,7 +19,9 @@ Layout of ``<slide stem>.h5`` (one file per slide)::
         format = "histohub-features", format_version = 1, histohub_version
         completed          True once every patch of the grid was processed
         model_name, model_sha256 ("" when unknown), arch, feature_dim
-        slide_path, slide_name, slide_width, slide_height (level 0)
+        slide_path, slide_name, slide_width, slide_height (level 0): the path and name
+            the slide was given, a link's own (``histohub.slides._names``)
+        slide_resolved_path  only when asked for: the file behind the links
         slide_mpp, mpp_source ("openslide.mpp", "tiff.resolution" or "user")
         target_mpp, patch_size (px fed to the model), level, level_downsample,
         read_size (px read at level), patch_size_level0
@@ -71,6 +73,8 @@ IDENTITY_ATTRS = ("format_version", "model_name", "model_sha256", "arch", "featu
                   "level", "read_size", "patch_size_level0", "mask_method", "min_foreground",
                   "n_grid", "grid_sha256", "model_fingerprint", "norm_mean", "norm_std",
                   "interpolation", "slide_size", "slide_fingerprint")
+#: The attributes naming the slide: the call that writes a file names it, also on resume.
+NAME_ATTRS = ("slide_path", "slide_name", "slide_resolved_path")
 MODEL_ATTRS = ("model_name", "arch", "model_fingerprint", "norm_mean", "norm_std",
                "interpolation")
 SLIDE_ATTRS = ("slide_size", "slide_fingerprint", "slide_width", "slide_height")
@@ -176,17 +180,16 @@ def grid_sha256(coords: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(coords, np.int64).tobytes()).hexdigest()
 
 
-def feature_attrs(request: dict[str, Any], grid: TileGrid, *, model_sha256: str,
-                  feature_dim: int, n_tissue: int, max_patches: int | None
+def feature_attrs(request: dict[str, Any], grid: TileGrid, *, names: dict[str, str],
+                  model_sha256: str, feature_dim: int, n_tissue: int, max_patches: int | None
                   ) -> dict[str, Any]:
     """The root attributes of a feature file (module docstring) for ``request`` (its
-    ``REQUEST_ATTRS``) and the ``grid`` written (possibly the first ``max_patches`` of
-    ``n_tissue`` patches)."""
+    ``REQUEST_ATTRS``), the slide's ``names`` (its ``NAME_ATTRS``, as the slides wing
+    gives them: ``slides._outputs.name_attrs``) and the ``grid`` written (possibly the first
+    ``max_patches`` of ``n_tissue`` patches)."""
     return {
         **request, "histohub_version": __version__, "model_sha256": model_sha256,
-        "feature_dim": feature_dim,
-        "slide_path": str(Path(grid.slide_path).resolve()),
-        "slide_name": Path(grid.slide_path).name,
+        "feature_dim": feature_dim, **names,
         "slide_width": grid.slide_dimensions[0], "slide_height": grid.slide_dimensions[1],
         "slide_mpp": grid.slide_mpp, "mpp_source": grid.mpp_source,
         "target_mpp": grid.target_mpp, "patch_size": grid.patch_size, "level": grid.level,

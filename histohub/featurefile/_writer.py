@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from histohub.featurefile._layout import (_COORD_DATASETS, FORMAT, FORMAT_VERSION, IDENTITY_ATTRS,
-                                          _h5py, _plain, disk_full_error, foreign, is_disk_full,
-                                          partial_path, same_value)
+                                          NAME_ATTRS, _h5py, _plain, disk_full_error, foreign,
+                                          is_disk_full, partial_path, same_value)
 from histohub.errors import OutputExistsError
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,11 @@ class FeatureWriter:
             for name, rows in counts.items():  # cut rows written after the last flush
                 if f[name].shape[0] != rows:
                     f[name].resize(rows, axis=0)
+            for key in NAME_ATTRS:  # the slide as this call names it, not as the killed one did
+                if key in attrs:
+                    f.attrs[key] = attrs[key]
+                elif key in f.attrs:
+                    del f.attrs[key]
             f.flush()
         except (OSError, RuntimeError, KeyError, ValueError) as error:
             if is_disk_full(error):

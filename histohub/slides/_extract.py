@@ -56,7 +56,7 @@ from histohub.slides._outputs import (OpenOutput, output_lock, request_attrs, wa
                                       write_preview)
 from histohub.slides._stream import Batch, CrossBatcher, Schedule, reader_stream, worker_stream
 from histohub.slides._coords import coords_grid
-from histohub.slides._outputs import write_grid_geojson
+from histohub.slides._outputs import name_attrs, write_grid_geojson
 from histohub.slides._reader import open_slide
 from histohub.slides._regions import SlideRegions, slide_regions
 from histohub.slides._tiling import _slide_mpp, tile_grid
@@ -321,9 +321,9 @@ class SlideExtractor:
             log.warning(message)
             result.warnings.append(message)
         feature_dim = self._feature_dim_now()
-        attrs = _h5.feature_attrs(prepared.request, grid, model_sha256=self.spec.sha256,
-                                  feature_dim=feature_dim, n_tissue=prepared.n_tissue,
-                                  max_patches=tiling.max_patches)
+        attrs = _h5.feature_attrs(prepared.request, grid, names=name_attrs(job),
+                                  model_sha256=self.spec.sha256, feature_dim=feature_dim,
+                                  n_tissue=prepared.n_tissue, max_patches=tiling.max_patches)
         prepared.writer = FeatureWriter(
             job.output, attrs=attrs, feature_dim=feature_dim,
             coords_attrs=_h5.coords_attrs(grid), resume=not overwrite,

@@ -47,12 +47,15 @@ class Tiling:
 @dataclass(frozen=True)
 class SlideJob:
     """One slide to extract: its file, the feature file, an optional preview PNG and an
-    optional GeoJSON of its tissue and patches for QuPath."""
+    optional GeoJSON of its tissue and patches for QuPath. The slide is named by the path
+    given (``slides._names``); ``record_resolved_path`` also records the file behind its
+    links in the feature file (``slide_resolved_path``)."""
 
     slide: Path
     output: Path
     preview: Path | None = None
     geojson: Path | None = None
+    record_resolved_path: bool = False
 
 
 @dataclass

@@ -18,6 +18,7 @@ from histohub.errors import HistohubError
 from histohub.slides._preview import preview as draw_preview
 from histohub.hub._runner import ModelSpec
 from histohub.slides._jobs import SlideJob, SlideResult, Tiling
+from histohub.slides._names import given_path, resolved_path
 from histohub.slides._stream import Batch
 from histohub.slides._reader import Slide, slide_fingerprint
 from histohub.slides._tiling import TileGrid
@@ -92,6 +93,16 @@ class OpenOutput:
         if result.n_nonfinite:
             result.warnings.append(f"{name}: {result.n_nonfinite} patches gave NaN/inf features "
                                    "and were left out (nonfinite_coords)")
+
+
+def name_attrs(job: SlideJob) -> dict[str, str]:
+    """The attributes naming the job's slide in its feature file (``_layout.NAME_ATTRS``):
+    the path and name given, links not followed; ``slide_resolved_path`` only when the
+    job asks for it."""
+    names = {"slide_path": str(given_path(job.slide)), "slide_name": job.slide.name}
+    if job.record_resolved_path:
+        names["slide_resolved_path"] = resolved_path(job.slide)
+    return names
 
 
 def request_attrs(spec: ModelSpec, fingerprint: str, slide, tiling: Tiling, target_mpp: float,

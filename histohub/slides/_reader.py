@@ -54,7 +54,9 @@ class Slide:
         openslide = require("openslide", extra="wsi", purpose="Reading whole-slide images")
         self.path = Path(path)
         if not self.path.is_file():
-            raise SlideError(f"{self.path}: no such file")
+            from histohub.slides._names import broken_link
+
+            raise SlideError(broken_link(self.path) or f"{self.path}: no such file")
         try:
             self._handle = openslide.OpenSlide(str(self.path))
         except (openslide.OpenSlideError, ValueError) as error:  # Unsupported is an OpenSlideError
