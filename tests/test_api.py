@@ -32,7 +32,7 @@ WINGS = {
     "histohub.hub": {
         "read_checkpoint": "histohub.hub._checkpoint",
         "map_state_dict": "histohub.hub._checkpoint",
-        "sha256_file": "histohub.hub._download",
+        "sha256_file": "histohub.hub._verify",
         "read_manifest": "histohub.hub._registry",
         "read_manifest_json": "histohub.hub._registry",
         "parse_entry": "histohub.hub._parse",

@@ -8,7 +8,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-from histohub.hub._download import cache_status, cached_path, fetch_file, fetch_weights, sha256_file
+from histohub.hub._cache import cache_status, cached_path
+from histohub.hub._fetch import fetch_file, fetch_weights
+from histohub.hub._verify import sha256_file
 from histohub.files import atomic_path
 from histohub.hub._registry import get_entry, load_manifest, read_manifest
 from histohub.hub._manifest_writer import pin_weights

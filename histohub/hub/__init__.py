@@ -2,7 +2,8 @@
 
 A pipeline, one module per step: the manifest's schema (``_schema``) and the registry of
 manifests in use (``_registry``), the one manifest writer (``_manifest_writer``), fetching
-and verifying weights (``_download``), reading checkpoints as data (``_checkpoint``),
+and verifying weights (settings in ``histohub._env``; ``_fetch`` over ``_cache``, ``_verify``,
+``_sources``, ``_http``, ``_hf``, ``_redact``), reading checkpoints as data (``_checkpoint``),
 architectures (``_archs``), what a name or a file is (``_descriptor``: the one place that
 decides which it is), name or file -> encoder (``_pretrained``), preprocessing
 (``_transforms``), the model as it runs (``_runner``), and export to timm and the Hugging
@@ -32,7 +33,7 @@ _LAZY = {
     "normalize_batch": "histohub.hub._transforms",
     "push": "histohub.hub._export",
     "read_checkpoint": "histohub.hub._checkpoint",
-    "sha256_file": "histohub.hub._download",
+    "sha256_file": "histohub.hub._verify",
     "tune_allocator": "histohub.hub._runner",
 }
 

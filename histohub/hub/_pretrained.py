@@ -2,9 +2,9 @@
 
 Which of the two a string is, and what is known of the model before its weights are read,
 is ``_descriptor``'s job (``describe_model``). Where the weights come from (cache, mirror,
-URL, Hugging Face) is ``_download``'s job; how they are read and mapped is
-``_checkpoint``'s. This module joins them, and checks the manifest's fingerprint (one
-tensor's L2 norm) on the assembled encoder.
+URL, Hugging Face) is ``_fetch``'s job; how they are read and mapped is ``_checkpoint``'s.
+This module joins them, and checks the manifest's fingerprint (one tensor's L2 norm) on the
+assembled encoder.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from histohub.hub._checkpoint import DEFAULT_KEY_MAP, map_state_dict, read_checkpoint
-from histohub.hub._download import fetch_weights, sha256_file
+from histohub.hub._fetch import fetch_weights
+from histohub.hub._verify import sha256_file
 from histohub.hub._descriptor import ModelDescriptor, describe_model
 from histohub.hub._registry import default_model
 from histohub.hub._schema import KeyMap, WeightsFile

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from histohub._env import mallopt_enabled
 from histohub.errors import HistohubError, check_option
 from histohub.hub._descriptor import ModelDescriptor, describe_model, describe_module
 
@@ -91,7 +92,7 @@ def local_model_spec(model_or_name: nn.Module | str | os.PathLike) -> ModelDescr
     ``resolve_model`` gives the authoritative descriptor once the weights are loaded.
     """
     from histohub.hub._checkpoint import sniff_format
-    from histohub.hub._download import cache_status
+    from histohub.hub._cache import cache_status
     from histohub.errors import UnknownModelError
 
     if isinstance(model_or_name, nn.Module):
@@ -284,7 +285,7 @@ def tune_allocator() -> bool:
     if _ALLOCATOR_TUNED is not None:
         return _ALLOCATOR_TUNED
     _ALLOCATOR_TUNED = False
-    if os.environ.get("HISTOHUB_MALLOPT", "1") in ("0", "false", "no", "off"):
+    if not mallopt_enabled():
         return False
     if not sys.platform.startswith("linux"):
         return False

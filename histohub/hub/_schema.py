@@ -9,7 +9,7 @@ Provenance of a weights file's numbers: ``sha256`` and ``size`` are *verified*: 
 ``histohub pin`` from a file histohub downloaded and hashed. ``reported`` holds numbers
 histohub has not checked itself (an independent user's sha256, a release page's size),
 with a ``note`` saying who reported them; they are enforced all the same until verified
-ones exist (see ``_download``). ``fingerprint`` is a post-load check of one tensor's L2
+ones exist (see ``_verify``). ``fingerprint`` is a post-load check of one tensor's L2
 norm, ``verified`` saying whether histohub measured it.
 """
 
