@@ -216,7 +216,7 @@ def fetch_in_subprocess(barrier, name: str, results) -> None:
     Runs in a spawned interpreter; the environment (HISTOHUB_HOME, HISTOHUB_MANIFEST)
     is inherited from the test.
     """
-    from histohub.hub._download import fetch_weights
+    from histohub.hub._fetch import fetch_weights
     from histohub.hub._registry import get_entry
 
     entry = get_entry(name)

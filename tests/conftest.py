@@ -20,11 +20,11 @@ if TYPE_CHECKING:
 @pytest.fixture(autouse=True)
 def _fast_retries(monkeypatch):
     """Retries with millisecond backoff and short timeouts: tests never sleep for long."""
-    from histohub.hub import _download as _download
+    from histohub.hub import _fetch, _http
 
-    monkeypatch.setattr(_download, "RETRY", _download.RetryPolicy(
+    monkeypatch.setattr(_http, "RETRY", _http.RetryPolicy(
         tries=3, base_delay=0.01, max_delay=0.05, timeout=(5.0, 10.0)))
-    _download._warned_unpinned.clear()
+    _fetch._warned_unpinned.clear()
 
 
 @pytest.fixture(autouse=True)

@@ -383,13 +383,14 @@ def check_regions(tiling, slides: list[Path]) -> None:
 
 
 def _accept_licence(model: str) -> None:
-    """Record acceptance of ``model``'s licence (a manifest name; a path needs none)."""
-    from histohub.hub._registry import load_manifest
+    """Record acceptance of ``model``'s licence (a manifest name; a file, even one named
+    like a model, needs none: ``describe_model`` decides which it is)."""
+    from histohub.hub._descriptor import describe_model
     from histohub.hub._licences import accept
 
-    entry = load_manifest().get(model)
-    if entry is not None:
-        accept(entry)
+    described = describe_model(model)
+    if described.entry is not None:
+        accept(described.entry)
 
 
 def _summary(results: list, failed: list[str], seconds: float, out: Path) -> None:

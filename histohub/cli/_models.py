@@ -8,11 +8,13 @@ import sys
 import textwrap
 from pathlib import Path
 
-from histohub.hub._download import cache_status, cached_path, fetch_file, fetch_weights, sha256_file
+from histohub.hub._cache import cache_status, cached_path
+from histohub.hub._fetch import fetch_file, fetch_weights
+from histohub.hub._verify import sha256_file
 from histohub.files import atomic_path
 from histohub.hub._registry import get_entry, load_manifest, read_manifest
 from histohub.hub._manifest_writer import pin_weights
-from histohub.errors import HistohubError, KeyMappingError, ManifestError
+from histohub.errors import HistohubError, ManifestError
 from histohub.hub._licences import check_accepted
 
 
@@ -262,33 +264,22 @@ def _output_problem(output: Path) -> str | None:
 def _convert(args: argparse.Namespace) -> int:
     from safetensors import SafetensorError
 
-    from histohub.hub._checkpoint import read_checkpoint
-    from histohub.hub._pretrained import fit_architecture
+    from histohub.hub._descriptor import describe_model
+    from histohub.hub._pretrained import read_weights
 
     output: Path = args.output
     problem = _output_problem(output)
     if problem:
         print(f"histohub convert: error: {problem}", file=sys.stderr)
         return 2
-    entries = load_manifest()
-    if args.input in entries and not Path(args.input).exists():
-        entry = entries[args.input]
-        if args.arch is not None and args.arch != entry.arch:
-            raise KeyMappingError(f"This model is a {entry.arch}; drop --arch {args.arch}")
-        fetched = fetch_weights(entry)
-        source = fetched.path
-        checkpoint = read_checkpoint(source, format=fetched.file.format)
-        arch, state = fit_architecture(checkpoint, key_map=fetched.file.key_map,
-                                       archs=[entry.arch])
-    else:
-        source = Path(args.input).expanduser()
-        if source.resolve() == output.resolve():
-            print("histohub convert: error: IN and OUT are the same file", file=sys.stderr)
-            return 2
-        checkpoint = read_checkpoint(source)
-        arch, state = fit_architecture(checkpoint, archs=[args.arch] if args.arch else None)
+    described = describe_model(args.input, arch=args.arch)
+    if described.is_file and described.file.resolve() == output.resolve():
+        print("histohub convert: error: IN and OUT are the same file", file=sys.stderr)
+        return 2
+    described, state, _ = read_weights(described)
+    source, arch = Path(described.weights_path), described.arch
     metadata = {"format": "pt", "histohub_arch": arch, "source_file": source.name,
-                "source_sha256": sha256_file(source)}
+                "source_sha256": described.sha256}
     try:
         _save_safetensors(state, output, metadata)
     except (OSError, SafetensorError) as error:  # a full disk, no permission

@@ -6,7 +6,7 @@ The folder is a ``HISTOHUB_MIRROR``: each weights file lies at ``<cache key>/<fi
 and size as verified here, ``manifest.json`` holds the bundled models that came from extra
 manifests (``HISTOHUB_MANIFEST``) with those hashes pinned, and ``LICENCES/<model>.txt``
 states each model's terms. On the other machine the mirror lookup checks every copy against
-``histohub-bundle.json`` on arrival (``_download``), on top of what the manifest pins.
+``histohub-bundle.json`` on arrival (``_sources``), on top of what the manifest pins.
 
     histohub bundle uni kaiko-vits16 /media/usb/histohub --accept-licence
     # elsewhere: HISTOHUB_MIRROR=/media/usb/histohub HISTOHUB_OFFLINE=1 histohub extract ...
@@ -20,13 +20,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from histohub.hub._download import cache_key, fetch_weights, sha256_file
+from histohub.hub._cache import cache_key
+from histohub.hub._fetch import fetch_weights
+from histohub.hub._sources import BUNDLE_RECORD as RECORD
+from histohub.hub._verify import sha256_file
 from histohub.hub._registry import MANIFEST_PATH, get_entry, read_manifest_json
 from histohub.hub._schema import SCHEMA_VERSION, ModelEntry
 from histohub.errors import OutputExistsError
 from histohub.hub._licences import check_accepted, terms
 
-RECORD = "histohub-bundle.json"
 MANIFEST = "manifest.json"
 
 
@@ -105,17 +107,3 @@ def _pinned_entry(entry: ModelEntry, record: dict) -> dict:
         if file["filename"] == record["filename"]:
             file["sha256"], file["size"] = record["sha256"], record["size"]
     return data
-
-
-def bundled_sha256(folder: Path, key: str, filename: str) -> str | None:
-    """The sha256 a bundle folder recorded for ``key/filename`` (None: not a bundle, or
-    not in it)."""
-    try:
-        data = json.loads((folder / RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    for item in data.get("files", []) if isinstance(data, dict) else []:
-        if isinstance(item, dict) and (item.get("cache_key"), item.get("filename")) == \
-                (key, filename):
-            return item.get("sha256")
-    return None

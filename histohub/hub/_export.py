@@ -24,18 +24,13 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from histohub.hub._registry import load_manifest
+from histohub.hub._descriptor import ModelDescriptor
 from histohub.hub._redact import redact, redact_all
-from histohub.hub._schema import ModelEntry, Preprocessing
 from histohub._version import __version__
 from histohub.errors import require
-
-if TYPE_CHECKING:
-    from histohub.hub._pretrained import ModelInfo
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -43,19 +38,6 @@ CARD_NAME = "README.md"
 
 #: ResNet's output stride: the last feature map is input_size / 32 pixels wide.
 _RESNET_STRIDE = 32
-
-
-@dataclass(frozen=True)
-class _Described:
-    """What the config and the model card say about the exported weights."""
-
-    name: str
-    arch: str
-    feature_dim: int
-    preprocessing: Preprocessing
-    source_sha256: str | None
-    source_file: str | None
-    entry: ModelEntry | None
 
 
 def export_hf(model: str | os.PathLike, out_dir: str | os.PathLike, *, arch: str | None = None,
@@ -74,7 +56,7 @@ def export_hf(model: str | os.PathLike, out_dir: str | os.PathLike, *, arch: str
     out_dir = Path(out_dir).expanduser().absolute()
     _check_target(out_dir, overwrite=overwrite)
     encoder = load_pretrained(model, arch=arch, progress=progress)
-    described = _describe(os.fspath(model), encoder.histohub_info)
+    described: ModelDescriptor = encoder.histohub_info
     state = {key: tensor.detach().contiguous()
              for key, tensor in encoder.state_dict().items()}
     config = timm_config(described)
@@ -122,7 +104,7 @@ def push(model: str | os.PathLike, repo_id: str, *, private: bool = False,
             commit_message=commit_message or f"Upload {folder.name} (histohub export-hf)")
 
 
-def timm_config(described: _Described) -> dict[str, Any]:
+def timm_config(described: ModelDescriptor) -> dict[str, Any]:
     """The ``config.json`` timm reads (``load_model_config_from_hf`` / ``-from_path``).
 
     ``pretrained_cfg`` keeps to fields of timm's ``PretrainedCfg``; histohub's own
@@ -165,14 +147,14 @@ def timm_config(described: _Described) -> dict[str, Any]:
             "name": described.name,
             "mpp": pre.mpp,
             "mpp_note": pre.mpp_note,
-            "source_file": described.source_file,
-            "source_sha256": described.source_sha256,
+            "source_file": _source_file(described),
+            "source_sha256": described.sha256,
             "histohub_version": __version__,
         },
     }
 
 
-def model_card(described: _Described, *, repo_id: str | None = None) -> str:
+def model_card(described: ModelDescriptor, *, repo_id: str | None = None) -> str:
     """The Hub model card: YAML metadata, then description, details, usage, citation."""
     entry = described.entry
     pre = described.preprocessing
@@ -196,9 +178,9 @@ def model_card(described: _Described, *, repo_id: str | None = None) -> str:
                     f"- **Licence:** {entry.license}"]
     else:
         details.append("- **Licence:** not recorded (exported from a local checkpoint)")
-    if described.source_file:
-        details.append(f"- **Converted from:** `{described.source_file}` "
-                       f"(sha256 `{described.source_sha256}`) by histohub")
+    if described.weights_path:
+        details.append(f"- **Converted from:** `{_source_file(described)}` "
+                       f"(sha256 `{described.sha256}`) by histohub")
     lines = [
         "---",
         "tags:", "- image-feature-extraction", "- timm", "- histopathology", "- histohub",
@@ -246,13 +228,9 @@ def model_card(described: _Described, *, repo_id: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def _describe(model: str, info: ModelInfo) -> _Described:
-    entry = load_manifest().get(model)
-    # Only the file's name: a path would publish the exporting user's directories.
-    source = Path(info.weights_path).name if info.weights_path else None
-    return _Described(name=info.name, arch=info.arch, feature_dim=info.feature_dim,
-                      preprocessing=info.preprocessing, source_sha256=info.sha256,
-                      source_file=source, entry=entry)
+def _source_file(described: ModelDescriptor) -> str | None:
+    """Only the weights file's name: a path would publish the exporting user's folders."""
+    return Path(described.weights_path).name if described.weights_path else None
 
 
 def _hf_license(license: str) -> str:

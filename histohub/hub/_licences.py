@@ -16,11 +16,10 @@ licence and how to accept it) before any request is made. Torch-free.
 from __future__ import annotations
 
 import json
-import os
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 
+from histohub._env import accepted_licences, histohub_home
 from histohub.files import write_text_atomic
 from histohub.hub._schema import ModelEntry
 from histohub.errors import LicenceError
@@ -30,8 +29,6 @@ RECORD_NAME = "accepted_licences.json"
 
 
 def _record_path() -> Path:
-    from histohub.hub._download import histohub_home  # torch-free; _download does not import us
-
     return histohub_home() / RECORD_NAME
 
 
@@ -43,15 +40,11 @@ def _recorded() -> dict[str, dict]:
     return data if isinstance(data, dict) else {}
 
 
-def _from_env() -> set[str]:
-    return {v.strip().lower() for v in re.split(r"[,\s]+", os.environ.get(ENV, "")) if v.strip()}
-
-
 def is_accepted(entry: ModelEntry) -> bool:
     """Whether ``entry`` may be loaded: unrestricted, or its licence accepted (see module)."""
     if not entry.licence.restricted:
         return True
-    names = _from_env()
+    names = accepted_licences()
     if entry.name.lower() in names or entry.license.lower() in names:
         return True
     record = _recorded().get(entry.name)

@@ -4,7 +4,7 @@ Three callers change manifests: ``histohub pin`` (verified sha256 and size of we
 :func:`pin_weights`), training's benchmark ``--record-manifest`` (downstream metrics,
 :func:`record_metrics`) and training's ``export.py`` (a whole new entry,
 :func:`write_manifest_entry`). All three go through :func:`write_manifest_entry`: the entry
-is checked with :func:`~histohub.hub._schema.parse_entry` before a byte is written, other
+is checked with :func:`~histohub.hub._parse.parse_entry` before a byte is written, other
 entries and fields are kept as they are, the file keeps its permissions (and a symlink
 stays a symlink: the file it points to is replaced), and the manifests in use are re-read
 on the next lookup.
@@ -20,7 +20,8 @@ from typing import Any
 
 from histohub.files import write_text_atomic
 from histohub.hub._registry import read_manifest_json, reload_manifests
-from histohub.hub._schema import SCHEMA_VERSION, ModelEntry, check_manifest_header, parse_entry
+from histohub.hub._parse import check_manifest_header, parse_entry
+from histohub.hub._schema import SCHEMA_VERSION, ModelEntry
 from histohub.errors import ManifestError
 
 

@@ -1,46 +1,34 @@
 """``load_pretrained``: a model name (or a local checkpoint) -> an eval-mode encoder.
 
-Where the weights come from (cache, mirror, URL, Hugging Face) is ``_download``'s job;
-how they are read and mapped is ``_checkpoint``'s. This module joins them, and checks the
-manifest's fingerprint (one tensor's L2 norm) on the assembled encoder.
+Which of the two a string is, and what is known of the model before its weights are read,
+is ``_descriptor``'s job (``describe_model``). Where the weights come from (cache, mirror,
+URL, Hugging Face) is ``_fetch``'s job; how they are read and mapped is ``_checkpoint``'s.
+This module joins them, and checks the manifest's fingerprint (one tensor's L2 norm) on the
+assembled encoder.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from histohub.hub._checkpoint import DEFAULT_KEY_MAP, map_state_dict, read_checkpoint
-from histohub.hub._download import fetch_weights, sha256_file
-from histohub.hub._registry import default_model, get_entry, load_manifest
-from histohub.hub._schema import KeyMap, ModelEntry, Preprocessing, WeightsFile
-from histohub.errors import FingerprintError, KeyMappingError, UnknownModelError
+from histohub.hub._fetch import fetch_weights
+from histohub.hub._verify import sha256_file
+from histohub.hub._descriptor import ModelDescriptor, describe_model
+from histohub.hub._registry import default_model
+from histohub.hub._schema import KeyMap, WeightsFile
+from histohub.errors import FingerprintError, KeyMappingError
 from histohub.hub._archs import FEATURE_DIMS, build_encoder, encoder_shapes
 from histohub.hub._licences import check_accepted
 from histohub.hub._zoo_archs import ZOO_ARCHS, build_vit, vit_shapes
 
-logger = logging.getLogger(__name__)
-
 #: The model the packaged manifest marks ``"default": true``.
 DEFAULT_MODEL = default_model()
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a loaded encoder is: attached to it as ``model.histohub_info``."""
-
-    name: str
-    arch: str
-    feature_dim: int
-    sha256: str | None
-    weights_path: str | None
-    preprocessing: Preprocessing | None
 
 
 def load_pretrained(model: str | os.PathLike = DEFAULT_MODEL, *, arch: str | None = None,
@@ -48,68 +36,87 @@ def load_pretrained(model: str | os.PathLike = DEFAULT_MODEL, *, arch: str | Non
                     progress: bool = True, accept_licence: bool = False) -> nn.Module:
     """An eval-mode encoder ``(B, 3, 224, 224) -> (B, feature_dim)`` with verified weights.
 
-    ``model``: a manifest name (``histohub.list_models()``) or a local checkpoint path
-    (safetensors, state dict or Lightning ``.ckpt``); for a path, ``arch`` names the
-    architecture, or is inferred when exactly one architecture fits the keys. An existing
-    file always means the file, even when its name is also a model name (a warning says
-    so). ``pretrained=False`` gives the same architecture randomly initialised.
-    The result carries ``model.histohub_info`` (name, arch, sha256, preprocessing).
-    ``accept_licence``: accept a non-commercial or gated model's licence (remembered in
-    ``HISTOHUB_HOME``; see ``histohub.licences``).
-    Raises FingerprintError when the manifest's fingerprint does not match the weights;
-    LicenceError, before any download, when a restricted licence has not been accepted.
+    Args:
+        model: a manifest name (``histohub.list_models()``) or a local checkpoint path
+            (safetensors, state dict or Lightning ``.ckpt``). An existing file always means
+            the file, even when its name is also a model name (a warning says so); the
+            rule is ``describe_model``'s.
+        arch: for a path, the architecture (None: inferred when exactly one fits the
+            keys); for a name, it must be the manifest's.
+        pretrained: False gives the same architecture randomly initialised (names only).
+        device: where the encoder is placed.
+        progress: show download progress bars.
+        accept_licence: accept a non-commercial or gated model's licence (remembered in
+            ``HISTOHUB_HOME``; see ``histohub.licences``).
+
+    Returns:
+        The encoder in eval mode, carrying ``model.histohub_info``: its ``ModelDescriptor``
+        (name, arch, feature_dim, sha256 and path of the weights read, preprocessing).
+
+    Raises:
+        UnknownModelError: neither a file nor a known name (close names listed).
+        InputNotFoundError: a checkpoint path that is missing or a folder.
+        FingerprintError: the manifest's fingerprint does not match the weights.
+        LicenceError: before any download, a restricted licence has not been accepted.
     """
-    name = os.fspath(model)
-    entries = load_manifest()
-    path = Path(name).expanduser()
-    if path.is_file():
-        if name in entries:
-            logger.warning("%r is both a model name and the file %s; loading the file (pass "
-                           "another path to the file, or move it, to load the model)",
-                           name, path.resolve())
-        encoder, info = _from_path(path, arch=arch, pretrained=pretrained)
-    elif name in entries:
-        entry = entries[name]
-        if arch is not None and arch != entry.arch:
-            raise ValueError(f"{name!r} is a {entry.arch}; drop arch={arch!r} or pass "
-                             f"arch={entry.arch!r}")
-        if pretrained:
-            check_accepted(entry, accept_now=accept_licence)
-        encoder, info = _from_entry(entry, pretrained=pretrained, progress=progress)
-    else:
-        raise UnknownModelError(name, entries)
-    encoder.histohub_info = info
+    described = describe_model(model, arch=arch)
+    encoder = load_described(described, pretrained=pretrained, progress=progress,
+                             accept_licence=accept_licence)
     return encoder.to(device).eval()
 
 
-def _from_entry(entry: ModelEntry, *, pretrained: bool, progress: bool):
+def load_described(described: ModelDescriptor, *, pretrained: bool = True,
+                   progress: bool = True, accept_licence: bool = False) -> nn.Module:
+    """The encoder ``described`` (``describe_model``'s result), its ``histohub_info`` the
+    descriptor with the weights' architecture, sha256 and file filled in. A manifest
+    model's licence is checked (``check_accepted``) before any download."""
     if not pretrained:
-        info = ModelInfo(entry.name, entry.arch, entry.feature_dim, None, None,
-                         entry.preprocessing)
-        return _build(entry.arch, entry.pooling), info
+        if described.is_file:
+            raise ValueError("pretrained=False with a checkpoint path makes no sense; pass a "
+                             "model name or an architecture name instead")
+        encoder = _build(described.arch, described.entry.pooling)
+        info = replace(described, sha256=None, weights_path=None)  # random weights
+    else:
+        info, state, file = read_weights(described, progress=progress,
+                                         accept_licence=accept_licence)
+        pooling = described.entry.pooling if described.entry is not None else None
+        encoder = _assemble(info.arch, state, pooling=pooling)
+        if file is not None:
+            _check_fingerprint(info.name, file, encoder)
+    encoder.histohub_info = info
+    return encoder
+
+
+def read_weights(described: ModelDescriptor, *, progress: bool = True,
+                 accept_licence: bool = False
+                 ) -> tuple[ModelDescriptor, dict[str, torch.Tensor], WeightsFile | None]:
+    """Read the weights ``described`` (for a name: its licence checked, then fetched and
+    verified) and map their keys.
+
+    Returns:
+        The descriptor filled in (``loaded``: architecture, sha256, weights path), the
+        backbone's tensors by ``state_dict`` key, and the manifest's ``WeightsFile`` read
+        (None for a checkpoint file).
+    """
+    if described.entry is None:
+        checkpoint = read_checkpoint(described.file)
+        archs = [described.arch] if described.arch else None
+        arch, state = fit_architecture(checkpoint, archs=archs, what=str(described.file))
+        info = described.loaded(arch=arch, sha256=sha256_file(described.file),
+                                weights_path=str(described.file))
+        return info, state, None
+    entry = described.entry
+    check_accepted(entry, accept_now=accept_licence)   # before any request
     fetched = fetch_weights(entry, progress=progress)
     checkpoint = read_checkpoint(fetched.path, format=fetched.file.format)
     if entry.is_zoo:
-        state = map_state_dict(checkpoint, fetched.file.key_map, vit_shapes(entry.arch))
+        arch = entry.arch
+        state = map_state_dict(checkpoint, fetched.file.key_map, vit_shapes(arch))
     else:
-        _, state = fit_architecture(checkpoint, key_map=fetched.file.key_map,
-                                    archs=[entry.arch])
-    encoder = _assemble(entry.arch, state, pooling=entry.pooling)
-    _check_fingerprint(entry.name, fetched.file, encoder)
-    info = ModelInfo(entry.name, entry.arch, entry.feature_dim, fetched.sha256,
-                     str(fetched.path), entry.preprocessing)
-    return encoder, info
-
-
-def _from_path(path: Path, *, arch: str | None, pretrained: bool):
-    if not pretrained:
-        raise ValueError("pretrained=False with a checkpoint path makes no sense; pass a "
-                         "model name or an architecture name instead")
-    checkpoint = read_checkpoint(path)
-    arch, state = fit_architecture(checkpoint, archs=[arch] if arch else None, what=str(path))
-    info = ModelInfo(path.stem, arch, FEATURE_DIMS[arch], sha256_file(path), str(path),
-                     _default_preprocessing())
-    return _assemble(arch, state), info
+        arch, state = fit_architecture(checkpoint, key_map=fetched.file.key_map,
+                                       archs=[entry.arch])
+    info = described.loaded(arch=arch, sha256=fetched.sha256, weights_path=str(fetched.path))
+    return info, state, fetched.file
 
 
 def fit_architecture(checkpoint: Mapping, *, key_map: KeyMap = DEFAULT_KEY_MAP,
@@ -179,8 +186,3 @@ def _check_fingerprint(name: str, file: WeightsFile, encoder: nn.Module) -> None
         f"{': ' + fingerprint.note if fingerprint.note else ''}) for {file.filename}. "
         "Either the file is not the released one, or the key map fills the wrong tensors. "
         "If the file and key map are right, correct the fingerprint in the manifest.")
-
-
-def _default_preprocessing() -> Preprocessing:
-    """Local checkpoints are assumed to follow the paper's preprocessing (resnet18-ssl's)."""
-    return get_entry(DEFAULT_MODEL).preprocessing

@@ -1,13 +1,12 @@
-"""Credentials never leave the process: the one redaction every printer and writer uses.
+"""Credentials in URLs, kept out of everything histohub writes or shows.
 
-A source URL may hold ``user:password@`` (a private mirror); it is used to connect
-(``histohub._download``) and nowhere else. What shows or stores a source takes
-``Source.public_url`` / ``Source.describe()`` (``redact``ed); logs pass through
-``RedactingFilter`` (installed on the command line's handlers); the command line's error
-line and ``histohub export-hf``'s files (and so ``histohub push``'s upload) are redacted
-as a whole before they are printed or written.
-
-Torch-free and download-free: the manifest readers import it.
+A source URL may carry credentials (``https://user:password@host/...``): they are used to
+connect but never written to a cache record nor shown in a message, log line or progress
+bar. Every label, record and message of the hub wing that names a URL passes through
+``redact``, defined here once; so do ``Source.describe()`` / ``public_url``, ``export-hf``'s
+files (and so ``push``'s upload), the command line's error line, and every log line the
+command line writes (``RedactingFilter`` on its handlers, which also keeps each log record
+to one line: a newline in a file name cannot forge log lines).
 """
 
 from __future__ import annotations

@@ -17,7 +17,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from histohub.hub._schema import PACKAGE_DIR, ModelEntry, check_manifest_header, parse_entry
+from histohub._env import manifest_files
+from histohub.hub._parse import check_manifest_header, parse_entry
+from histohub.hub._schema import PACKAGE_DIR, ModelEntry
 from histohub.errors import ManifestError, UnknownModelError
 
 MANIFEST_PATH = PACKAGE_DIR / "weights_manifest.json"
@@ -93,8 +95,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, ModelEntry]:
 
 def manifest_paths() -> list[Path]:
     """The packaged manifest, then each file in ``HISTOHUB_MANIFEST`` (os.pathsep-separated)."""
-    extra = os.environ.get("HISTOHUB_MANIFEST", "")
-    return [MANIFEST_PATH] + [Path(p).expanduser() for p in extra.split(os.pathsep) if p]
+    return [MANIFEST_PATH, *manifest_files()]
 
 
 @functools.lru_cache(maxsize=8)

@@ -2,8 +2,9 @@
 batch after batch.
 
 - ``resolve_model``: an ``nn.Module`` (used as is) or a manifest name / checkpoint path ->
-  the model and its ``ModelSpec`` (name, architecture, weights' sha256, preprocessing).
-- ``local_model_spec``: the ``ModelSpec`` of a model whose weights are already on this
+  the model and its ``ModelDescriptor`` (name, architecture, weights' sha256,
+  preprocessing; ``_descriptor``).
+- ``local_model_spec``: the descriptor of a model whose weights are already on this
   machine (a checkpoint file, a bundled or cached model), known before they are read, so
   slides can be tiled while the weights load.
 - ``ModelRunner``: eval, channels_last, optional autocast and ``torch.compile``; normalised
@@ -31,14 +32,16 @@ import sys
 import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from histohub._env import mallopt_enabled
 from histohub._limits import max_batch_size
 from histohub.errors import HistohubError, check_option
+from histohub.hub._descriptor import ModelDescriptor, describe_model, describe_module
 
 if TYPE_CHECKING:
     from histohub.hub._schema import Preprocessing
@@ -62,70 +65,51 @@ MODEL_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the pipeline needs to know about a model besides its weights."""
-
-    name: str
-    arch: str
-    sha256: str
-    feature_dim: int | None
-    preprocessing: Preprocessing
-
-
-def resolve_model(model_or_name: nn.Module | str | os.PathLike, *, device: torch.device,
-                  progress: bool) -> tuple[nn.Module, ModelSpec]:
-    """A module (used as is) or a manifest name / checkpoint path (``load_pretrained``)."""
-    from histohub.hub._pretrained import _default_preprocessing, load_pretrained
+def resolve_model(model_or_name: nn.Module | str | os.PathLike | ModelDescriptor, *,
+                  device: torch.device, progress: bool) -> tuple[nn.Module, ModelDescriptor]:
+    """A module (used as is), a manifest name / checkpoint path (``load_pretrained``) or a
+    descriptor (``describe_model``'s, loaded) -> the model and its ``ModelDescriptor``."""
+    from histohub.hub._pretrained import load_described, load_pretrained
 
     if isinstance(model_or_name, nn.Module):
         model = model_or_name
+    elif isinstance(model_or_name, ModelDescriptor):
+        model = load_described(model_or_name, progress=progress).to(device).eval()
     else:
         model = load_pretrained(model_or_name, device=device, progress=progress)
-    info = getattr(model, "histohub_info", None)
-    if info is None:
-        spec = ModelSpec(type(model).__name__, "", "", None, _default_preprocessing())
-    else:
-        spec = ModelSpec(info.name, info.arch, info.sha256 or "", info.feature_dim,
-                         info.preprocessing or _default_preprocessing())
-    return model, spec
+    return model, describe_module(model)
 
 
-def local_model_spec(model_or_name: nn.Module | str | os.PathLike) -> ModelSpec | None:
-    """The spec of a model whose weights are here, known before they are read: a
-    checkpoint file (an existing file always means the file; its first bytes are checked
-    now, so a file that is no checkpoint is refused at once), or a manifest model bundled
-    in the package or cached and verified (from the manifest alone). None for a module, an
-    unknown name or weights still to download: those are resolved now, so their errors
-    come first.
+def local_model_spec(model_or_name: nn.Module | str | os.PathLike) -> ModelDescriptor | None:
+    """The descriptor of a model whose weights are here, known before they are read: a
+    checkpoint file (its first bytes are checked now, so a file that is no checkpoint is
+    refused at once), or a manifest model bundled in the package or cached and verified
+    (from the manifest alone). None for a module, an unknown name or weights still to
+    download: those are resolved now, so their errors come first. Name or file is decided
+    by ``describe_model``.
 
-    ``sha256`` is the pinned hash of the file the load is expected to use ("" for a
-    checkpoint file, and ``arch`` and ``feature_dim`` unknown until it is read);
-    ``resolve_model`` gives the authoritative spec once the weights are loaded.
+    ``sha256`` is the pinned hash of the file the load is expected to use (None for a
+    checkpoint file, whose ``arch`` and ``feature_dim`` are unknown until it is read);
+    ``resolve_model`` gives the authoritative descriptor once the weights are loaded.
     """
-    from pathlib import Path
-
     from histohub.hub._checkpoint import sniff_format
-    from histohub.hub._download import cache_status
-    from histohub.hub._registry import load_manifest
-    from histohub.hub._pretrained import _default_preprocessing
+    from histohub.hub._cache import cache_status
+    from histohub.errors import UnknownModelError
 
     if isinstance(model_or_name, nn.Module):
         return None
-    name = os.fspath(model_or_name)
-    path = Path(name).expanduser()
-    if path.is_file():
-        sniff_format(path)
-        return ModelSpec(path.stem, "", "", None, _default_preprocessing())
-    entry = load_manifest().get(name)
-    if entry is None:
+    try:
+        described = describe_model(model_or_name)
+    except UnknownModelError:
         return None
-    for file in entry.weights:
+    if described.file is not None:
+        sniff_format(described.file)
+        return described
+    for file in described.entry.weights:
         bundled = any(s.package_path is not None and s.package_path.is_file()
                       for s in file.sources)
         if bundled or cache_status(file) == "verified":
-            return ModelSpec(entry.name, entry.arch, file.sha256 or "", entry.feature_dim,
-                             entry.preprocessing or _default_preprocessing())
+            return replace(described, sha256=file.sha256)
     return None
 
 
@@ -302,7 +286,7 @@ def tune_allocator() -> bool:
     if _ALLOCATOR_TUNED is not None:
         return _ALLOCATOR_TUNED
     _ALLOCATOR_TUNED = False
-    if os.environ.get("HISTOHUB_MALLOPT", "1") in ("0", "false", "no", "off"):
+    if not mallopt_enabled():
         return False
     if not sys.platform.startswith("linux"):
         return False

@@ -101,9 +101,9 @@ class SlideExtractor:
         # weights already here (a checkpoint file, a bundled or a cached and verified model)
         # load while the first slide is tiled; a download happens now, so a failed one is
         # reported before any slide is touched
-        self._model_source = model_or_name
         self._model: nn.Module | None = None
         spec = local_model_spec(model_or_name)
+        self._model_source = spec  # loaded as described: name or file is decided once
         if spec is None:
             self._model, spec = resolve_model(model_or_name, device=device, progress=progress)
         self.spec = spec
@@ -322,7 +322,7 @@ class SlideExtractor:
             result.warnings.append(message)
         feature_dim = self._feature_dim_now()
         attrs = _h5.feature_attrs(prepared.request, grid, names=name_attrs(job),
-                                  model_sha256=self.spec.sha256, feature_dim=feature_dim,
+                                  model_sha256=self.spec.sha256 or "", feature_dim=feature_dim,
                                   n_tissue=prepared.n_tissue, max_patches=tiling.max_patches)
         prepared.writer = FeatureWriter(
             job.output, attrs=attrs, feature_dim=feature_dim,

@@ -46,6 +46,8 @@ from collections.abc import Callable, Hashable
 
 import numpy as np
 
+from histohub._env import jpeg_tiles_enabled
+
 try:  # with this module (25 ms beside numpy), not in the thread that tiles a slide
     import imagecodecs
     import tifffile
@@ -256,7 +258,7 @@ def open_jpeg_level(path: str | os.PathLike, vendor: str | None,
     """The level of ``size`` (w, h) of the slide at ``path`` (OpenSlide ``vendor``) for
     ``JpegTileLevel`` reads, or None when it is not one they handle (see the module)."""
     if not hasattr(os, "pread") or vendor not in VENDORS or \
-            os.environ.get("HISTOHUB_JPEG_TILES", "1") in ("0", "false", "no", "off"):
+            not jpeg_tiles_enabled():
         return None
     if imagecodecs is None:
         _say_no_decoder()

@@ -16,7 +16,7 @@ from histohub.featurefile import _layout as _h5
 from histohub.featurefile._writer import FeatureWriter
 from histohub.errors import HistohubError
 from histohub.slides._preview import preview as draw_preview
-from histohub.hub._runner import ModelSpec
+from histohub.hub._descriptor import ModelDescriptor
 from histohub.slides._jobs import SlideJob, SlideResult, Tiling
 from histohub.slides._names import given_path, resolved_path
 from histohub.slides._stream import Batch
@@ -111,7 +111,7 @@ def name_attrs(job: SlideJob) -> dict[str, str]:
     return names
 
 
-def request_attrs(spec: ModelSpec, fingerprint: str, slide, tiling: Tiling, target_mpp: float,
+def request_attrs(spec: ModelDescriptor, fingerprint: str, slide, tiling: Tiling, target_mpp: float,
                   *, roi: str = "", coords_from: str = "") -> dict[str, Any]:
     """The ``REQUEST_ATTRS`` of this call, known without tiling the slide (``roi``,
     ``coords_from``: digests of the ROI and of the coordinates file, "" without)."""
@@ -121,7 +121,7 @@ def request_attrs(spec: ModelSpec, fingerprint: str, slide, tiling: Tiling, targ
     size, slide_digest = slide_fingerprint(slide.path)
     mpp = tiling.mpp
     return {
-        "model_name": spec.name, "arch": spec.arch, "model_fingerprint": fingerprint,
+        "model_name": spec.name, "arch": spec.arch or "", "model_fingerprint": fingerprint,
         "norm_mean": tuple(float(v) for v in pre.mean),
         "norm_std": tuple(float(v) for v in pre.std), "interpolation": pre.interpolation,
         "slide_size": size, "slide_fingerprint": slide_digest,

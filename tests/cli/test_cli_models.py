@@ -11,7 +11,7 @@ import torch
 from _servers import weights_file
 
 import histohub
-from histohub.hub import _download as _download
+from histohub.hub import _cache
 from histohub.hub._registry import get_entry
 from histohub.cli import main
 
@@ -27,7 +27,7 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 def _cached(name: str, index: int = 0):
     """Where the cache keeps weights file ``index`` of model ``name``."""
-    return _download.cached_path(get_entry(name).weights[index])
+    return _cache.cached_path(get_entry(name).weights[index])
 
 
 @pytest.fixture
@@ -106,7 +106,7 @@ def test_download_all_files_fills_a_mirror_folder(capsys, file_server, make_mani
     assert run(capsys, "download", "-q", "--all-files", "two-files")[0] == 0
     assert _cached("two-files", 1).read_bytes() == UNPINNED
     # The cache's weights/ folder works as HISTOHUB_MIRROR for an offline machine.
-    mirror = _download.weights_dir()
+    mirror = _cache.weights_dir()
     monkeypatch.setenv("HISTOHUB_HOME", str(mirror.parent.parent / "offline-machine"))
     monkeypatch.setenv("HISTOHUB_MIRROR", str(mirror))
     monkeypatch.setenv("HISTOHUB_OFFLINE", "1")

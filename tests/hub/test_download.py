@@ -18,7 +18,8 @@ import torch
 from _servers import fetch_in_subprocess, weights_file
 
 import histohub
-from histohub.hub import _download, _schema
+from histohub import _env
+from histohub.hub import _cache, _fetch, _schema
 from histohub.hub._registry import get_entry
 from histohub.errors import (CheckpointError, ChecksumError, DownloadError, FingerprintError,
                              LockTimeoutError, OfflineError)
@@ -40,7 +41,7 @@ def _entry_with(make_manifest, *files: dict, name: str = NAME):
 
 def _cache_files() -> list[str]:
     """Names of every file anywhere under the weights cache."""
-    folder = _download.weights_dir()
+    folder = _cache.weights_dir()
     return sorted(p.name for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
 
 
@@ -72,8 +73,8 @@ def test_good_download_gives_torchvision_features(file_server, make_manifest, li
         torch.testing.assert_close(model(x), torchvision_features(x), rtol=0, atol=0)
     assert not model.training
     assert model.histohub_info.sha256 == hashlib.sha256(data).hexdigest()
-    cached = _download.cached_path(entry.weights[0])
-    assert cached.parent.parent == _download.weights_dir()
+    cached = _cache.cached_path(entry.weights[0])
+    assert cached.parent.parent == _cache.weights_dir()
     assert Path(model.histohub_info.weights_path) == cached
     assert cached.read_bytes() == data
     assert len(file_server.gets()) == 1
@@ -124,7 +125,7 @@ def test_corrupted_download_raises_with_both_hashes_and_leaves_cache_clean(
     entry = _entry_with(make_manifest, weights_file("model.bin", [{"url": url}], data=PAYLOAD))
 
     with pytest.raises(ChecksumError) as caught:
-        _download.fetch_weights(entry, progress=False)
+        _fetch.fetch_weights(entry, progress=False)
 
     message = str(caught.value)
     assert hashlib.sha256(PAYLOAD).hexdigest() in message
@@ -137,14 +138,14 @@ def test_valid_cache_hit_makes_no_request_and_does_not_rehash(file_server, make_
                                                               monkeypatch):
     url = _served(file_server, "/w/model.bin", PAYLOAD)
     entry = _entry_with(make_manifest, weights_file("model.bin", [{"url": url}], data=PAYLOAD))
-    first = _download.fetch_weights(entry, progress=False)
+    first = _fetch.fetch_weights(entry, progress=False)
     requests_before = len(file_server.requests)
 
     def no_hashing(path, **kwargs):
         raise AssertionError("a warm cache hit must not re-hash the file")
 
-    monkeypatch.setattr(_download, "sha256_file", no_hashing)
-    second = _download.fetch_weights(entry, progress=False)
+    monkeypatch.setattr(_cache, "sha256_file", no_hashing)  # where cache hits hash
+    second = _fetch.fetch_weights(entry, progress=False)
 
     assert second == first
     assert len(file_server.requests) == requests_before
@@ -155,7 +156,7 @@ def test_corrupted_cache_file_is_detected_and_fetched_again(file_server, make_ma
                                                              keep_mtime):
     url = _served(file_server, "/w/model.bin", PAYLOAD)
     entry = _entry_with(make_manifest, weights_file("model.bin", [{"url": url}], data=PAYLOAD))
-    path = _download.fetch_weights(entry, progress=False).path
+    path = _fetch.fetch_weights(entry, progress=False).path
     stat = path.stat()
     with open(path, "r+b") as handle:  # same size, one byte changed in place
         handle.seek(5000)
@@ -163,7 +164,7 @@ def test_corrupted_cache_file_is_detected_and_fetched_again(file_server, make_ma
     if keep_mtime:  # ctime still moves, so the record no longer matches
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
-    fetched = _download.fetch_weights(entry, progress=False)
+    fetched = _fetch.fetch_weights(entry, progress=False)
 
     assert fetched.path.read_bytes() == PAYLOAD
     assert len(file_server.gets()) == 2
@@ -175,7 +176,7 @@ def test_truncated_cached_checkpoint_is_fetched_again_when_pinned(
     url = _served(file_server, "/t/tenpercent_resnet18.ckpt", data)
     entry = _entry_with(make_manifest, weights_file("tenpercent_resnet18.ckpt", [{"url": url}],
                                                     data=data, format="lightning"))
-    cached = _download.cached_path(entry.weights[0])
+    cached = _cache.cached_path(entry.weights[0])
     cached.parent.mkdir(parents=True)
     cached.write_bytes(data[: len(data) // 2])
 
@@ -205,9 +206,9 @@ def test_unpinned_entry_records_hash_warns_once_and_rejects_tampering(
     entry = _entry_with(make_manifest, weights_file("model.bin", [{"url": url}]))
     digest = hashlib.sha256(PAYLOAD).hexdigest()
 
-    with caplog.at_level(logging.WARNING, logger="histohub.hub._download"):
-        first = _download.fetch_weights(entry, progress=False)
-        _download.fetch_weights(entry, progress=False)
+    with caplog.at_level(logging.WARNING, logger="histohub.hub._fetch"):
+        first = _fetch.fetch_weights(entry, progress=False)
+        _fetch.fetch_weights(entry, progress=False)
     warnings = [r for r in caplog.records if "no sha256 pinned" in r.getMessage()]
     assert len(warnings) == 1 and f"histohub pin {NAME}" in warnings[0].getMessage()
     record = json.loads((first.path.parent / "model.bin.json").read_text())
@@ -215,14 +216,14 @@ def test_unpinned_entry_records_hash_warns_once_and_rejects_tampering(
 
     # The cached copy is tampered with: detected against the record, fetched again.
     first.path.write_bytes(PAYLOAD[:-10] + b"tampered!!")
-    assert _download.fetch_weights(entry, progress=False).path.read_bytes() == PAYLOAD
+    assert _fetch.fetch_weights(entry, progress=False).path.read_bytes() == PAYLOAD
     assert len(file_server.gets()) == 2
 
     # Upstream now serves other bytes: they do not match the first download's record.
     first.path.unlink()
     file_server.files["/w/model.bin"] = b"other bytes entirely"
     with pytest.raises(ChecksumError, match="recorded on first download") as caught:
-        _download.fetch_weights(entry, progress=False)
+        _fetch.fetch_weights(entry, progress=False)
     assert digest in str(caught.value)
     assert not first.path.exists()
 
@@ -234,11 +235,11 @@ def test_unpinned_download_that_is_not_a_checkpoint_is_not_trusted(file_server,
     entry = _entry_with(make_manifest, weights_file("model.bin", [{"url": url}]))
 
     with pytest.raises(DownloadError, match="login page"):
-        _download.fetch_weights(entry, progress=False)
+        _fetch.fetch_weights(entry, progress=False)
     assert [n for n in _cache_files() if not n.endswith(".lock")] == []  # no record either
 
     file_server.files["/w/model.bin"] = PAYLOAD  # the real file later: accepted
-    assert _download.fetch_weights(entry, progress=False).path.read_bytes() == PAYLOAD
+    assert _fetch.fetch_weights(entry, progress=False).path.read_bytes() == PAYLOAD
 
 
 # --------------------------------------------------------------------------- offline
@@ -250,11 +251,11 @@ def test_offline_and_not_cached_says_how_to_prefetch(file_server, make_manifest,
     monkeypatch.setenv("HISTOHUB_OFFLINE", "1")
 
     with pytest.raises(OfflineError) as caught:
-        _download.fetch_weights(entry, progress=False)
+        _fetch.fetch_weights(entry, progress=False)
 
     message = str(caught.value)
     assert f"histohub download {NAME}" in message and "HISTOHUB_MIRROR" in message
-    assert "model.bin" in message and str(_download.histohub_home()) in message
+    assert "model.bin" in message and str(_env.histohub_home()) in message
     assert isinstance(caught.value, FileNotFoundError)
     assert file_server.requests == []
 
@@ -269,9 +270,9 @@ def test_offline_uses_cache_and_local_mirror_folder(file_server, make_manifest, 
     monkeypatch.setenv("HISTOHUB_OFFLINE", "1")
     monkeypatch.setenv("HISTOHUB_MIRROR", str(mirror))
 
-    assert _download.fetch_weights(entry, progress=False).path.read_bytes() == PAYLOAD
+    assert _fetch.fetch_weights(entry, progress=False).path.read_bytes() == PAYLOAD
     monkeypatch.delenv("HISTOHUB_MIRROR")
-    assert _download.fetch_weights(entry, progress=False).path.read_bytes() == PAYLOAD
+    assert _fetch.fetch_weights(entry, progress=False).path.read_bytes() == PAYLOAD
     assert file_server.requests == []
 
 
@@ -285,7 +286,7 @@ def test_mirror_url_prefix_is_tried_before_upstream(file_server, make_manifest, 
     entry = _entry_with(make_manifest, weights_file("model.bin", [{"url": url}], data=PAYLOAD))
     with FileServer({"/hospital/weights/model.bin": PAYLOAD}) as mirror:
         monkeypatch.setenv("HISTOHUB_MIRROR", mirror.url + "/hospital/weights/")
-        fetched = _download.fetch_weights(entry, progress=False)
+        fetched = _fetch.fetch_weights(entry, progress=False)
         assert [r.path for r in mirror.gets()] == ["/hospital/weights/model.bin"]
     assert fetched.path.read_bytes() == PAYLOAD
     assert file_server.requests == []
@@ -297,7 +298,7 @@ def test_mirror_folder_without_the_file_falls_back_to_upstream(file_server, make
     entry = _entry_with(make_manifest, weights_file("model.bin", [{"url": url}], data=PAYLOAD))
     monkeypatch.setenv("HISTOHUB_MIRROR", str(tmp_path))  # exists, but holds no model.bin
 
-    assert _download.fetch_weights(entry, progress=False).path.read_bytes() == PAYLOAD
+    assert _fetch.fetch_weights(entry, progress=False).path.read_bytes() == PAYLOAD
     assert len(file_server.gets()) == 1
 
 
@@ -309,7 +310,7 @@ def test_interrupted_download_resumes_with_range(file_server, make_manifest):
     entry = _entry_with(make_manifest, weights_file("model.bin", [{"url": url}], data=PAYLOAD))
     file_server.drop_next(len(PAYLOAD) // 2)
 
-    fetched = _download.fetch_weights(entry, progress=False)
+    fetched = _fetch.fetch_weights(entry, progress=False)
 
     assert fetched.path.read_bytes() == PAYLOAD
     first, second = file_server.gets()
@@ -325,7 +326,7 @@ def test_interrupted_download_restarts_cleanly_without_range_support(file_server
     file_server.ranges = False
     file_server.drop_next(len(PAYLOAD) // 3)
 
-    fetched = _download.fetch_weights(entry, progress=False)
+    fetched = _fetch.fetch_weights(entry, progress=False)
 
     assert fetched.path.read_bytes() == PAYLOAD
     assert 0 < _range_start(file_server.gets()[1]) <= len(PAYLOAD) // 3  # asked, got 200
@@ -338,10 +339,10 @@ def test_partial_file_is_kept_after_giving_up_and_resumed_next_time(file_server,
     file_server.drop_next(100_000, 0, 0)  # every try of the first call fails
 
     with pytest.raises(DownloadError, match="gave up after 3 tries"):
-        _download.fetch_weights(entry, progress=False)
+        _fetch.fetch_weights(entry, progress=False)
     assert [n for n in _cache_files() if n.endswith(".part")]
 
-    assert _download.fetch_weights(entry, progress=False).path.read_bytes() == PAYLOAD
+    assert _fetch.fetch_weights(entry, progress=False).path.read_bytes() == PAYLOAD
     assert 0 < _range_start(file_server.gets()[-1]) <= 100_000
 
 
@@ -349,13 +350,13 @@ def test_transient_errors_are_retried_and_client_errors_are_not(file_server, mak
     url = _served(file_server, "/w/model.bin", PAYLOAD)
     entry = _entry_with(make_manifest, weights_file("model.bin", [{"url": url}], data=PAYLOAD))
     file_server.fail_next(503, 429)
-    assert _download.fetch_weights(entry, progress=False).path.read_bytes() == PAYLOAD
+    assert _fetch.fetch_weights(entry, progress=False).path.read_bytes() == PAYLOAD
     assert len(file_server.gets()) == 3
 
     missing = _entry_with(make_manifest, weights_file(
         "gone.bin", [{"url": file_server.url + "/gone.bin"}], data=PAYLOAD), name="gone")
     with pytest.raises(DownloadError, match="HTTP 404") as caught:
-        _download.fetch_weights(missing, progress=False)
+        _fetch.fetch_weights(missing, progress=False)
     assert len(file_server.gets("/gone.bin")) == 1
     assert "histohub download gone" in str(caught.value)
 
@@ -369,7 +370,7 @@ def test_every_failed_source_is_listed(file_server, make_manifest):
     file_server.fail_next(500, 500, 500)
 
     with pytest.raises(DownloadError) as caught:
-        _download.fetch_weights(entry, progress=False)
+        _fetch.fetch_weights(entry, progress=False)
 
     message = str(caught.value)
     for path in ("/a1.bin", "/a2.bin", "/b.bin"):
@@ -410,9 +411,9 @@ def test_hugging_face_source_through_the_real_client(hub_server, make_manifest, 
     source = {"repo_id": "histo/test-model", "filename": "model.bin", "revision": REVISION}
     entry = _entry_with(make_manifest, weights_file("model.bin", [source], data=PAYLOAD))
 
-    fetched = _download.fetch_weights(entry, progress=False)
+    fetched = _fetch.fetch_weights(entry, progress=False)
 
-    assert fetched.path == _download.cached_path(entry.weights[0])
+    assert fetched.path == _cache.cached_path(entry.weights[0])
     assert fetched.path.read_bytes() == PAYLOAD
     path = f"/histo/test-model/resolve/{REVISION}/model.bin"
     assert {(r.method, r.path) for r in hub_server.requests} == {("HEAD", path), ("GET", path)}
@@ -421,7 +422,7 @@ def test_hugging_face_source_through_the_real_client(hub_server, make_manifest, 
     fetched.path.unlink()
     hub_server.requests.clear()
     monkeypatch.setenv("HISTOHUB_OFFLINE", "1")
-    assert _download.fetch_weights(entry, progress=False).path.read_bytes() == PAYLOAD
+    assert _fetch.fetch_weights(entry, progress=False).path.read_bytes() == PAYLOAD
     assert hub_server.requests == []
 
 
@@ -432,8 +433,8 @@ def test_hugging_face_file_with_wrong_hash_is_refused(hub_server, make_manifest,
     entry = _entry_with(make_manifest, weights_file("model.bin", [source], data=PAYLOAD))
 
     with pytest.raises(ChecksumError, match=hashlib.sha256(PAYLOAD).hexdigest()):
-        _download.fetch_weights(entry, progress=False)
-    assert not _download.cached_path(entry.weights[0]).exists()
+        _fetch.fetch_weights(entry, progress=False)
+    assert not _cache.cached_path(entry.weights[0]).exists()
 
 
 # --------------------------------------------------------------------------- cache identity
@@ -446,11 +447,11 @@ def test_an_extra_manifest_cannot_plant_weights_for_a_shipped_model(file_server,
     url = _served(file_server, "/planted/pytorchnative_tenpercent_resnet18.ckpt", PAYLOAD)
     planted = _entry_with(make_manifest, weights_file(
         "pytorchnative_tenpercent_resnet18.ckpt", [{"url": url}]))
-    assert _download.fetch_weights(planted, progress=False).path.read_bytes() == PAYLOAD
+    assert _fetch.fetch_weights(planted, progress=False).path.read_bytes() == PAYLOAD
     monkeypatch.setenv("HISTOHUB_OFFLINE", "1")
 
     with pytest.raises(OfflineError):
-        _download.fetch_weights(get_entry("resnet18-ssl"), progress=False)
+        _fetch.fetch_weights(get_entry("resnet18-ssl"), progress=False)
 
 
 @pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "unpinned"])
@@ -462,19 +463,19 @@ def test_two_entries_with_the_same_file_name_keep_their_own_bytes(file_server, m
                                           data=PAYLOAD if pinned else None)],
                    "org-b": [weights_file("model.bin", [{"url": b_url}],
                                           data=OTHER if pinned else None)]})
-    a = _download.fetch_weights(get_entry("org-a"), progress=False)
-    b = _download.fetch_weights(get_entry("org-b"), progress=False)
+    a = _fetch.fetch_weights(get_entry("org-a"), progress=False)
+    b = _fetch.fetch_weights(get_entry("org-b"), progress=False)
     assert a.path != b.path and a.path.name == b.path.name == "model.bin"
 
     monkeypatch.setenv("HISTOHUB_OFFLINE", "1")
-    assert _download.fetch_weights(get_entry("org-a"), progress=False).path.read_bytes() == PAYLOAD
-    assert _download.fetch_weights(get_entry("org-b"), progress=False).path.read_bytes() == OTHER
+    assert _fetch.fetch_weights(get_entry("org-a"), progress=False).path.read_bytes() == PAYLOAD
+    assert _fetch.fetch_weights(get_entry("org-b"), progress=False).path.read_bytes() == OTHER
     assert len(file_server.gets()) == 2
 
 
 def _legacy(data: bytes, source: str | None) -> Path:
     """A file in the flat cache layout of earlier versions (``weights/<filename>``)."""
-    path = _download.weights_dir() / "model.bin"
+    path = _cache.weights_dir() / "model.bin"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     if source is not None:
@@ -492,23 +493,23 @@ def test_flat_cache_of_earlier_versions_is_moved_in_when_it_verifies(file_server
     pinned = _entry_with(make_manifest, weights_file("model.bin", [{"url": url}], data=PAYLOAD))
     legacy = _legacy(PAYLOAD, source=None)
 
-    fetched = _download.fetch_weights(pinned, progress=False)  # the manifest's hash matches
+    fetched = _fetch.fetch_weights(pinned, progress=False)  # the manifest's hash matches
 
-    assert fetched.path == _download.cached_path(pinned.weights[0]) != legacy
+    assert fetched.path == _cache.cached_path(pinned.weights[0]) != legacy
     assert fetched.path.read_bytes() == PAYLOAD and not legacy.exists()
 
     v_url = file_server.url + "/v/model.bin"
     unpinned = _entry_with(make_manifest, weights_file("model.bin", [{"url": v_url}]),
                            name="unpinned")
     legacy = _legacy(OTHER, source=v_url)  # recorded as downloaded from this entry's source
-    assert _download.fetch_weights(unpinned, progress=False).path.read_bytes() == OTHER
+    assert _fetch.fetch_weights(unpinned, progress=False).path.read_bytes() == OTHER
     assert not legacy.exists()
 
     other = _entry_with(make_manifest, weights_file(
         "model.bin", [{"url": file_server.url + "/elsewhere/model.bin"}]), name="other")
     legacy = _legacy(OTHER, source=v_url)  # another entry's download: no evidence for this one
     with pytest.raises(OfflineError):
-        _download.fetch_weights(other, progress=False)
+        _fetch.fetch_weights(other, progress=False)
     assert legacy.read_bytes() == OTHER  # left for the entry it belongs to
     assert file_server.requests == []
 
@@ -525,7 +526,7 @@ def test_reported_sha256_verifies_the_very_first_download(file_server, make_mani
                                                     reported=reported))
 
     with pytest.raises(ChecksumError) as caught:
-        _download.fetch_weights(entry, progress=False)
+        _fetch.fetch_weights(entry, progress=False)
 
     message = str(caught.value)
     assert _sha(PAYLOAD) in message and "reported" in message
@@ -535,12 +536,12 @@ def test_reported_sha256_verifies_the_very_first_download(file_server, make_mani
 
     # A maintainer who checked the new file another way accepts exactly that hash.
     monkeypatch.setenv("HISTOHUB_ACCEPT_SHA256", f"model.bin={_sha(OTHER)}")
-    fetched = _download.fetch_weights(entry, progress=False)
+    fetched = _fetch.fetch_weights(entry, progress=False)
     assert fetched.path.read_bytes() == OTHER
     record = json.loads(fetched.path.with_name("model.bin.json").read_text())
     assert record["expected_from"] == "accepted"
     monkeypatch.delenv("HISTOHUB_ACCEPT_SHA256")  # remembered by the cache record
-    assert _download.fetch_weights(entry, progress=False).path.read_bytes() == OTHER
+    assert _fetch.fetch_weights(entry, progress=False).path.read_bytes() == OTHER
     assert len(file_server.gets()) == 2
 
 
@@ -549,7 +550,7 @@ def test_reported_sha256_that_matches_is_recorded_as_reported(file_server, make_
     reported = {"sha256": _sha(PAYLOAD), "size": len(PAYLOAD), "note": "an independent user"}
     entry = _entry_with(make_manifest, weights_file("model.bin", [{"url": url}],
                                                     reported=reported))
-    fetched = _download.fetch_weights(entry, progress=False)
+    fetched = _fetch.fetch_weights(entry, progress=False)
     record = json.loads(fetched.path.with_name("model.bin.json").read_text())
     assert (record["sha256"], record["expected_from"]) == (_sha(PAYLOAD), "reported")
 
@@ -588,7 +589,7 @@ def test_announced_length_over_the_size_is_refused_before_the_body(file_server,
 
     with pytest.raises(DownloadError, match=rf"announces {len(PAYLOAD) + 50_000_000} bytes.*"
                                             rf"{len(PAYLOAD)}"):
-        _download.fetch_weights(entry, progress=False)
+        _fetch.fetch_weights(entry, progress=False)
 
     assert max(file_server.wait_sent()) < 25_000_000
     assert [n for n in _cache_files() if n.endswith(".part")] == []
@@ -600,7 +601,7 @@ def test_body_longer_than_the_size_stops_at_the_size(file_server, make_manifest)
     entry = _entry_with(make_manifest, weights_file("model.bin", [{"url": url}], data=PAYLOAD))
 
     with pytest.raises(DownloadError, match=rf"more than the expected {len(PAYLOAD)} bytes"):
-        _download.fetch_weights(entry, progress=False)
+        _fetch.fetch_weights(entry, progress=False)
 
     assert max(file_server.wait_sent()) < 25_000_000
     assert [n for n in _cache_files() if n.endswith(".part")] == []
@@ -613,7 +614,7 @@ def test_unknown_size_is_capped_and_nothing_is_recorded(file_server, make_manife
     monkeypatch.setenv("HISTOHUB_MAX_DOWNLOAD_BYTES", "100000")
 
     with pytest.raises(DownloadError, match="HISTOHUB_MAX_DOWNLOAD_BYTES"):
-        _download.fetch_weights(entry, progress=False)
+        _fetch.fetch_weights(entry, progress=False)
     assert [n for n in _cache_files() if not n.endswith((".lock", ".holder"))] == []
 
 
@@ -628,7 +629,7 @@ def test_oversized_file_in_a_mirror_folder_is_not_copied(make_manifest, monkeypa
     monkeypatch.setenv("HISTOHUB_OFFLINE", "1")
 
     with pytest.raises(OfflineError, match=r"more than the expected \d+ bytes; not copied"):
-        _download.fetch_weights(entry, progress=False)
+        _fetch.fetch_weights(entry, progress=False)
 
 
 # --------------------------------------------------------------------------- credentials
@@ -644,11 +645,11 @@ def test_credentials_in_urls_are_never_written_or_printed(file_server, make_mani
     file_server.fail_next(503)  # the retry is logged with the URL
 
     with caplog.at_level(logging.DEBUG, logger="histohub"):
-        fetched = _download.fetch_weights(entry, progress=True)
+        fetched = _fetch.fetch_weights(entry, progress=True)
         missing = _entry_with(make_manifest, weights_file(
             "gone.bin", [{"url": base + "/gone.bin"}], data=PAYLOAD), name="gone")
         with pytest.raises(DownloadError) as caught:
-            _download.fetch_weights(missing, progress=True)
+            _fetch.fetch_weights(missing, progress=True)
 
     record = fetched.path.with_name("model.bin.json").read_text()
     out, err = capsys.readouterr()
@@ -670,7 +671,7 @@ def test_a_trickling_server_ends_at_the_download_deadline(file_server, make_mani
 
     start = time.monotonic()
     with pytest.raises(DownloadError, match="HISTOHUB_DOWNLOAD_TIMEOUT"):
-        _download.fetch_weights(entry, progress=False)
+        _fetch.fetch_weights(entry, progress=False)
     assert time.monotonic() - start < 10
     assert [n for n in _cache_files() if n.endswith(".part")]  # kept, resumed next time
 
@@ -680,13 +681,13 @@ def test_waiting_for_the_lock_is_bounded_and_names_the_holder(file_server, make_
     url = _served(file_server, "/w/model.bin", PAYLOAD)
     entry = _entry_with(make_manifest, weights_file("model.bin", [{"url": url}], data=PAYLOAD))
     monkeypatch.setenv("HISTOHUB_LOCK_TIMEOUT", "0.5")
-    path = _download.cached_path(entry.weights[0])
+    path = _cache.cached_path(entry.weights[0])
     path.parent.mkdir(parents=True, exist_ok=True)
 
     held, release = threading.Event(), threading.Event()
 
     def holder() -> None:  # another process, as far as the lock can tell
-        with _download._locked(path):
+        with _fetch._locked(path):
             held.set()
             release.wait(30)
 
@@ -697,12 +698,12 @@ def test_waiting_for_the_lock_is_bounded_and_names_the_holder(file_server, make_
         with pytest.raises(LockTimeoutError,
                            match=rf"pid {os.getpid()} on {socket.gethostname()}.*"
                                  "HISTOHUB_LOCK_TIMEOUT"):
-            _download.fetch_weights(entry, progress=False)
+            _fetch.fetch_weights(entry, progress=False)
     finally:
         release.set()
         thread.join()
     assert file_server.requests == []
-    assert _download.fetch_weights(entry, progress=False).path.read_bytes() == PAYLOAD
+    assert _fetch.fetch_weights(entry, progress=False).path.read_bytes() == PAYLOAD
 
 
 # --------------------------------------------------------------------------- plain http
@@ -714,7 +715,7 @@ def test_plain_http_from_another_machine_needs_a_pinned_hash(make_manifest):
     entry = _entry_with(make_manifest, weights_file(
         "model.bin", [{"url": "http://weights.example.invalid/model.bin"}]))
     with pytest.raises(DownloadError, match=r"plain http.*https.*pin"):
-        _download.fetch_weights(entry, progress=False)
+        _fetch.fetch_weights(entry, progress=False)
 
 
 # --------------------------------------------------------------------------- names and paths
@@ -760,7 +761,7 @@ def test_offline_opens_no_connection_to_the_hugging_face_hub(hub_server, make_ma
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", spy)
 
     with pytest.raises(OfflineError):
-        _download.fetch_weights(entry, progress=False)
+        _fetch.fetch_weights(entry, progress=False)
 
     assert hub_server.requests == []
     assert seen == [True] and constants.is_offline_mode() is False
@@ -774,7 +775,7 @@ def test_hub_announcing_more_than_the_size_is_not_downloaded(hub_server, make_ma
     entry = _entry_with(make_manifest, weights_file("model.bin", [source], data=PAYLOAD))
 
     with pytest.raises(DownloadError, match=rf"announces {len(PAYLOAD) + 5_000_000} bytes"):
-        _download.fetch_weights(entry, progress=False)
+        _fetch.fetch_weights(entry, progress=False)
     assert hub_server.gets() == []  # the file itself was never requested
 
 
@@ -798,7 +799,7 @@ def test_pin_after_accepting_another_file_records_it_as_verified(file_server, ma
     assert pinned["reported"] == reported  # what was reported stays on record
     monkeypatch.delenv("HISTOHUB_ACCEPT_SHA256")
     assert get_entry(NAME).weights[0].sha256_provenance == "verified"
-    assert _download.fetch_weights(get_entry(NAME), progress=False).trust == "verified"
+    assert _fetch.fetch_weights(get_entry(NAME), progress=False).trust == "verified"
 
 
 # --------------------------------------------------------------------------- shipped in the package

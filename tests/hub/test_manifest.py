@@ -17,7 +17,7 @@ import pytest
 import histohub
 from histohub.hub import _registry as _manifest
 from histohub.hub._registry import MANIFEST_PATH, read_manifest
-from histohub.hub._schema import parse_entry
+from histohub.hub._parse import parse_entry
 from histohub.errors import ManifestError, UnknownModelError
 from histohub.hub._archs import FEATURE_DIMS
 

@@ -50,7 +50,7 @@ def test_local_model_spec_only_for_weights_already_here(tmp_path, monkeypatch):
     from histohub.hub._registry import get_entry
     from histohub.errors import CheckpointError
     from histohub.hub._runner import local_model_spec
-    from histohub.hub._pretrained import _default_preprocessing
+    from histohub.hub._descriptor import default_preprocessing
 
     monkeypatch.setenv("HISTOHUB_HOME", str(tmp_path / "home"))   # an empty cache
     spec = local_model_spec("resnet18-ssl-mini")
@@ -67,5 +67,5 @@ def test_local_model_spec_only_for_weights_already_here(tmp_path, monkeypatch):
     checkpoint = tmp_path / "mine.pt"
     torch.save(Tiny().state_dict(), checkpoint)
     spec = local_model_spec(checkpoint)
-    assert spec is not None and (spec.name, spec.sha256, spec.feature_dim) == ("mine", "", None)
-    assert spec.preprocessing == _default_preprocessing()
+    assert spec is not None and (spec.name, spec.sha256, spec.feature_dim) == ("mine", None, None)
+    assert spec.preprocessing == default_preprocessing()

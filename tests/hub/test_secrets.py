@@ -12,7 +12,7 @@ import pytest
 
 import histohub
 from histohub import cli
-from histohub.hub._download import weights_dir
+from histohub.hub._cache import weights_dir
 from test_front_doors import fake_hub, frontdoor_server, frontdoor_weights  # noqa: F401
 
 SECRETS = ("alice", "s3cret")

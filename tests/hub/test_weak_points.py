@@ -9,9 +9,10 @@ import os
 import pytest
 from _servers import weights_file
 
-from histohub.hub import _download
+from histohub import _env
+from histohub.hub import _cache, _fetch
 from histohub.hub._registry import get_entry
-from histohub.errors import ChecksumError, DownloadError
+from histohub.errors import ChecksumError, DownloadError, OptionError
 
 PAYLOAD = b"PK\x03\x04" + os.urandom(100_000)
 OTHER = PAYLOAD[:-10] + b"other file"
@@ -33,9 +34,9 @@ def test_bundled_file_of_the_wrong_size_is_not_hashed(make_manifest, tmp_path, m
     def hashed(*args, **kwargs):
         raise AssertionError("hashed before its size was compared")
 
-    monkeypatch.setattr(_download, "sha256_file", hashed)
+    monkeypatch.setattr(_cache, "sha256_file", hashed)
     with pytest.raises(ChecksumError, match=f"{len(PAYLOAD) + 1000} bytes.*damaged"):
-        _download.fetch_weights(get_entry("bundled"), progress=False)
+        _fetch.fetch_weights(get_entry("bundled"), progress=False)
 
 
 def test_an_accepted_hash_holds_for_its_file_only(file_server, make_manifest, monkeypatch):
@@ -49,17 +50,17 @@ def test_an_accepted_hash_holds_for_its_file_only(file_server, make_manifest, mo
                                        reported=reported)] for name in ("a", "b", "c")})
     monkeypatch.setenv("HISTOHUB_ACCEPT_SHA256", f"a.bin={_sha(OTHER)}")
 
-    assert _download.fetch_weights(get_entry("a"), progress=False).path.read_bytes() == OTHER
+    assert _fetch.fetch_weights(get_entry("a"), progress=False).path.read_bytes() == OTHER
     with pytest.raises(ChecksumError, match="HISTOHUB_ACCEPT_SHA256=b.bin="):
-        _download.fetch_weights(get_entry("b"), progress=False)
+        _fetch.fetch_weights(get_entry("b"), progress=False)
     with pytest.raises((ChecksumError, DownloadError), match=f"{len(PAYLOAD)} bytes"):
-        _download.fetch_weights(get_entry("c"), progress=False)
+        _fetch.fetch_weights(get_entry("c"), progress=False)
 
 
 def test_an_unscoped_accepted_hash_is_one_line_saying_the_form(monkeypatch):
     monkeypatch.setenv("HISTOHUB_ACCEPT_SHA256", _sha(OTHER))
-    with pytest.raises(ChecksumError, match="FILENAME=SHA256"):
-        _download.accepted_sha256s()
+    with pytest.raises(OptionError, match="FILENAME=SHA256"):
+        _env.accepted_sha256s()
 
 
 # --------------------------------------------------------------------------- a cohort's run

@@ -186,14 +186,16 @@ def test_the_model_is_made_ready_while_the_first_slide_is_tiled(four_slides, tmp
 
 def _loads_that_meet_tiling(monkeypatch, what: str) -> list:
     """``resolve_model`` and ``tile_grid`` patched to finish only if they run at the same
-    time (``_at_the_same_time``); returns the list of what ``resolve_model`` was asked for."""
+    time (``_at_the_same_time``); returns the list of what ``resolve_model`` was asked for
+    (the model's descriptor: its file, or its name)."""
     import histohub.slides._extract as slide_features
 
     loads: list = []
     resolve, tile = _at_the_same_time(slide_features.resolve_model, slide_features.tile_grid,
                                       what)
     monkeypatch.setattr(slide_features, "resolve_model",
-                        lambda *args, **kwargs: loads.append(args[0]) or resolve(*args, **kwargs))
+                        lambda *args, **kwargs: loads.append(args[0].file or args[0].name)
+                        or resolve(*args, **kwargs))
     monkeypatch.setattr(slide_features, "tile_grid", tile)
     return loads
 
@@ -223,7 +225,7 @@ def test_weights_that_fail_to_load_leave_no_trace_and_are_not_retried(four_slide
     calls = []
 
     def broken(*args, **kwargs):
-        calls.append(args[0])
+        calls.append(args[0].name)   # the model's descriptor
         raise FingerprintError("resnet18-ssl-mini: the loaded conv1.weight has L2 norm 1.00")
 
     monkeypatch.setattr(slide_features, "resolve_model", broken)

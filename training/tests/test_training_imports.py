@@ -71,7 +71,7 @@ def test_no_sys_path_edits_under_training():
 
 @pytest.mark.parametrize("source, problem", [
     ("from histohub.hub._registry import parse_entry", "private module histohub.hub._registry"),
-    ("import histohub.hub._download", "private module histohub.hub._download"),
+    ("import histohub.hub._fetch", "private module histohub.hub._fetch"),
     ("from histohub import _manifest", "not in histohub.__all__"),
     ("from histohub.slides._reader import _level_for", "private module histohub.slides._reader"),
     ("from histohub.slides import _level_for", "not in histohub.slides.__all__"),

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from histohub import get_entry, list_models, load_pretrained
+from histohub import get_entry, load_pretrained
 from histohub.hub import FEATURE_DIMS, Preprocessing, build_encoder, sha256_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -182,11 +182,10 @@ def imagenet_encoder(arch: str, *, progress: bool = True) -> Encoder | Skipped:
 
 def _from_pretrained(spec: str, *, progress: bool) -> Encoder:
     model = load_pretrained(spec, progress=progress)
-    info = model.histohub_info
-    is_file = spec not in list_models()   # load_pretrained reads names first
-    label = Path(spec).stem if is_file else spec
-    return Encoder(label=label, kind="checkpoint" if is_file else "self-supervised",
+    info = model.histohub_info   # a ModelDescriptor: a manifest model or a checkpoint file
+    label = Path(spec).stem if info.is_file else spec
+    return Encoder(label=label, kind="checkpoint" if info.is_file else "self-supervised",
                    arch=info.arch,
                    identity=info.sha256 or f"unverified:{spec}", source=str(spec),
-                   preprocessing=info.preprocessing or paper_preprocessing(),
+                   preprocessing=info.preprocessing,
                    state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
