@@ -124,8 +124,7 @@ def register(subparsers) -> None:
                         help="comma-separated cluster ids for the montage and overlays "
                              "(default: all when k <= 10 for overlays / 32 for the montage, "
                              "else the largest)")
-    parser.add_argument("--montage-size", type=_at_most(lambda: 64, "a montage row"), default=8,
-                        metavar="N",
+    parser.add_argument("--montage-size", type=_positive, default=8, metavar="N",
                         help="patches per cluster in the montage (default 8)")
     parser.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
     parser.add_argument("--batch-size", type=_at_most(_kmeans_rows, "half the memory"),

@@ -51,7 +51,7 @@ def test_extract_numbers_are_bounded_before_anything(commands, a_slide, tmp_path
 
 @pytest.mark.parametrize(("option", "value"), [
     ("--threads", "100000"), ("--max-memory", "1e9"), ("--batch-size", "99999999999999999999"),
-    ("--passes", "100000000"), ("--montage-size", "100000")])
+    ("--passes", "100000000")])
 def test_cluster_numbers_are_bounded(commands, tmp_path, capsys, option, value):
     with pytest.raises(SystemExit) as caught:
         cli.main(["cluster", str(tmp_path / "x.h5"), "--k", "2", "--out", str(tmp_path / "o"),
