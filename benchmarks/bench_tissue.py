@@ -56,7 +56,7 @@ def measure(case, slide_path: Path) -> dict[str, dict[str, float]]:
     coords, fraction = None, None
     with open_slide(slide_path) as slide:
         for method in METHODS:
-            grid = tile_grid(slide, target_mpp=MPP, patch_size=224, method=method)
+            grid = tile_grid(slide, target_mpp=MPP, patch_size=224, mask=method)
             mask = grid.mask
             truth = _on_grid(case.tissue, mask.shape)
             counts = {"inter": (mask & truth).sum(), "union": (mask | truth).sum()}

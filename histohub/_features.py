@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from histohub.files import IMAGE_EXTENSIONS
-from histohub.errors import check_option
-from histohub.hub._runner import MODEL_OPTIONS, ModelRunner, resolve_model, tune_allocator
+from histohub._options import check_options
+from histohub.hub._runner import ModelRunner, resolve_model, tune_allocator
 
 if TYPE_CHECKING:
     from histohub.hub._schema import Preprocessing
@@ -35,47 +35,6 @@ log = logging.getLogger(__name__)
 
 #: Batches read ahead of the model (memory: this many batches of uint8 patches).
 PREFETCH_BATCHES = 2
-
-
-# --------------------------------------------------------------------------- options
-
-def _option_rules() -> dict[str, dict[str, Any]]:
-    from histohub._limits import MAX_COUNT, max_workers
-    from histohub.hub._schema import INTERPOLATIONS
-    from histohub.slides._tissue import MASK_METHODS
-    from histohub.slides._reader import MPP_RANGE
-
-    mpp = {"low": MPP_RANGE[0], "high": MPP_RANGE[1], "optional": True}
-    return {
-        **MODEL_OPTIONS,
-        "num_workers": {"integer": True, "low": 0, "high": max_workers()},
-        "read_threads": {"integer": True, "low": 1, "high": min(8, max_workers())},
-        "max_patches": {"integer": True, "low": 1, "high": MAX_COUNT, "optional": True},
-        "mpp": mpp, "target_mpp": mpp,
-        "min_foreground": {"low": 0, "high": 1},
-        "mask": {"choices": MASK_METHODS},
-        "patch_size": {"integer": True, "low": 1},
-        "interpolation": {"choices": INTERPOLATIONS},
-    }
-
-
-#: Command-line flags whose name is not the option's with dashes.
-_FLAGS = {"num_workers": "--workers"}
-
-
-def check_options(*, cli: bool = False, **options: Any) -> None:
-    """Check the options of ``extract_slide`` / ``extract_features`` before anything runs:
-    ``OptionError`` (a ValueError) naming the first bad one and its allowed range, on one
-    line. ``cli``: name them as the command line does (``--batch-size 0``).
-
-    >>> check_options(patch_size=0)
-    Traceback (most recent call last):
-    histohub.errors.OptionError: patch_size=0: must be an integer >= 1
-    """
-    rules = _option_rules()
-    for name, value in options.items():
-        flag = _FLAGS.get(name, "--" + name.replace("_", "-")) if cli else None
-        check_option(name, value, flag=flag, **rules[name])
 
 
 # --------------------------------------------------------------------------- results

@@ -2,7 +2,7 @@
 
 ``--workers 100000`` forked for minutes and ended in SIGKILL; ``--batch-size
 99999999999999999999`` was accepted (issue 23). Options are checked against these bounds
-before anything starts (``histohub.features.check_options``, the command line's parsers):
+before anything starts (``histohub._options.check_options``, the command line's parsers):
 
 - processes and threads: at most ``2 x`` the CPUs this process may run on;
 - a batch of patches: at most what half the machine's memory holds at ``PATCH_BYTES``

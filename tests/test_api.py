@@ -61,7 +61,7 @@ WINGS = {
         "push": "histohub.hub._export",
     },
     "histohub.slides": {
-        "MASK_METHODS": "histohub.slides._tissue",
+        "MASK_METHODS": "histohub._options",
         "PatchBatch": "histohub.slides._patches",
         "PatchReader": "histohub.slides._reader",
         "SLIDE_EXTENSIONS": "histohub.slides._reader",

@@ -44,6 +44,9 @@ RULES = {
                              "histohub._features", *ABOVE_THE_WINGS, "torch"),
     "histohub.slides": ("histohub.cluster", *ABOVE_THE_WINGS),
     "histohub.cluster": ("histohub.hub", "histohub._features", *ABOVE_THE_WINGS, "torch"),
+    # Every extraction option's rule, read by the command line's --help: no wing, no torch.
+    "histohub._options": ("histohub.hub", "histohub.slides", "histohub.featurefile",
+                          "histohub.cluster", "histohub._features", *ABOVE_THE_WINGS, "torch"),
     "histohub._features": ("histohub.cluster", "histohub.featurefile", *ABOVE_THE_WINGS),
     # The manifest and checkpoint readers never import download code: reading a manifest or a
     # checkpoint works offline and without network libraries.

@@ -294,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from histohub._features import check_options
+    from histohub._options import check_options
     from histohub.errors import OptionError
     from histohub.slides._extract import SlideExtractor, SlideJob, Tiling
     from histohub.slides._guard import guarded_results

@@ -13,9 +13,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from histohub._options import INTERPOLATIONS
 from histohub.errors import ManifestError
 from histohub.hub._archs import FEATURE_DIMS
-from histohub.hub._schema import (FORMATS, Fingerprint, INTERPOLATIONS, KeyMap, Licence, ModelEntry,
+from histohub.hub._schema import (FORMATS, Fingerprint, KeyMap, Licence, ModelEntry,
                                   Preprocessing, Reported, SCHEMA_VERSION, Source, WeightsFile)
 from histohub.hub._zoo_archs import POOLINGS, ZOO_ARCHS
 

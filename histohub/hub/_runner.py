@@ -39,8 +39,7 @@ import torch
 from torch import nn
 
 from histohub._env import mallopt_enabled
-from histohub._limits import max_batch_size
-from histohub.errors import HistohubError, check_option
+from histohub.errors import HistohubError
 from histohub.hub._descriptor import ModelDescriptor, describe_model, describe_module
 
 if TYPE_CHECKING:
@@ -54,15 +53,6 @@ log = logging.getLogger(__name__)
 #: 1.06-1.08x faster (PERFORMANCE.md saw up to 1.37x in a slow spell), so it pays for itself
 #: after 1,900 (warm cache) to 8,500 patches (cold); above that, a job always gains.
 COMPILE_MIN_PATCHES = 10000
-COMPILE_CHOICES = (False, True, "auto")
-_AMP = (False, True, "bf16", "bfloat16", "fp16", "float16")
-#: The runner's options and their allowed values (``errors.check_option`` rules);
-#: ``features.check_options`` checks these with the other extraction options.
-MODEL_OPTIONS: dict[str, dict[str, Any]] = {
-    "batch_size": {"integer": True, "low": 1, "high": max_batch_size()},
-    "amp": {"choices": _AMP},
-    "compile": {"choices": COMPILE_CHOICES},
-}
 
 
 def resolve_model(model_or_name: nn.Module | str | os.PathLike | ModelDescriptor, *,
@@ -131,8 +121,6 @@ class ModelRunner:
                  amp: bool | str = False, compile: bool | str = False, batch_size: int = 64,
                  preprocessing: Preprocessing | None = None, fingerprint: bool = False
                  ) -> None:
-        for name, value in (("batch_size", batch_size), ("amp", amp), ("compile", compile)):
-            check_option(name, value, **MODEL_OPTIONS[name])
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.preprocessing = preprocessing

@@ -25,8 +25,6 @@ from histohub.hub._zoo_archs import ZOO_ARCHS
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 SCHEMA_VERSION = 1
 FORMATS = ("safetensors", "torch", "lightning")
-#: How a patch read at another size is resized to the model's input (PIL's filters).
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from histohub._lazy import lazy_exports
 
 _LAZY = {
-    "MASK_METHODS": "histohub.slides._tissue",
+    "MASK_METHODS": "histohub._options",
     "PatchBatch": "histohub.slides._patches",
     "PatchReader": "histohub.slides._reader",
     "SLIDE_EXTENSIONS": "histohub.slides._reader",

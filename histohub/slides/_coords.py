@@ -100,17 +100,17 @@ def _check_slide(path: Path, attrs: dict, coords: np.ndarray, size0: int,
                        "coordinates of another slide?")
 
 
-def coords_grid(slide, coords: np.ndarray, size0: int, *, patch_size: int, method: str,
+def coords_grid(slide, coords: np.ndarray, size0: int, *, patch_size: int, mask: str,
                 mpp_override: float | None = None):
     """A ``TileGrid`` of exactly ``coords`` (level-0 (N, 2)), each ``size0`` level-0 px read
-    and resized to ``patch_size`` px; the tissue mask (``method``) only measures each
+    and resized to ``patch_size`` px; the tissue mask (``mask``) only measures each
     patch's ``foreground``. Its ``target_mpp`` is what ``size0`` makes of the slide's."""
     from histohub.slides._tiling import _box_fractions, _slide_mpp, tile_grid
 
     slide_mpp, _ = _slide_mpp(slide, mpp_override)
     target = slide_mpp * size0 / patch_size
     grid = tile_grid(slide, target_mpp=target, patch_size=patch_size, min_foreground=0.0,
-                     method=method, mpp_override=mpp_override)
+                     mask=mask, mpp_override=mpp_override)
     fractions = _box_fractions(grid.mask, coords, size0, grid.mask_downsample)
     return replace(grid, coords=np.ascontiguousarray(coords, np.int64),
                    foreground=fractions.astype(np.float32), patch_size_level0=size0,

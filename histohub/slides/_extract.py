@@ -46,7 +46,7 @@ from torch import nn
 from histohub.featurefile import _layout as _h5
 from histohub.featurefile._writer import FeatureWriter
 from histohub.errors import HistohubError, MissingDependencyError, SlideError
-from histohub._features import check_options
+from histohub._options import check_options
 from histohub.slides._preview import grid_summary
 from histohub.hub._runner import (ModelRunner, local_model_spec, model_fingerprint, resolve_model,
                                   tune_allocator)
@@ -157,7 +157,6 @@ class SlideExtractor:
                 preview: str | os.PathLike | None = None) -> SlideResult:
         """Features of every tissue patch of one slide into ``out_h5`` (``extract_slide``
         says what is kept, resumed or refused). Errors are raised."""
-        tiling.check()
         job = SlideJob(Path(slide_path), Path(out_h5), None if preview is None else Path(preview))
         (result,) = self._results([job], tiling, overwrite)
         if result.error is not None:
@@ -176,7 +175,6 @@ class SlideExtractor:
         result with ``error`` set, and the others go on; any other exception stops it (the
         partial files stay, to be resumed).
         """
-        tiling.check()
         jobs = [job if isinstance(job, SlideJob) else SlideJob(*map(_path, job))
                 for job in jobs]
         yield from self._results(jobs, tiling, overwrite)
@@ -273,11 +271,11 @@ class SlideExtractor:
                     return replace(prepared, done=done)
             if regions.coords is not None:
                 grid = coords_grid(slide, regions.coords, regions.size0,
-                                   patch_size=pre.input_size, method=tiling.mask,
+                                   patch_size=pre.input_size, mask=tiling.mask,
                                    mpp_override=tiling.mpp)
             else:
                 grid = tile_grid(slide, target_mpp=target, patch_size=pre.input_size,
-                                 min_foreground=tiling.min_foreground, method=tiling.mask,
+                                 min_foreground=tiling.min_foreground, mask=tiling.mask,
                                  mpp_override=tiling.mpp, roi=regions.roi)
             prepared.n_tissue = len(grid)
             log.info("%s: %s", job.slide.name, grid_summary(grid))
@@ -437,10 +435,8 @@ def extract_slide(model_or_name: nn.Module | str | os.PathLike, slide_path: str 
     A full disk raises ``DiskFullError`` (an OSError) and removes the partial file.
     """
     tiling = Tiling(mpp=mpp, target_mpp=target_mpp, mask=mask, min_foreground=min_foreground,
-                    max_patches=max_patches)
-    check_options(batch_size=batch_size, num_workers=num_workers, read_threads=read_threads,
-                  amp=amp, compile=compile)
-    tiling.check()
+                    max_patches=max_patches)  # checked where made; the reader and model
+    # options by SlideExtractor, before its model loads
     if not overwrite:
         _h5.refuse_foreign(out_h5)  # before the model loads
     with SlideExtractor(model_or_name, device=device, batch_size=batch_size,

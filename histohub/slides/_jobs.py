@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from histohub.errors import HistohubError
-from histohub._features import check_options
+from histohub._options import check_options
 from histohub.slides._tissue import DEFAULT_MASK
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ class Tiling:
     roi_exclude: tuple[str, ...] = ("Ignore*",)
     coords: Path | None = None
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
+        """Checked once, where it is made: ``OptionError`` names the first bad field."""
         check_options(mpp=self.mpp, target_mpp=self.target_mpp, mask=self.mask,
                       min_foreground=self.min_foreground, max_patches=self.max_patches)
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from histohub.errors import HistohubError, OptionError
-from histohub._features import check_options
+from histohub._options import check_options
 from histohub.slides._preview import grid_summary
 from histohub.slides._batches import batch_ranges, pinned
 from histohub.slides._stream import Schedule, reader_stream, worker_stream
@@ -101,7 +101,7 @@ def cohort_patches(slide_paths: Iterable[str | os.PathLike], *, target_mpp: floa
         raise OptionError("pin_memory=True: page-locked memory is for copies to a CUDA GPU, "
                           "and torch sees none; leave it False on a CPU")
     tiling = dict(target_mpp=target_mpp, patch_size=patch_size, min_foreground=min_foreground,
-                  method=mask, mpp_override=mpp)
+                  mask=mask, mpp_override=mpp)
     return _batches(paths, tiling, batch_size=batch_size, read_threads=read_threads,
                     num_workers=num_workers, interpolation=interpolation,
                     pin_memory=pin_memory, skip_unreadable=skip_unreadable)
@@ -164,7 +164,7 @@ def _batches(paths: list[Path], tiling: dict, *, batch_size: int, read_threads: 
                                  grid.coords[batch.failed], unit.path, batch.last)
             else:
                 log.warning("%s: no patch has >= %.0f%% tissue (%s mask); no batches",
-                            unit.path.name, 100 * tiling["min_foreground"], tiling["method"])
+                            unit.path.name, 100 * tiling["min_foreground"], tiling["mask"])
             if batch.last:
                 schedule.finished(batch.slot)
     finally:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from histohub._options import MPP_RANGE
 from histohub.errors import SlideError, require
 from histohub.slides._jpeg_tiles import JpegTileLevel, Unsupported, open_jpeg_level
 from histohub.slides._tiff_checks import check_tiled_tiff
@@ -32,9 +33,6 @@ log = logging.getLogger(__name__)
 #: File name endings OpenSlide reads (used by the CLI to find slides in folders).
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs",
                     ".svslide", ".bif", ".dcm", ".qptiff")
-#: Plausible microns per pixel; values outside are metadata defaults (e.g. 72 dpi), not scans.
-#: Also the range allowed for ``mpp`` and ``target_mpp`` options (0.25 at 40x, 0.5 at 20x).
-MPP_RANGE = (0.05, 50.0)
 #: Bytes read at each end of a slide file for its fingerprint.
 SLIDE_SAMPLE_BYTES = 1 << 20
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from histohub.errors import SlideError, check_option
-from histohub.slides._reader import MPP_RANGE, Slide
-from histohub.slides._tissue import MASK_METHODS, tissue_mask
+from histohub._options import check_options
+from histohub.errors import SlideError
+from histohub.slides._reader import Slide
+from histohub.slides._tissue import tissue_mask
 
 log = logging.getLogger(__name__)
 
@@ -81,22 +82,18 @@ def choose_level(slide: Slide, slide_mpp: float, target_mpp: float) -> int:
 
 
 def tile_grid(slide: Slide, *, target_mpp: float, patch_size: int = 224,
-              min_foreground: float = 0.5, method: str = "hsv",
+              min_foreground: float = 0.5, mask: str = "hsv",
               mpp_override: float | None = None, roi=None) -> TileGrid:
     """Non-overlapping ``patch_size`` px patches at ``target_mpp`` with enough tissue.
 
     ``mpp_override`` replaces the slide's microns per pixel (needed when the file has none).
-    ``method``: one of ``histohub.slides.MASK_METHODS``; "hsv" (the paper's rule, which
+    ``mask``: one of ``histohub.slides.MASK_METHODS``; "hsv" (the paper's rule, which
     training samples with) unless given: extraction passes ``_tissue.DEFAULT_MASK``.
     ``roi``: a ``_qupath.Roi``; only tissue inside it counts (``TileGrid.roi``: its digest).
     Raises ``SlideError`` when the mpp is unknown.
     """
-    check_option("target_mpp", target_mpp, low=MPP_RANGE[0], high=MPP_RANGE[1])
-    check_option("patch_size", patch_size, integer=True, low=1)
-    check_option("min_foreground", min_foreground, low=0, high=1)
-    check_option("method", method, choices=MASK_METHODS)
-    check_option("mpp_override", mpp_override, low=MPP_RANGE[0], high=MPP_RANGE[1],
-                 optional=True)
+    check_options(target_mpp=target_mpp, patch_size=patch_size,
+                  min_foreground=min_foreground, mask=mask, mpp=mpp_override)
     slide_mpp, source = _slide_mpp(slide, mpp_override)
     level = choose_level(slide, slide_mpp, target_mpp)
     level_ds = slide.level_downsamples[level]
@@ -104,20 +101,20 @@ def tile_grid(slide: Slide, *, target_mpp: float, patch_size: int = 224,
     read_size = max(1, round(size0 / level_ds))
     width, height = slide.dimensions
     mask_ds = max(1.0, size0 / MASK_PIXELS_PER_PATCH, max(width, height) / MASK_MAX_SIDE)
-    mask = tissue_mask(slide.thumbnail(mask_ds), method, mpp=slide_mpp * mask_ds)
+    tissue = tissue_mask(slide.thumbnail(mask_ds), mask, mpp=slide_mpp * mask_ds)
     if roi is not None:
-        mask &= roi.raster(mask.shape, mask_ds)
+        tissue &= roi.raster(tissue.shape, mask_ds)
     ys, xs = np.mgrid[0:height // size0, 0:width // size0]
     candidates = np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.int64) * size0
-    fractions = _box_fractions(mask, candidates, size0, mask_ds)
+    fractions = _box_fractions(tissue, candidates, size0, mask_ds)
     keep = fractions >= min_foreground if min_foreground > 0 else np.ones(len(fractions), bool)
     return TileGrid(
         slide_path=str(slide.path), slide_dimensions=tuple(slide.dimensions),
         slide_mpp=slide_mpp, mpp_source=source, target_mpp=float(target_mpp),
         patch_size=patch_size, patch_size_level0=size0, level=level,
         level_downsample=float(level_ds), read_size=read_size, coords=candidates[keep],
-        foreground=fractions[keep].astype(np.float32), mask_method=method,
-        min_foreground=float(min_foreground), mask=mask, mask_downsample=float(mask_ds),
+        foreground=fractions[keep].astype(np.float32), mask_method=mask,
+        min_foreground=float(min_foreground), mask=tissue, mask_downsample=float(mask_ds),
         n_candidates=len(candidates), roi=roi.digest if roi is not None else "")
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 
 #: Tissue detection methods of ``tissue_mask``.
-MASK_METHODS = ("contours", "hsv", "otsu")
 #: The extraction default: keeps dense dark and pale tissue, drops glass, ink and dust
 #: (IoU and ink kept against known masks: ``benchmarks/bench_tissue.py``).
 DEFAULT_MASK = "contours"

@@ -55,7 +55,7 @@ def test_slide_to_hdf5_layout_and_values(cmu_slide, tmp_path):
     assert attrs["slide_path"] == os.path.abspath(cmu_slide)  # as given, links not followed
     assert attrs["histohub_version"] and len(attrs["grid_sha256"]) == 64
     with open_slide(cmu_slide) as slide:
-        grid = tile_grid(slide, target_mpp=0.5, method="contours")  # extraction's default
+        grid = tile_grid(slide, target_mpp=0.5, mask="contours")  # extraction's default
     np.testing.assert_array_equal(coords, grid.coords[:6])
     reader = PatchReader(grid)
     pixels = torch.from_numpy(np.stack([reader.read(i) for i in range(6)])).permute(0, 3, 1, 2)

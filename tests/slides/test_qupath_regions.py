@@ -35,7 +35,7 @@ def _geojson(path: Path, polygons: list, names: list[str] | None = None) -> Path
 
 def test_written_geojson_loads_back_as_roi_giving_the_same_patches(slide_path, tmp_path):
     with open_slide(slide_path) as slide:
-        grid = tile_grid(slide, target_mpp=0.5, patch_size=112, method="contours")
+        grid = tile_grid(slide, target_mpp=0.5, patch_size=112, mask="contours")
         features = tissue_features(grid) + patch_features(grid.coords, grid.patch_size_level0)
         path = write_geojson(tmp_path / "s.geojson", features)
         data = json.loads(path.read_text())
@@ -44,7 +44,7 @@ def test_written_geojson_loads_back_as_roi_giving_the_same_patches(slide_path, t
         tissue = [f for f in data["features"] if f["properties"]["objectType"] == "annotation"]
         assert any(len(f["geometry"]["coordinates"]) > 1 for f in tissue)  # the hole
         roi = load_roi(path, slide_size=slide.dimensions)
-        again = tile_grid(slide, target_mpp=0.5, patch_size=112, method="contours", roi=roi)
+        again = tile_grid(slide, target_mpp=0.5, patch_size=112, mask="contours", roi=roi)
     assert np.array_equal(again.coords, grid.coords) and again.roi == roi.digest
 
 
@@ -53,9 +53,9 @@ def test_roi_restricts_and_excludes(slide_path, tmp_path):
     ignore = [[[0, 0], [600, 0], [600, 300], [0, 300], [0, 0]]]
     path = _geojson(tmp_path / "r.geojson", [square, ignore], [None, "Ignore region"])
     with open_slide(slide_path) as slide:
-        full = tile_grid(slide, target_mpp=0.5, patch_size=112, method="contours")
+        full = tile_grid(slide, target_mpp=0.5, patch_size=112, mask="contours")
         roi = load_roi(path, slide_size=slide.dimensions)
-        part = tile_grid(slide, target_mpp=0.5, patch_size=112, method="contours", roi=roi)
+        part = tile_grid(slide, target_mpp=0.5, patch_size=112, mask="contours", roi=roi)
     assert 0 < len(part) < len(full)
     assert (part.coords[:, 0] + 112 <= 600 + 56).all() and (part.coords[:, 1] >= 300 - 56).all()
 
@@ -95,7 +95,7 @@ def test_coords_from_a_clam_file_are_reproduced(slide_path, tmp_path):
     path = _clam_h5(tmp_path / "s.h5", coords, patch_size=256)
     with open_slide(slide_path) as slide:
         got, size0, _ = read_coords(path, slide_size=slide.dimensions)
-        grid = coords_grid(slide, got, size0, patch_size=224, method="contours")
+        grid = coords_grid(slide, got, size0, patch_size=224, mask="contours")
     assert np.array_equal(grid.coords, coords) and grid.patch_size_level0 == 256
     assert grid.read_size == 256 and grid.patch_size == 224
 

@@ -83,8 +83,8 @@ def test_cmu_every_half_stained_patch_is_extracted(cmu_slide):
     import cv2
 
     with open_slide(cmu_slide) as slide:
-        grid = tile_grid(slide, target_mpp=0.5, method=DEFAULT_MASK)
-        hsv_grid = tile_grid(slide, target_mpp=0.5, method="hsv")
+        grid = tile_grid(slide, target_mpp=0.5, mask=DEFAULT_MASK)
+        hsv_grid = tile_grid(slide, target_mpp=0.5, mask="hsv")
         image = slide.read_region((0, 0), 0, slide.dimensions)
     stained = cv2.cvtColor(image, cv2.COLOR_RGB2HSV_FULL)[..., 1] > 25
     size = grid.patch_size_level0
