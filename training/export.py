@@ -174,6 +174,10 @@ def build_entry(checkpoint: dict, *, weights_path: Path, sha256: str, size: int,
         "augmentations": {k: v for k, v in augment.items() if k != "on"},
         "backbone_parameters": parameters,
         "processes": checkpoint.get("world_size", 1),
+        "seed": config["seed"],
+        # what a bit-identical rerun must match (simclr/determinism.py); None: not recorded
+        "threads": checkpoint.get("environment", {}).get("threads", config.get("threads")),
+        "environment": checkpoint.get("environment"),
     }
     training_data = (f"{images} images from {len(summary)} dataset(s): "
                      + "; ".join(f"{s['name']} ({s['kind']}, {s['selected']} of "
@@ -333,7 +337,9 @@ def export(checkpoint_path: str | os.PathLike, *, name: str, out: str | os.PathL
     state = backbone_state(checkpoint, arch)
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    weights = _serialize(state, {"arch": arch, "name": name, "epochs": str(checkpoint["epoch"])})
+    # no name in the metadata: the same weights exported under another name (a rerun's
+    # "-rerun") are the same bytes, so their sha256 says whether a retraining reproduced them
+    weights = _serialize(state, {"arch": arch, "epochs": str(checkpoint["epoch"])})
     parameters = sum(v.numel() for k, v in state.items()
                      if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     entry = build_entry(checkpoint, weights_path=weights_path,
