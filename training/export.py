@@ -252,6 +252,24 @@ def _manifest_setup(manifest: Path) -> str:
     return f"```bash\nexport HISTOHUB_MANIFEST={manifest.resolve()}\n```\n"
 
 
+def metrics_section(metrics: dict) -> str:
+    """The card's metrics: each benchmark metric as mean ± sd (n) per label fraction."""
+    lines = [f"Final pretraining loss {metrics['final_pretraining_loss']:.3f}."
+             if "final_pretraining_loss" in metrics else ""]
+    rows = [(key, fraction, stats, item.get("split", ""))
+            for key, item in sorted(metrics.items()) if isinstance(item, dict) and "mean" in item
+            for fraction, stats in sorted(item.get("by_fraction", {}).items(),
+                                          key=lambda kv: float(kv[0]))]
+    if not rows:
+        return (lines[0] + "\n\n" if lines[0] else "") + (
+            "No downstream evaluation recorded; see training/docs/benchmarks.md.")
+    lines += ["", "| benchmark | labels | mean ± sd (x 100) | n | splits |", "|---|---|---|---|---|"]
+    lines += [f"| {key} | {float(fraction) * 100:g}% | {stats['mean'] * 100:.1f} ± "
+              f"{stats['std'] * 100:.1f} | {stats.get('n', '?')} | {split} |"
+              for key, fraction, stats, split in rows]
+    return "\n".join(lines).strip()
+
+
 def model_card(name: str, entry: dict, manifest: Path) -> str:
     """A Markdown model card for the exported weights."""
     weights = entry["weights"][0]
@@ -296,7 +314,7 @@ Preprocessing: {pre['input_size']} px, mean {pre['mean']}, std {pre['std']}, mpp
 
 ## Metrics
 
-{json.dumps(entry['metrics']) if entry['metrics'] else 'No downstream evaluation recorded; see training/docs/benchmarks.md.'}
+{metrics_section(entry['metrics'])}
 
 ## Citation
 

@@ -89,8 +89,8 @@ def _fit_predict(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarr
 
 
 def macro_f1(x: np.ndarray, y: np.ndarray, splits: int, groups: np.ndarray | None = None
-             ) -> float:
-    """Mean macro F1 (x100): out-of-fold over 5 group folds per shuffle when ``groups``
+             ) -> tuple[float, float]:
+    """Mean and sd (ddof 1) of macro F1 (x100) over the shuffles / splits: out-of-fold over 5 group folds per shuffle when ``groups``
     are given (the benchmark's folds, ``downstream.splits.cross_validation_splits``; each
     fold's classifier trains on the other four), else over stratified random 50/50 splits."""
     from sklearn.metrics import f1_score
@@ -103,7 +103,7 @@ def macro_f1(x: np.ndarray, y: np.ndarray, splits: int, groups: np.ndarray | Non
         for train, test in StratifiedShuffleSplit(splits, test_size=0.5,
                                                   random_state=0).split(x, y):
             scores.append(f1_score(y[test], _fit_predict(x, y, train, test), average="macro"))
-        return 100 * float(np.mean(scores))
+        return _mean_sd(scores)
     classes, codes = np.unique(y, return_inverse=True)
     folds = cross_validation_splits(codes, groups, folds=5, repeats=splits, seed=0)
     for shuffle in range(splits):
@@ -112,7 +112,12 @@ def macro_f1(x: np.ndarray, y: np.ndarray, splits: int, groups: np.ndarray | Non
             train = np.concatenate([split.train, split.val])
             predicted[split.test] = _fit_predict(x, y, train, split.test)
         scores.append(f1_score(y, predicted, average="macro"))
-    return 100 * float(np.mean(scores))
+    return _mean_sd(scores)
+
+
+def _mean_sd(scores: list[float]) -> tuple[float, float]:
+    values = 100 * np.asarray(scores)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
 def backbone_of(spec: str) -> torch.nn.Module:
@@ -154,12 +159,15 @@ def main(argv: list[str] | None = None) -> int:
                    np.array(groups) if args.split == "grouped" else None)
             for name, (paths, labels, groups) in probe_sets(args.data).items()
             if name in args.sets}
-    print(f"{'model':<40} " + " ".join(f"{n:>7}" for n in sets))
+    print(f"macro F1 x 100, mean ± sd over {splits} "
+          + ("shuffles of 5 grouped folds" if args.split == "grouped" else "random splits"))
+    print(f"{'model':<40} " + " ".join(f"{n:>11}" for n in sets))
     for spec in [f"random:{s}" for s in args.random_seeds] + args.checkpoints:
         backbone = backbone_of(spec)
         scores = [macro_f1(features(backbone, x), y, splits, groups)
                   for x, y, groups in sets.values()]
-        print(f"{spec[-40:]:<40} " + " ".join(f"{s:>7.1f}" for s in scores), flush=True)
+        print(f"{spec[-40:]:<40} " + " ".join(f"{m:>5.1f} ± {sd:>3.1f}" for m, sd in scores),
+              flush=True)
     return 0
 
 
