@@ -355,9 +355,10 @@ def export(checkpoint_path: str | os.PathLike, *, name: str, out: str | os.PathL
     state = backbone_state(checkpoint, arch)
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    # no name in the metadata: the same weights exported under another name (a rerun's
-    # "-rerun") are the same bytes, so their sha256 says whether a retraining reproduced them
-    weights = _serialize(state, {"arch": arch, "epochs": str(checkpoint["epoch"])})
+    # one metadata key, and not the name: the same weights exported under another name (a
+    # rerun's "-rerun") are the same bytes, so their sha256 says whether a retraining
+    # reproduced them (safetensors writes several keys in a per-process hash order)
+    weights = _serialize(state, weights_metadata(arch, checkpoint["epoch"]))
     parameters = sum(v.numel() for k, v in state.items()
                      if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     entry = build_entry(checkpoint, weights_path=weights_path,
@@ -377,6 +378,12 @@ def export(checkpoint_path: str | os.PathLike, *, name: str, out: str | os.PathL
     write_manifest_entry(manifest_path, name, entry, replace=force)
     write_text_atomic(card_path, model_card(name, entry, manifest_path))
     return entry
+
+
+def weights_metadata(arch: str, epochs: int) -> dict[str, str]:
+    """The safetensors metadata: one key (several are written in a per-process hash order,
+    which would change the file's sha256 from one export to the next), no model name."""
+    return {"histohub": json.dumps({"arch": arch, "epochs": epochs}, sort_keys=True)}
 
 
 def _serialize(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:

@@ -43,9 +43,10 @@ print("  Bit-identical weights need the same seed, thread count, CPU instruction
 sys.exit(1)
 EOF
 
+# the rerun alone (add --model random for the baseline: the card has it; it doubles the time)
 for data in kather2016 idc-breast ebhi-seg; do
     HISTOHUB_MANIFEST="$out/export/manifest.json" python training/run_benchmark.py \
-        --model "$name" --model random --task linear --data "$data" --quiet \
+        --model "$name" --task linear --data "$data" --quiet \
         --out "$out/benchmarks" --record-manifest "$out/export/manifest.json" --record-name "$name"
 done
 metrics=0

@@ -66,3 +66,22 @@ def test_threads_must_be_a_positive_count():
     with pytest.raises(ValueError, match="threads=0"):
         load_config("smoke", ["threads=0"])
     assert load_config("cpu_resnet18").threads == 2
+
+
+def test_export_bytes_do_not_depend_on_the_process():
+    """safetensors writes several metadata keys in a per-process hash order (two keys gave
+    two sha256 for one model); the export writes one key, so every process writes the same
+    bytes for the same tensors."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import hashlib, torch, export; print(hashlib.sha256(export._serialize("
+            "{'a': torch.ones(2), 'b': torch.zeros(3)}, export.weights_metadata('resnet18', "
+            "4))).hexdigest())")
+    training = Path(export.__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(training), str(training.parent)])}
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True, env=env).stdout.strip()
+               for _ in range(4)}
+    assert len(digests) == 1 and len(digests.pop()) == 64
