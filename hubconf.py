@@ -28,6 +28,12 @@ def _wrap(text: str, hanging: str = "    ") -> str:
     return _textwrap.fill(text, 88, subsequent_indent=hanging)
 
 
+def _family(entry) -> str:
+    if entry.is_zoo:
+        return f"timm Vision Transformer, {entry.pooling} features"
+    return "torchvision ResNet, classifier removed"
+
+
 def _docstring(entry) -> str:
     """What ``torch.hub.help`` shows: the entry's description, shapes, preprocessing,
     integrity, licence and citation."""
@@ -40,7 +46,7 @@ def _docstring(entry) -> str:
     return "\n".join([
         _wrap(entry.description, hanging=""),
         "",
-        f"Architecture: {entry.arch} (torchvision ResNet, classifier removed),",
+        f"Architecture: {entry.arch} ({_family(entry)}),",
         f"    (B, 3, {pre.input_size}, {pre.input_size}) -> (B, {entry.feature_dim}) features.",
         _wrap(f"Preprocessing: RGB resized to {pre.input_size} px ({pre.interpolation}), "
               f"scaled to [0, 1], normalised with mean {pre.mean} and std {pre.std}; "
@@ -49,6 +55,8 @@ def _docstring(entry) -> str:
         f'    histohub.get_transform("{entry.name}").',
         _wrap(f"Weights: {', '.join(w.filename for w in entry.weights)} ({integrity})."),
         f"Licence: {entry.license}.",
+        *([_wrap("Restricted (non-commercial or gated): pass accept_licence=True once to "
+                 "accept it.")] if entry.licence.restricted else []),
         _wrap(f"Citation: {entry.citation}"),
         "",
         "Args:",

@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.slides < 21:
         parser.error("--slides: at least 21 (the growth is measured from the 20th slide on)")
-    from histohub.slide_features import SlideExtractor, SlideJob, Tiling
+    from histohub.slides._extract import SlideExtractor, SlideJob, Tiling
 
     large = Path(build_slides(args.work, quick=False)["large"][0]["path"])
     with tempfile.TemporaryDirectory(dir=args.work) as folder:

@@ -1,5 +1,5 @@
 """What ``torch.compile`` costs and saves for ResNet18 on this CPU: the basis of
-``histohub.model_runner.COMPILE_MIN_PATCHES`` (the job size at which ``compile="auto"``
+``histohub.hub._runner.COMPILE_MIN_PATCHES`` (the job size at which ``compile="auto"``
 compiles).
 
 Not a test. In one process (glibc allocator tuned, channels_last, batch ``--batch``): a
@@ -40,8 +40,8 @@ def main() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
     import torch
 
-    from histohub.features import tune_allocator
-    from histohub.models import build_encoder
+    from histohub._features import tune_allocator
+    from histohub.hub._archs import build_encoder
 
     tune_allocator()
     torch.manual_seed(0)

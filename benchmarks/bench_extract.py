@@ -13,7 +13,7 @@ A, B, C, A, B, C, ...:
      model
 
 and the ratios A/B (target >= 0.90) and A/C, each with glibc's default allocator settings
-and with ``histohub.features.tune_allocator`` (separate processes, alternated). Then peak
+and with ``histohub._features.tune_allocator`` (separate processes, alternated). Then peak
 RSS of ``extract_slide`` on CMU-1-Small-Region and on a generated slide ten times larger
 (separate processes): it must stay flat. A matrix-multiply probe before and after tells
 whether the machine was in a slow spell. Not a test: timings depend on the machine.
@@ -58,10 +58,11 @@ def worker_throughput(slide: str, repeats: int, batch_size: int) -> dict:
     import torch
 
     from histohub import load_pretrained
-    from histohub.features import ModelRunner as _Runner, tune_allocator
-    from histohub.slide_features import extract_slide
-    from histohub.transforms import normalize_batch
-    from histohub.wsi import PatchReader, open_slide, tile_grid
+    from histohub._features import ModelRunner as _Runner, tune_allocator
+    from histohub.slides._extract import extract_slide
+    from histohub.hub._transforms import normalize_batch
+    from histohub.slides._reader import PatchReader, open_slide
+    from histohub.slides._tiling import tile_grid
 
     tuned = tune_allocator()
     model = load_pretrained("resnet18-ssl", pretrained=False)
@@ -111,7 +112,7 @@ def worker_throughput(slide: str, repeats: int, batch_size: int) -> dict:
 def worker_rss(slide: str, batch_size: int) -> dict:
     """In this process: extract every patch of ``slide``; peak RSS, and RSS at the end."""
     from histohub import load_pretrained
-    from histohub.slide_features import extract_slide
+    from histohub.slides._extract import extract_slide
 
     model = load_pretrained("resnet18-ssl", pretrained=False)
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,8 +131,8 @@ def worker_model(repeats: int, batch_size: int) -> dict:
     import torch
 
     from histohub import load_pretrained
-    from histohub.features import ModelRunner as _Runner, tune_allocator
-    from histohub.transforms import normalize_batch
+    from histohub._features import ModelRunner as _Runner, tune_allocator
+    from histohub.hub._transforms import normalize_batch
 
     tuned = tune_allocator()
     runner = _Runner(load_pretrained("resnet18-ssl", pretrained=False),
@@ -159,9 +160,9 @@ def make_large_slide(cmu: Path, folder: Path) -> Path:
     """CMU-1-Small-Region tiled (mirrored) to ten times its area, as a 4-level pyramid."""
     import numpy as np
 
-    from wsi_factory import write_slide
+    from histohub.slides._synthetic import write_slide
 
-    from histohub.wsi import open_slide
+    from histohub.slides._reader import open_slide
 
     with open_slide(cmu) as slide:
         image = slide.read_region((0, 0), 0, slide.dimensions)

@@ -36,8 +36,8 @@ DEFAULT_SLIDE = (Path(__file__).resolve().parents[2] / "shared" / "data" / "slid
 _CHILD = """
 import json, sys, time
 import torch
-import histohub.slide_features as slide_features
-from histohub.slide_features import SlideExtractor
+import histohub.slides._extract as slide_features
+from histohub.slides._extract import SlideExtractor
 arm, slide, model, out = sys.argv[1:5]
 if arm == "first":
     slide_features.local_model_spec = lambda *a, **k: None

@@ -103,7 +103,7 @@ def bench_load(rounds: int) -> None:
         os.environ.pop("HISTOHUB_OFFLINE", None)
         os.environ.pop("HISTOHUB_MIRROR", None)
         import histohub
-        from histohub import _download  # the cache-hit path itself, timed below
+        from histohub.hub import _fetch  # the cache-hit path itself, timed below
 
         cases = {
             "floor": lambda: _floor(paths["safetensors"]),
@@ -139,9 +139,9 @@ def bench_load(rounds: int) -> None:
                   f"(per-round median {per_round:.2f}; target <= 1.10: {verdict})")
 
         entry = histohub.get_entry("bench-ckpt")
-        hit = [_time(lambda: _download.fetch_weights(entry, progress=False))
+        hit = [_time(lambda: _fetch.fetch_weights(entry, progress=False))
                for _ in range(200)]
-        digest = [_time(lambda: histohub.sha256_file(paths["ckpt"])) for _ in range(5)]
+        digest = [_time(lambda: histohub.hub.sha256_file(paths["ckpt"])) for _ in range(5)]
         size_mb = paths["ckpt"].stat().st_size / 1e6
         print(f"  of which the verified cache hit (fetch_weights): "
               f"{statistics.median(hit) * 1e6:.0f} us; re-hashing the {size_mb:.0f} MB file "

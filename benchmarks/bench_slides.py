@@ -46,7 +46,7 @@ starts (torch, histohub's slide pipeline, OpenSlide: paid once per process):
              time, so on the 30-patch slide the CLI is also compared with the loop plus
              that load.
 
-All arms run with glibc told to keep freed memory (``histohub.tune_allocator``, which
+All arms run with glibc told to keep freed memory (``histohub.hub.tune_allocator``, which
 ``extract_slide`` applies itself). Printed per arm: patches/s, the ratio to the best
 model-alone arm and to the naive loop (per round, then the median), peak RSS (``VmHWM`` of
 the arm's process, children not included; in brackets its rise over the RSS once torch and

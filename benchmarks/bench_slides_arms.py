@@ -54,18 +54,16 @@ def import_pipeline() -> None:
     10% of a 30-patch slide), like torch's, which no arm times either."""
     import openslide  # noqa: F401
 
-    import histohub
+    import histohub.slides
 
     for name in ("extract_slide", "SlideExtractor", "open_slide", "tissue_mask"):
-        getattr(histohub, name)  # histohub imports these on first use
+        getattr(histohub.slides, name)  # histohub imports these on first use
 
 
 def _tune_allocator() -> None:
-    import histohub
+    import histohub.hub
 
-    tune = getattr(histohub, "tune_allocator", None)
-    if tune is not None:
-        tune()
+    histohub.hub.tune_allocator()
 
 
 def _forward(model: Any, *, compiled: bool) -> Callable[[Any], Any]:
@@ -127,7 +125,7 @@ def arm_histohub(slides: list[dict[str, Any]], out: Path, weights: Path) -> dict
                                          **options).n_patches
     elif len(mpps) == 1:
         jobs = [(slide["path"], out / f"{i:03d}.h5") for i, slide in enumerate(slides)]
-        with histohub.SlideExtractor(model) as extractor:
+        with histohub.slides.SlideExtractor(model) as extractor:
             results = list(extractor.extract_many(jobs, tiling=histohub.Tiling(mpp=mpps.pop())))
         patches = sum(result.n_patches for result in results)
     else:
@@ -323,7 +321,7 @@ def arm_patches(slides: list[dict[str, Any]], *, option: str, readers: int, coho
 
 
 def _decode_share(grid: Any, share: int, shares: int) -> None:
-    from histohub.wsi import PatchReader
+    from histohub.slides._reader import PatchReader
 
     reader = PatchReader(grid)
     for index in range(share * len(grid) // shares, (share + 1) * len(grid) // shares):
@@ -340,7 +338,7 @@ def arm_decode(slides: list[dict[str, Any]], *, processes: int) -> dict[str, Any
     import multiprocessing
 
     import histohub
-    from histohub.wsi import tile_grid
+    from histohub.slides._tiling import tile_grid
 
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     grids = []

@@ -117,7 +117,7 @@ def compose_slide(width: int, height: int, pool: Sequence[np.ndarray], *, seed: 
 def write_pyramid(path: Path, image: np.ndarray) -> Path:
     """A tiled JPEG pyramidal TIFF (3 levels) with a 0.5 um/px resolution tag, written to a
     temporary name then renamed."""
-    from wsi_factory import write_slide
+    from histohub.slides._synthetic import write_slide
 
     partial = path.with_name(path.name + ".partial")
     write_slide(partial, image, mpp=MPP, levels=3, tile=256, quality=90)

@@ -15,6 +15,29 @@ import numbers
 from collections.abc import Iterable
 
 
+__all__ = [
+    "HistohubError",
+    "ManifestError",
+    "UnknownModelError",
+    "OfflineError",
+    "DownloadError",
+    "ChecksumError",
+    "CheckpointError",
+    "UnsafeCheckpointError",
+    "KeyMappingError",
+    "MissingDependencyError",
+    "SlideError",
+    "FingerprintError",
+    "LockTimeoutError",
+    "InputNotFoundError",
+    "OptionError",
+    "OutputExistsError",
+    "DiskFullError",
+    "ClusteringError",
+    "FeatureFileError",
+    "require",
+]
+
 class HistohubError(Exception):
     """Base class of every histohub error."""
 
@@ -86,6 +109,11 @@ def require(module: str, *, extra: str, purpose: str):
             f"{purpose} needs the optional dependency {module!r}. "
             f"Install it with: pip install 'histohub[{extra}]'"
         ) from error
+
+
+class LicenceError(HistohubError, PermissionError):
+    """A model's licence is restricted (non-commercial or gated) and has not been accepted;
+    the message names the licence and the three ways to accept it."""
 
 
 class FingerprintError(HistohubError, ValueError):
@@ -173,3 +201,9 @@ def check_option(name: str, value: object, *, low: float | None = None,
         shown = str(value) if flag and isinstance(value, (int, str)) else repr(value)
     label = f"{flag} {shown}" if flag else f"{name}={shown}"
     raise OptionError(f"{label}: must be {allowed}")
+
+
+class RoiError(HistohubError, ValueError):
+    """A region of interest (``--roi`` GeoJSON) or a coordinates file (``--coords`` h5)
+    that cannot be used for this slide: malformed, self-intersecting, outside the slide,
+    made for another slide. The message names the file."""

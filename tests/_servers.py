@@ -216,8 +216,8 @@ def fetch_in_subprocess(barrier, name: str, results) -> None:
     Runs in a spawned interpreter; the environment (HISTOHUB_HOME, HISTOHUB_MANIFEST)
     is inherited from the test.
     """
-    from histohub._download import fetch_weights
-    from histohub._manifest import get_entry
+    from histohub.hub._fetch import fetch_weights
+    from histohub.hub._registry import get_entry
 
     entry = get_entry(name)
     barrier.wait(timeout=60)

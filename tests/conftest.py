@@ -11,7 +11,7 @@ import pytest
 
 from _servers import FileServer, HubServer, model_entry
 
-from histohub import reload_manifests
+from histohub.hub import reload_manifests
 
 if TYPE_CHECKING:
     import torch
@@ -20,11 +20,11 @@ if TYPE_CHECKING:
 @pytest.fixture(autouse=True)
 def _fast_retries(monkeypatch):
     """Retries with millisecond backoff and short timeouts: tests never sleep for long."""
-    from histohub import _download
+    from histohub.hub import _fetch, _http
 
-    monkeypatch.setattr(_download, "RETRY", _download.RetryPolicy(
+    monkeypatch.setattr(_http, "RETRY", _http.RetryPolicy(
         tries=3, base_delay=0.01, max_delay=0.05, timeout=(5.0, 10.0)))
-    _download._warned_unpinned.clear()
+    _fetch._warned_unpinned.clear()
 
 
 @pytest.fixture(autouse=True)
@@ -184,7 +184,7 @@ def slide_features(cmu_slide, tmp_path_factory):
     pytest.importorskip("h5py")
     from feature_files import PATCH, write_features
 
-    from histohub.wsi import open_slide
+    from histohub.slides._reader import open_slide
 
     folder = tmp_path_factory.mktemp("features")
     with open_slide(cmu_slide) as slide:

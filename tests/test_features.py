@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from histohub.features import extract_features, prefetch
-from histohub.transforms import get_transform, normalize_batch
+from histohub._features import extract_features, prefetch
+from histohub.hub._transforms import get_transform, normalize_batch
 
 
 class Tiny(nn.Module):
@@ -66,7 +66,7 @@ def test_normalize_batch_is_the_transforms_normalisation_in_either_layout():
     whole rows; every layout gives the same values as torchvision's ``Normalize``."""
     from torchvision.transforms import v2
 
-    from histohub._manifest_schema import Preprocessing
+    from histohub.hub._schema import Preprocessing
 
     pre = Preprocessing(input_size=56, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     pixels = torch.randint(0, 256, (3, 40, 56, 3), dtype=torch.uint8)

@@ -1,4 +1,4 @@
-"""histohub._files: atomic writes leave the old file or the new one, never a mix or litter."""
+"""histohub.files: atomic writes leave the old file or the new one, never a mix or litter."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from histohub._files import atomic_path, write_bytes_atomic, write_text_atomic
+from histohub.files import atomic_path, write_bytes_atomic, write_text_atomic
 
 
 def test_writes_new_file_and_parent_folders(tmp_path):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import histohub
-from cli_errors import run_reporting_errors
+from histohub_training.cli_errors import run_reporting_errors
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def _n(stats: dict) -> int:
 
 def recorded_metrics(manifest: Path, name: str) -> dict:
     """The ``metrics`` of entry ``name`` of the manifest at ``manifest``."""
-    models = histohub.read_manifest_json(manifest)["models"]
+    models = histohub.hub.read_manifest_json(manifest)["models"]
     if name not in models:
         raise ValueError(f"{manifest} has no model {name!r} (it has {sorted(models)})")
     return models[name].get("metrics", {})
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("shipped", help="a model of histohub's own manifest")
     parser.add_argument("manifest", type=Path, help="the other entry's manifest file")
     parser.add_argument("other", help="the other entry's name")
-    parser.add_argument("--shipped-manifest", type=Path, default=histohub.MANIFEST_PATH,
+    parser.add_argument("--shipped-manifest", type=Path, default=histohub.hub.MANIFEST_PATH,
                         help="where the first entry is (default: histohub's own manifest)")
     return run_reporting_errors(run, parser.parse_args(argv))
 

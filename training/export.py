@@ -27,14 +27,14 @@ from typing import Any
 
 import torch
 
-from histohub import write_bytes_atomic, write_text_atomic
-from cli_errors import run_reporting_errors
-from histohub import (FEATURE_DIMS, MANIFEST_PATH, KeyMap, build_encoder, map_state_dict,
-                      parse_entry, read_checkpoint, read_manifest, read_manifest_json,
-                      write_manifest_entry)
+from histohub.files import write_bytes_atomic, write_text_atomic
+from histohub_training.cli_errors import run_reporting_errors
+from histohub.hub import (FEATURE_DIMS, MANIFEST_PATH, KeyMap, build_encoder, map_state_dict,
+                          parse_entry, read_checkpoint, read_manifest, read_manifest_json,
+                          write_manifest_entry)
 from histohub.errors import CheckpointError
-from simclr.checkpoint import FORMAT_VERSION
-from simclr.config import config_from_dict
+from histohub_training.simclr.checkpoint import FORMAT_VERSION
+from histohub_training.simclr.config import config_from_dict
 
 PAPER_CITATION = ("Ciga O, Xu T, Martel AL. Self supervised contrastive learning for digital "
                   "histopathology. Machine Learning with Applications 7:100198 (2022). "
@@ -232,7 +232,7 @@ def check_manifest(path: Path, name: str, *, force: bool, shipped_ok: bool = Fal
     new one if absent) when it is a name histohub ships (unless ``shipped_ok``: writing
     histohub's own manifest), a name the manifest lists already (unless ``force``), or the
     manifest is invalid or a folder. The entry is written by histohub's one manifest writer,
-    :func:`histohub.write_manifest_entry`.
+    :func:`histohub.hub.write_manifest_entry`.
     """
     if not shipped_ok and name in read_manifest(MANIFEST_PATH):
         raise ValueError(f"{name!r} is a model histohub ships; choose another --name")

@@ -27,8 +27,8 @@ weights=0
 python - "$out/export/manifest.json" "$name" <<'EOF' || weights=1
 import json, sys
 import histohub
-shipped = histohub.read_manifest_json(histohub.MANIFEST_PATH)["models"]["resnet18-ssl-mini"]
-rerun = histohub.read_manifest_json(sys.argv[1])["models"][sys.argv[2]]
+shipped = histohub.hub.read_manifest_json(histohub.hub.MANIFEST_PATH)["models"]["resnet18-ssl-mini"]
+rerun = histohub.hub.read_manifest_json(sys.argv[1])["models"][sys.argv[2]]
 a, b = shipped["weights"][0]["sha256"], rerun["weights"][0]["sha256"]
 if a == b:
     print(f"weights: MATCH: the retrained weights are the shipped file, byte for byte "

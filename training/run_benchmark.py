@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from downstream.cli import main
+from histohub_training.downstream.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

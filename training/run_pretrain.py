@@ -18,9 +18,9 @@ import os
 import sys
 from pathlib import Path
 
-from cli_errors import run_reporting_errors
-from simclr.config import load_config
-from simclr.train import resume_config, train
+from histohub_training.cli_errors import run_reporting_errors
+from histohub_training.simclr.config import load_config
+from histohub_training.simclr.train import resume_config, train
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,11 +14,11 @@ import importlib
 import logging
 import sys
 
-from .._version import __version__
-from ..errors import HistohubError
+from histohub._version import __version__
+from histohub.errors import HistohubError
 
-COMMANDS = ["histohub.cli.models", "histohub.cli.hub", "histohub.cli.extract",
-            "histohub.cli.cluster"]
+COMMANDS = ["histohub.cli._models", "histohub.cli._hub", "histohub.cli._extract",
+            "histohub.cli._cluster", "histohub.cli._demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

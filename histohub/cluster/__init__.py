@@ -5,7 +5,7 @@ K-means, choose the number of clusters with the elbow heuristic on the explained
 (67.1% at k=2500, 83.3% at k=3000, 91% at k=5000), show the patches closest to each centre
 (Fig. 5) and colour chosen clusters over whole slides (Fig. 6). This package does the same
 for the HDF5 files ``histohub extract`` writes (the CLAM / TRIDENT layout, read through
-``histohub._h5``):
+``histohub.featurefile._layout``):
 
 - ``features`` (N, D) float, ``coords`` (N, 2) integer level-0 x, y;
 - attributes ``slide_path`` and ``patch_size_level0`` (patch side in level-0 pixels, on the
@@ -25,21 +25,21 @@ for the HDF5 files ``histohub extract`` writes (the CLAM / TRIDENT layout, read 
 
 One module per job: ``store`` (feature files as one matrix, in memory or streamed),
 ``kmeans`` (k-means and the elbow), ``results`` (clusters.h5, assignments.csv, elbow.csv),
-``figures`` (elbow plot, montage, overlays; slides through ``histohub.wsi``). The names
+``figures`` (elbow plot, montage, overlays; slides through ``histohub.slides._reader``). The names
 below are the public API; the exceptions live in ``histohub.errors``.
 """
 
 from __future__ import annotations
 
-from ..errors import ClusteringError, FeatureFileError
-from .figures import (DEFAULT_MONTAGE_ROWS, MAX_MONTAGE_PX, MAX_OVERLAY_COLOURS,
-                      MONTAGE_PATCH_PX, MontageLayout, blend_clusters, check_montage_size,
-                      default_clusters, montage_canvas, plot_elbow, write_montage,
-                      write_overlays)
-from .kmeans import (DEFAULT_BATCH_SIZE, DEFAULT_MAX_MEMORY_BYTES, MAX_SEED, ClusterResult,
-                     ElbowResult, choose_k, elbow, fit_kmeans)
-from .results import load_clusters, save_clusters, write_elbow_csv
-from .store import FeatureFile, read_feature_files
+from histohub.errors import ClusteringError, FeatureFileError
+from histohub.cluster._figures import (DEFAULT_MONTAGE_ROWS, MAX_MONTAGE_PX, MAX_OVERLAY_COLOURS,
+                                       MONTAGE_PATCH_PX, MontageLayout, blend_clusters,
+                                       check_montage_size, default_clusters, montage_canvas,
+                                       plot_elbow, write_montage, write_overlays)
+from histohub.cluster._kmeans import (DEFAULT_BATCH_SIZE, DEFAULT_MAX_MEMORY_BYTES, MAX_SEED,
+                                      ClusterResult, ElbowResult, choose_k, elbow, fit_kmeans)
+from histohub.cluster._results import load_clusters, save_clusters, write_elbow_csv
+from histohub.cluster._store import FeatureFile, read_feature_files
 
 __all__ = [
     "DEFAULT_BATCH_SIZE", "DEFAULT_MAX_MEMORY_BYTES", "DEFAULT_MONTAGE_ROWS", "MAX_MONTAGE_PX",

@@ -39,10 +39,10 @@ import torch
 from torch import nn
 
 from _matmul import matmul_gflops
-from simclr.augment import BatchAugment
-from simclr.loss import nt_xent_loss
-from simclr.model import SimCLRModel
-from simclr.optim import build_optimizer
+from histohub_training.simclr.augment import BatchAugment
+from histohub_training.simclr.loss import nt_xent_loss
+from histohub_training.simclr.model import SimCLRModel
+from histohub_training.simclr.optim import build_optimizer
 
 KATHER = Path(__file__).resolve().parents[3] / "shared" / "data" / "kather2016-tiles"
 
@@ -252,8 +252,9 @@ def bench_data_path(args) -> None:
     """Pool images/s out of the loader: files decoded every step vs the uint8 cache."""
     import tempfile
 
-    from simclr.cache import CachedPool, load_or_build_cache
-    from simclr.data import Collate, EpochBatchSampler, PoolDataset, build_pool, parse_datasets
+    from histohub_training.simclr.cache import CachedPool, load_or_build_cache
+    from histohub_training.simclr.data import (Collate, EpochBatchSampler, PoolDataset, build_pool,
+                                               parse_datasets)
 
     if not KATHER.is_dir():
         print(f"\n{KATHER} absent: data-path comparison skipped")

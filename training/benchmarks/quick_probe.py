@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simclr.model import SimCLRModel
+from histohub_training.simclr.model import SimCLRModel
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -39,7 +39,7 @@ def probe_sets(data: Path, idc_count: int = 1500
     """name -> (image paths, class labels, source groups): the presets of
     ``run_benchmark.py`` (``downstream.datasets.PRESETS``), grouped as it groups them
     (Kather: source image; EBHI: case number; IDC: patient), IDC cut to ``idc_count``."""
-    from downstream import datasets as ds
+    from histohub_training.downstream import datasets as ds
 
     sets = {}
     for name, preset in (("kather", "kather2016"), ("ebhi", "ebhi-seg"), ("idc", "idc-breast")):
@@ -96,7 +96,7 @@ def macro_f1(x: np.ndarray, y: np.ndarray, splits: int, groups: np.ndarray | Non
     from sklearn.metrics import f1_score
     from sklearn.model_selection import StratifiedShuffleSplit
 
-    from downstream.splits import cross_validation_splits
+    from histohub_training.downstream.splits import cross_validation_splits
 
     scores = []
     if groups is None:

@@ -50,12 +50,12 @@ def class_tiles() -> Callable[..., Path]:
 
 
 @pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory) -> Path:
+def other_seed(tmp_path_factory) -> Path:
     """``other-seed.safetensors``: a ResNet18 encoder that differs from ``random`` (another
     seed; no pretrained weights can be downloaded here). Benchmarks label it ``other-seed``."""
     from safetensors.torch import save_file
 
-    from downstream.encoders import random_encoder
+    from histohub_training.downstream.encoders import random_encoder
 
     path = tmp_path_factory.mktemp("ckpt") / "other-seed.safetensors"
     save_file(random_encoder("resnet18", seed=123).state_dict, path)

@@ -10,17 +10,17 @@ import shutil
 import pytest
 import torch
 
-from downstream import report
-from downstream.cli import main
+from histohub_training.downstream import report
+from histohub_training.downstream.cli import main
 
 pytest.importorskip("sklearn")
 
 
 @pytest.mark.slow
-def test_cli_linear_run_writes_json_table_plot_and_reuses_cached_features(tmp_path, checkpoint,
+def test_cli_linear_run_writes_json_table_plot_and_reuses_cached_features(tmp_path, other_seed,
                                                                          class_tiles):
     data, out = class_tiles(tmp_path / "tiles", per_class=8), tmp_path / "out"
-    argv = ["--model", "random", "--model", str(checkpoint), "--task", "linear", "--data",
+    argv = ["--model", "random", "--model", str(other_seed), "--task", "linear", "--data",
             str(data), "--group-pattern", r"(slide\d)_", "--input-size", "32",
             "--fractions", "50,100", "--repeats", "2", "--epochs", "3", "--out", str(out),
             "--quiet"]
@@ -29,7 +29,7 @@ def test_cli_linear_run_writes_json_table_plot_and_reuses_cached_features(tmp_pa
     run = json.loads(run_file.read_text())
     assert [m["label"] for m in run["models"]] == ["random-resnet18", "other-seed"]
     assert run["models"][1]["sha256"] == hashlib.sha256(
-        checkpoint.read_bytes()).hexdigest()
+        other_seed.read_bytes()).hexdigest()
     assert run["models"][0]["identity"].startswith("random:resnet18:seed=0")
     assert len(run["data_hash"]) == 64 and run["split"]["kind"] == "grouped stratified"
     assert run["environment"]["versions"]["torch"] == torch.__version__

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from downstream import datasets as ds
-from downstream.images import load_images, load_masks
+from histohub_training.downstream import datasets as ds
+from histohub_training.downstream.images import load_images, load_masks
 
 Image = pytest.importorskip("PIL.Image")
 

@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from downstream import encoders
-from downstream.protocols import Protocol
-from histohub import Preprocessing
+from histohub_training.downstream import encoders
+from histohub_training.downstream.protocols import Protocol
+from histohub.hub import Preprocessing
 
 TRAINED_SIZES = {"mine64": 64, "other64": 64, "mine96": 96}
 
@@ -85,3 +85,16 @@ def test_imagenet_that_cannot_be_had_is_skipped_with_the_reason(monkeypatch):
     assert [e.label for e in resolved] == ["random-resnet18"]
     assert skipped[0].spec == "imagenet:resnet18"
     assert "cannot be had here" in skipped[0].reason and "resnet18-f37072fd.pth" in skipped[0].reason
+
+
+def test_a_file_named_like_a_model_is_benchmarked_as_the_checkpoint(other_seed, tmp_path,
+                                                                      monkeypatch):
+    """histohub's one rule (``describe_model``): an existing file is the file, even when its
+    name is a model's. Before, the benchmark labelled it that model (self-supervised)."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(other_seed, tmp_path / "resnet18-ssl-mini")
+    (encoder,), _ = encoders.resolve_encoders(["resnet18-ssl-mini"], progress=False)
+    assert encoder.kind == "checkpoint"
+    assert encoder.identity == encoders.sha256_file(tmp_path / "resnet18-ssl-mini")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from downstream.encoders import random_encoder
-from downstream.finetune import finetune
+from histohub_training.downstream.encoders import random_encoder
+from histohub_training.downstream.finetune import finetune
 
 
 def test_finetune_trains_every_layer_and_selects_on_validation():

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from downstream.linear import (RIDGE_GRID, fit_logistic, fit_ridge, paper_weight_decay,
-                               train_linear, train_linear_converged)
+from histohub_training.downstream.linear import (RIDGE_GRID, fit_logistic, fit_ridge,
+                                                 paper_weight_decay, train_linear,
+                                                 train_linear_converged)
 
 sklearn = pytest.importorskip("sklearn")
 
@@ -65,10 +66,10 @@ def test_converged_probe_matches_sklearn_where_the_paper_probe_falls_short():
 @pytest.mark.slow
 def test_converged_probe_matches_sklearn_on_real_kather_features(shared_data):
     """Random ResNet18 features of the Kather 2016 tiles at 64 px, the benchmark's split."""
-    from downstream import datasets as ds
-    from downstream.encoders import random_encoder
-    from downstream.features import extract
-    from downstream.splits import split_dataset
+    from histohub_training.downstream import datasets as ds
+    from histohub_training.downstream.encoders import random_encoder
+    from histohub_training.downstream.features import extract
+    from histohub_training.downstream.splits import split_dataset
 
     data = ds.for_classification(ds.load_dataset("kather2016", root=shared_data))
     features = extract(random_encoder("resnet18", seed=0), data, input_size=64,
@@ -177,8 +178,8 @@ def test_paper_weight_decay():
 # --------------------------------------------------------------------------- records
 
 def test_run_json_tables_and_manifest_item_name_the_probe(tmp_path, class_tiles):
-    from downstream import report
-    from downstream.cli import main
+    from histohub_training.downstream import report
+    from histohub_training.downstream.cli import main
 
     data, out = class_tiles(tmp_path / "tiles", per_class=8), tmp_path / "out"
     common = ["--model", "random", "--task", "linear", "--data", str(data), "--input-size",
@@ -205,7 +206,7 @@ def test_run_json_tables_and_manifest_item_name_the_probe(tmp_path, class_tiles)
 
 
 def test_runs_recorded_before_probes_were_named_read_as_the_paper_probe():
-    from downstream.report import probe_of
+    from histohub_training.downstream.report import probe_of
 
     assert probe_of({"task": "linear", "protocol": {"optimizer": "Adam"}}) == "paper"
     assert probe_of({"task": "regression", "protocol": {"finetune": True}}) is None

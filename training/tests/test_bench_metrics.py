@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from downstream import metrics
+from histohub_training.downstream import metrics
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 

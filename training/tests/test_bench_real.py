@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from downstream import datasets as ds
-from downstream.cli import main
-from downstream.splits import cross_validation_splits
+from histohub_training.downstream import datasets as ds
+from histohub_training.downstream.cli import main
+from histohub_training.downstream.splits import cross_validation_splits
 
 pytest.importorskip("sklearn")
 
@@ -30,8 +30,8 @@ def _run(out: Path, *argv: str) -> dict:
 
 
 @pytest.mark.slow
-def test_kather_linear_probe_random_vs_checkpoint(shared_data, checkpoint, tmp_path):
-    run = _run(tmp_path, "--model", "random", "--model", str(checkpoint), "--task", "linear",
+def test_kather_linear_probe_random_vs_checkpoint(shared_data, other_seed, tmp_path):
+    run = _run(tmp_path, "--model", "random", "--model", str(other_seed), "--task", "linear",
                "--data", "kather2016", "--data-root", str(shared_data), "--input-size", "64",
                "--fractions", "50,100", "--repeats", "2", "--epochs", "5")
     assert run["dataset"]["n_images"] == 240 and run["dataset"]["n_groups"] == 10
@@ -74,8 +74,8 @@ def test_ebhi_segmentation_unet_learns_the_masks(shared_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_ebhi_mask_coverage_regression_random_vs_checkpoint(shared_data, checkpoint, tmp_path):
-    run = _run(tmp_path, "--model", "random", "--model", str(checkpoint), "--task",
+def test_ebhi_mask_coverage_regression_random_vs_checkpoint(shared_data, other_seed, tmp_path):
+    run = _run(tmp_path, "--model", "random", "--model", str(other_seed), "--task",
                "regression", "--data", "ebhi-seg", "--data-root", str(shared_data),
                "--input-size", "64", "--max-images", "120", "--fractions", "100",
                "--repeats", "2", "--epochs", "10")

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from downstream import report
-from downstream.cli import main
+from histohub_training.downstream import report
+from histohub_training.downstream.cli import main
 
 pytest.importorskip("sklearn")
 
 
 def _manifest(path: Path) -> Path:
-    from histohub import MANIFEST_PATH
+    from histohub.hub import MANIFEST_PATH
 
     data = json.loads(MANIFEST_PATH.read_text())
     entry = data["models"]["resnet18-ssl"]
@@ -23,12 +23,12 @@ def _manifest(path: Path) -> Path:
     return path
 
 
-def test_record_manifest_writes_validated_metrics(tmp_path, checkpoint, capsys, class_tiles):
-    from histohub import read_manifest
+def test_record_manifest_writes_validated_metrics(tmp_path, other_seed, capsys, class_tiles):
+    from histohub.hub import read_manifest
 
     manifest = _manifest(tmp_path / "manifest.json")
     data = class_tiles(tmp_path / "tiles", per_class=8)
-    argv = ["--model", "random", "--model", str(checkpoint), "--task", "clustering",
+    argv = ["--model", "random", "--model", str(other_seed), "--task", "clustering",
             "--data", str(data), "--input-size", "32", "--repeats", "2",
             "--out", str(tmp_path / "out"), "--record-manifest", str(manifest), "--quiet"]
     assert main(argv) == 2     # a checkpoint has no manifest name: say which entry

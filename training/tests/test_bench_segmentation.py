@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from downstream.encoders import random_encoder
+from histohub_training.downstream.encoders import random_encoder
 
 
 def test_unet_encoder_holds_the_pretrained_weights_exactly():
     pytest.importorskip("segmentation_models_pytorch")
-    from downstream.segmentation import build_unet
+    from histohub_training.downstream.segmentation import build_unet
 
     encoder = random_encoder("resnet18", seed=3)
     unet = build_unet(encoder)[1]

@@ -8,8 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from downstream.datasets import DatasetError
-from downstream.splits import label_fractions, score_strata, split_dataset
+from histohub_training.downstream.datasets import DatasetError
+from histohub_training.downstream.splits import label_fractions, score_strata, split_dataset
 
 pytest.importorskip("sklearn")
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import export
-from simclr.checkpoint import save_checkpoint
-from simclr.config import load_config, to_dict
-from simclr.model import SimCLRModel
+from histohub_training.simclr.checkpoint import save_checkpoint
+from histohub_training.simclr.config import load_config, to_dict
+from histohub_training.simclr.model import SimCLRModel
 
 
 def _payload(arch: str = "resnet18") -> dict:
@@ -136,11 +136,11 @@ def test_half_export_into_the_package_states_the_scale_the_model_saw(tmp_path, m
     package = tmp_path / "histohub"
     package.mkdir()
     manifest = package / "weights_manifest.json"
-    manifest.write_text(histohub.MANIFEST_PATH.read_text())
+    manifest.write_text(histohub.hub.MANIFEST_PATH.read_text())
     monkeypatch.setattr(export, "MANIFEST_PATH", manifest)
     monkeypatch.setattr(export, "PACKAGE_WEIGHTS", package / "weights")
     # histohub has no public seam for where it is installed: the test stands in for it
-    monkeypatch.setattr("histohub._manifest.PACKAGE_DIR", package)
+    monkeypatch.setattr("histohub.hub._schema.PACKAGE_DIR", package)
 
     entry = export.export(tmp_path / "checkpoint.pt", name="tiny-ssl", half=True,
                           into_package=True, data_note="Tiles: CC0.")
@@ -152,8 +152,8 @@ def test_half_export_into_the_package_states_the_scale_the_model_saw(tmp_path, m
     assert entry["training_data"].endswith("Tiles: CC0.")
     assert "tiny-ssl" in json.loads(manifest.read_text())["models"]
     monkeypatch.setenv("HISTOHUB_MANIFEST", "")
-    monkeypatch.setattr("histohub._manifest.MANIFEST_PATH", manifest)
-    histohub.reload_manifests()
+    monkeypatch.setattr("histohub.hub._registry.MANIFEST_PATH", manifest)
+    histohub.hub.reload_manifests()
     monkeypatch.setenv("HISTOHUB_OFFLINE", "1")
     model = histohub.load_pretrained("tiny-ssl")
     expected = {k[len("backbone."):]: v for k, v in payload["model"].items()
@@ -161,7 +161,7 @@ def test_half_export_into_the_package_states_the_scale_the_model_saw(tmp_path, m
     for key, value in model.state_dict().items():   # fp16 on disk, fp32 in the model
         assert value.dtype == expected[key].dtype
         torch.testing.assert_close(value, expected[key].half().to(value.dtype))
-    histohub.reload_manifests()
+    histohub.hub.reload_manifests()
     with pytest.raises(ValueError, match="decides --out"):
         export.export(tmp_path / "checkpoint.pt", name="tiny-ssl", into_package=True,
                       out=tmp_path / "elsewhere")

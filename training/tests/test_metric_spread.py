@@ -12,9 +12,9 @@ import pytest
 
 import compare_metrics
 import histohub
-from downstream.datasets import DatasetError
-from downstream.report import manifest_metrics
-from downstream.splits import cross_validation_splits
+from histohub_training.downstream.datasets import DatasetError
+from histohub_training.downstream.report import manifest_metrics
+from histohub_training.downstream.splits import cross_validation_splits
 
 
 def _grouped_classes() -> tuple[np.ndarray, np.ndarray]:
@@ -59,7 +59,7 @@ def test_too_few_groups_or_folds_are_clear_errors():
 
 def _run(values: dict[str, list[float]], *, folds: int = 5, repeats: int = 3) -> dict:
     """A run record of one model whose test macro F1 over the splits are ``values``."""
-    from downstream.metrics import summarize
+    from histohub_training.downstream.metrics import summarize
 
     summary = {f: {"macro_f1": summarize(v)} for f, v in values.items()}
     return {"task": "linear", "dataset": {"name": "toy"}, "data_hash": "d" * 64,
@@ -87,7 +87,7 @@ def test_a_recorded_metric_is_a_mean_with_its_sd_and_n():
 def _manifest(tmp_path, name: str, means: dict[str, float], sd: float, n: int = 15):
     """A copy of histohub's manifest whose entry ``resnet18-ssl-mini`` records ``means``."""
     path = tmp_path / f"{name}.json"
-    shutil.copy(histohub.MANIFEST_PATH, path)
+    shutil.copy(histohub.hub.MANIFEST_PATH, path)
     item = {"metric": "macro_f1", "higher_is_better": True, "mean": means["1"], "std": sd,
             "n": n, "label_fraction": 1.0,
             "by_fraction": {f: {"mean": m, "std": sd, "n": n} for f, m in means.items()}}
@@ -122,7 +122,7 @@ def test_compare_metrics_judges_each_difference_against_the_spread(tmp_path, cap
 def test_quick_probe_groups_as_the_benchmark_does(shared_data):
     from benchmarks import quick_probe
 
-    from downstream import datasets as ds
+    from histohub_training.downstream import datasets as ds
 
     sets = quick_probe.probe_sets(shared_data, idc_count=200)
     for name, preset in (("kather", "kather2016"), ("ebhi", "ebhi-seg")):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from simclr.augment import (JITTER_STRENGTHS, BatchAugment, adjust_brightness,
+from histohub_training.simclr.augment import (JITTER_STRENGTHS, BatchAugment, adjust_brightness,
                             adjust_contrast, adjust_hue, adjust_saturation, blur_kernel_size,
                             gaussian_blur, jitter_strength)
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from simclr.cache import CACHE_NAME, CachedPool, load_or_build_cache
-from simclr.data import Pool, PoolDataset, build_pool, list_images, parse_datasets
+from histohub_training.simclr.cache import CACHE_NAME, CachedPool, load_or_build_cache
+from histohub_training.simclr.data import Pool, PoolDataset, build_pool, list_images, parse_datasets
 
 
 @pytest.fixture

@@ -1,12 +1,12 @@
 """Dataset pool: per-dataset caps (section 5.4), any folder nesting, slide patches through
-histohub.wsi, unreadable images skipped and reported, rank slices of global batches."""
+histohub.slides._reader, unreadable images skipped and reported, rank slices of global batches."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-from simclr.data import (Collate, EpochBatchSampler, PoolDataset, build_pool,
+from histohub_training.simclr.data import (Collate, EpochBatchSampler, PoolDataset, build_pool,
                          capped_count, list_images, parse_datasets, sample_slide_patches)
 
 
@@ -82,7 +82,7 @@ def test_ranks_take_slices_of_the_same_global_batches():
 
 
 def test_collate_can_augment_in_the_loader(tmp_path, write_images):
-    from simclr.augment import BatchAugment
+    from histohub_training.simclr.augment import BatchAugment
 
     write_images(tmp_path, 4, size=16)
     dataset = PoolDataset(list_images(tmp_path), 16)

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 import export
-from simclr.checkpoint import load_checkpoint
-from simclr.config import load_config
-from simclr.train import train
+from histohub_training.simclr.checkpoint import load_checkpoint
+from histohub_training.simclr.config import load_config
+from histohub_training.simclr.train import train
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from simclr.loss import NTXentLoss, nt_xent_loss
+from histohub_training.simclr.loss import NTXentLoss, nt_xent_loss
 
 
 def numpy_nt_xent(z1: np.ndarray, z2: np.ndarray, temperature: float) -> float:

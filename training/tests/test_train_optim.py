@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from simclr.optim import (WarmupCosine, build_optimizer, build_scheduler, paper_lr,
-                          split_parameters)
+from histohub_training.simclr.optim import (WarmupCosine, build_optimizer, build_scheduler,
+                                            paper_lr, split_parameters)
 
 LR, WD, TRUST = 0.5, 0.1, 0.001
 

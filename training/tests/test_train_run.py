@@ -12,12 +12,12 @@ from PIL import Image
 
 import export
 import run_pretrain
-from simclr.augment import BatchAugment
-from simclr.config import load_config
-from simclr.data import Pool, PoolDataset
-from simclr.loss import nt_xent_loss
-from simclr.model import SimCLRModel
-from simclr.train import resolve_precision, resume_config, train
+from histohub_training.simclr.augment import BatchAugment
+from histohub_training.simclr.config import load_config
+from histohub_training.simclr.data import Pool, PoolDataset
+from histohub_training.simclr.loss import nt_xent_loss
+from histohub_training.simclr.model import SimCLRModel
+from histohub_training.simclr.train import resolve_precision, resume_config, train
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -123,14 +123,14 @@ def test_export_loads_through_the_manifest(finished, tmp_path, monkeypatch):
     entry = export.export(out / "checkpoint.pt", name="smoke-resnet18", out=tmp_path / "exp",
                           license="CC BY 4.0")
     weights = tmp_path / "exp" / "smoke-resnet18.safetensors"
-    assert entry["weights"][0]["sha256"] == histohub.sha256_file(weights)
+    assert entry["weights"][0]["sha256"] == histohub.hub.sha256_file(weights)
     assert entry["recipe"]["backbone_parameters"] == 11_176_512
     assert "projection_head" not in json.dumps(list(
         __import__("safetensors.torch").torch.load_file(weights)))
     assert (tmp_path / "exp" / "smoke-resnet18.md").read_text().count(entry["weights"][0]["sha256"])
 
     monkeypatch.setenv("HISTOHUB_MANIFEST", str(tmp_path / "exp" / "manifest.json"))
-    histohub.reload_manifests()
+    histohub.hub.reload_manifests()
     model = histohub.load_pretrained("smoke-resnet18", progress=False)
     assert model.histohub_info.preprocessing.input_size == 32
     trained = SimCLRModel("resnet18", projection_dim=32)
