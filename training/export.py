@@ -263,7 +263,8 @@ def metrics_section(metrics: dict) -> str:
     if not rows:
         return (lines[0] + "\n\n" if lines[0] else "") + (
             "No downstream evaluation recorded; see training/docs/benchmarks.md.")
-    lines += ["", "| benchmark | labels | mean ± sd (x 100) | n | splits |", "|---|---|---|---|---|"]
+    lines += ["", "| benchmark | labels | mean ± sd (x 100) | n | splits |",
+              "|---|---|---|---|---|"]
     lines += [f"| {key} | {float(fraction) * 100:g}% | {stats['mean'] * 100:.1f} ± "
               f"{stats['std'] * 100:.1f} | {stats.get('n', '?')} | {split} |"
               for key, fraction, stats, split in rows]

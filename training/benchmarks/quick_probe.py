@@ -90,9 +90,10 @@ def _fit_predict(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarr
 
 def macro_f1(x: np.ndarray, y: np.ndarray, splits: int, groups: np.ndarray | None = None
              ) -> tuple[float, float]:
-    """Mean and sd (ddof 1) of macro F1 (x100) over the shuffles / splits: out-of-fold over 5 group folds per shuffle when ``groups``
-    are given (the benchmark's folds, ``downstream.splits.cross_validation_splits``; each
-    fold's classifier trains on the other four), else over stratified random 50/50 splits."""
+    """Mean and sd (ddof 1) of macro F1 (x100) over the shuffles / splits: out-of-fold
+    over 5 group folds per shuffle when ``groups`` are given (the benchmark's folds,
+    ``histohub_training.downstream.splits.cross_validation_splits``; each fold's classifier
+    trains on the other four), else over stratified random 50/50 splits."""
     from sklearn.metrics import f1_score
     from sklearn.model_selection import StratifiedShuffleSplit
 
