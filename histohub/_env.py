@@ -19,7 +19,8 @@ The settings, their readers and defaults:
 - ``HISTOHUB_MANIFEST``: ``manifest_files()``, a list split at ``os.pathsep``; none.
 - ``HISTOHUB_MIRROR``: ``mirror()``; none.
 - ``HISTOHUB_OFFLINE``: ``is_offline()``, a switch; off.
-- ``HISTOHUB_ACCEPT_SHA256``: ``accepted_sha256s()``, a list split at commas or blanks; none.
+- ``HISTOHUB_ACCEPT_SHA256``: ``accepted_sha256s()``, ``FILENAME=SHA256`` pairs split at
+  commas or blanks; none.
 - ``HISTOHUB_ACCEPT_LICENCES``: ``accepted_licences()``, a list split at commas or blanks;
   none.
 - ``HISTOHUB_MAX_DOWNLOAD_BYTES``: ``max_download_bytes()``, a number; 4 GiB.
@@ -116,14 +117,17 @@ def is_offline() -> bool:
     return _switch("HISTOHUB_OFFLINE", False)
 
 
-def accepted_sha256s() -> frozenset[str]:
-    """``HISTOHUB_ACCEPT_SHA256``: hashes a maintainer accepted in place of reported ones
-    (full 64-hex lower-case values, separated by commas or blanks)."""
+def accepted_sha256s() -> frozenset[tuple[str, str]]:
+    """``HISTOHUB_ACCEPT_SHA256``: ``(file name, sha256)`` pairs a maintainer accepted in
+    place of reported hashes (``FILENAME=SHA256``, separated by commas or blanks): each holds
+    for the file it names only, which alone loses its reported size check."""
     values = _items("HISTOHUB_ACCEPT_SHA256", r"[,\s]+")
-    bad = [value for value in values if not _SHA256.fullmatch(value)]
+    bad = [value for value in values
+           if not re.fullmatch(r"[^=/\\]+=[0-9a-f]{64}", value)]
     if bad:
-        raise _bad("HISTOHUB_ACCEPT_SHA256", bad[0], "full 64-hex lower-case sha256 values")
-    return frozenset(values)
+        raise _bad("HISTOHUB_ACCEPT_SHA256", bad[0], "FILENAME=SHA256 pairs (the file's name "
+                   "and its full 64-hex lower-case sha256)")
+    return frozenset(tuple(value.split("=")) for value in values)
 
 
 def accepted_licences() -> frozenset[str]:

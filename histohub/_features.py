@@ -40,6 +40,7 @@ PREFETCH_BATCHES = 2
 # --------------------------------------------------------------------------- options
 
 def _option_rules() -> dict[str, dict[str, Any]]:
+    from histohub._limits import MAX_COUNT, max_workers
     from histohub.hub._schema import INTERPOLATIONS
     from histohub.slides._tissue import MASK_METHODS
     from histohub.slides._reader import MPP_RANGE
@@ -47,9 +48,9 @@ def _option_rules() -> dict[str, dict[str, Any]]:
     mpp = {"low": MPP_RANGE[0], "high": MPP_RANGE[1], "optional": True}
     return {
         **MODEL_OPTIONS,
-        "num_workers": {"integer": True, "low": 0},
-        "read_threads": {"integer": True, "low": 1, "high": 8},
-        "max_patches": {"integer": True, "low": 1, "optional": True},
+        "num_workers": {"integer": True, "low": 0, "high": max_workers()},
+        "read_threads": {"integer": True, "low": 1, "high": min(8, max_workers())},
+        "max_patches": {"integer": True, "low": 1, "high": MAX_COUNT, "optional": True},
         "mpp": mpp, "target_mpp": mpp,
         "min_foreground": {"low": 0, "high": 1},
         "mask": {"choices": MASK_METHODS},
@@ -67,9 +68,9 @@ def check_options(*, cli: bool = False, **options: Any) -> None:
     ``OptionError`` (a ValueError) naming the first bad one and its allowed range, on one
     line. ``cli``: name them as the command line does (``--batch-size 0``).
 
-    >>> check_options(batch_size=0)
+    >>> check_options(patch_size=0)
     Traceback (most recent call last):
-    histohub.errors.OptionError: batch_size=0: must be an integer >= 1
+    histohub.errors.OptionError: patch_size=0: must be an integer >= 1
     """
     rules = _option_rules()
     for name, value in options.items():

@@ -174,7 +174,7 @@ def check_option(name: str, value: object, *, low: float | None = None,
 
     The message quotes the option as ``name=value`` (Python) or ``flag value`` (command line,
     when ``flag`` is given) and says what is allowed, on one line:
-    ``--batch-size 0: must be an integer >= 1``.
+    ``--patch-size 0: must be an integer >= 1``.
     """
     if value is None and optional:
         return
@@ -190,9 +190,9 @@ def check_option(name: str, value: object, *, low: float | None = None,
             return
         kind = "an integer" if integer else "a number"
         if high is None:
-            allowed = f"{kind} >= {low:g}"
+            allowed = f"{kind} >= {_bound(low)}"
         else:
-            allowed = f"{kind} in [{low:g}, {high:g}]"
+            allowed = f"{kind} in [{_bound(low)}, {_bound(high)}]"
     if optional:
         allowed = f"None or {allowed}" if flag is None else f"omitted or {allowed}"
     if isinstance(value, float):
@@ -201,6 +201,11 @@ def check_option(name: str, value: object, *, low: float | None = None,
         shown = str(value) if flag and isinstance(value, (int, str)) else repr(value)
     label = f"{flag} {shown}" if flag else f"{name}={shown}"
     raise OptionError(f"{label}: must be {allowed}")
+
+
+def _bound(value: float) -> str:
+    """A range's end as a message shows it: integers in full, other numbers short."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 class RoiError(HistohubError, ValueError):

@@ -104,10 +104,13 @@ def test_switches_share_one_rule(monkeypatch, name):
 
 
 def test_lists_drop_empty_items(monkeypatch, tmp_path):
-    monkeypatch.setenv("HISTOHUB_ACCEPT_SHA256", f" {SHA},, {'cd' * 32}\n")
-    assert _env.accepted_sha256s() == {SHA, "cd" * 32}
-    monkeypatch.setenv("HISTOHUB_ACCEPT_SHA256", f"{SHA},{SHA.upper()}")
-    with pytest.raises(OptionError, match="^HISTOHUB_ACCEPT_SHA256 takes full 64-hex"):
+    monkeypatch.setenv("HISTOHUB_ACCEPT_SHA256", f" a.bin={SHA},, b.pt={'cd' * 32}\n")
+    assert _env.accepted_sha256s() == {("a.bin", SHA), ("b.pt", "cd" * 32)}
+    monkeypatch.setenv("HISTOHUB_ACCEPT_SHA256", f"a.bin={SHA},a.bin={SHA.upper()}")
+    with pytest.raises(OptionError, match="^HISTOHUB_ACCEPT_SHA256 takes FILENAME=SHA256"):
+        _env.accepted_sha256s()
+    monkeypatch.setenv("HISTOHUB_ACCEPT_SHA256", SHA)  # unscoped: it held for every file
+    with pytest.raises(OptionError, match="FILENAME=SHA256"):
         _env.accepted_sha256s()
     monkeypatch.setenv("HISTOHUB_ACCEPT_LICENCES", "UNI, CC-BY-NC-ND-4.0,")
     assert _env.accepted_licences() == {"uni", "cc-by-nc-nd-4.0"}

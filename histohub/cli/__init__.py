@@ -16,6 +16,7 @@ import sys
 
 from histohub._version import __version__
 from histohub.errors import HistohubError
+from histohub.hub._redact import RedactingFilter, redact
 
 COMMANDS = ["histohub.cli._models", "histohub.cli._hub", "histohub.cli._extract",
             "histohub.cli._cluster", "histohub.cli._demo"]
@@ -37,10 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # no credentials in any log line
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
     try:
         return int(args.func(args) or 0)
     except HistohubError as error:
-        print(f"histohub {args.command}: error: {error}", file=sys.stderr)
+        print(f"histohub {args.command}: error: {redact(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"histohub {args.command}: interrupted", file=sys.stderr)

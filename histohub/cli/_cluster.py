@@ -51,6 +51,28 @@ def _positive(text: str) -> int:
     return value
 
 
+def _at_most(limit, what: str):
+    """A parser of positive integers up to ``limit()`` (what this machine can honour)."""
+    def parse(text: str) -> int:
+        value = _positive(text)
+        if value > limit():
+            raise argparse.ArgumentTypeError(f"expected at most {limit()} ({what}), got {text}")
+        return value
+    return parse
+
+
+def _threads() -> int:
+    from histohub._limits import max_workers
+
+    return max_workers()
+
+
+def _kmeans_rows() -> int:
+    from histohub._limits import memory_bytes
+
+    return memory_bytes() // 2 // (4 * 2048)  # rows of up to 2048 float32 in half the memory
+
+
 def _seed(text: str) -> int:
     from histohub.cluster import MAX_SEED
 
@@ -61,10 +83,15 @@ def _seed(text: str) -> int:
 
 
 def _gib(text: str) -> float:
+    from histohub._limits import memory_bytes
+
     value = float(text)
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"expected a size in GiB >= 0 (0: always stream), "
                                          f"got {text}")
+    if value > memory_bytes() / 2**30:
+        raise argparse.ArgumentTypeError(f"expected at most {memory_bytes() / 2**30:.1f} "
+                                         f"(this machine's memory in GiB), got {text}")
     return value
 
 
@@ -100,14 +127,15 @@ def register(subparsers) -> None:
     parser.add_argument("--montage-size", type=_positive, default=8, metavar="N",
                         help="patches per cluster in the montage (default 8)")
     parser.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
-    parser.add_argument("--batch-size", type=_positive, default=4096,
+    parser.add_argument("--batch-size", type=_at_most(_kmeans_rows, "half the memory"),
+                        default=4096,
                         help="k-means mini-batch size (default 4096)")
-    parser.add_argument("--passes", type=_positive, default=3,
+    parser.add_argument("--passes", type=_at_most(lambda: 1000, "passes"), default=3,
                         help="passes over the data when streaming features (default 3)")
     parser.add_argument("--max-memory", type=_gib, default=1.0, metavar="GIB",
                         help="cluster in memory up to this many GiB of features, stream "
                              "beyond (default 1)")
-    parser.add_argument("--threads", type=_positive,
+    parser.add_argument("--threads", type=_at_most(_threads, "2 x the CPUs"),
                         help="BLAS/OpenMP threads for k-means (default: 1 for small "
                              "problems, where threads only wait for each other; else all)")
     parser.add_argument("--slide-dir", type=Path,

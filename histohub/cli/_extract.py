@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import gc
 import glob
 import hashlib
@@ -221,8 +222,10 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
     if text is None:
         return 0, 1
+    from histohub._limits import MAX_COUNT
+
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if match is None or not int(match[1]) < int(match[2]):
+    if match is None or not int(match[1]) < int(match[2]) <= MAX_COUNT:
         raise OptionError(f"--shard {text}: must be I/N with 0 <= I < N, e.g. --shard 0/4")
     return int(match[1]), int(match[2])
 
@@ -265,12 +268,36 @@ def pick_device(device: str, local_rank: int | None) -> str:
     return device
 
 
+def check_device(device: str) -> None:
+    """``OptionError`` (one line) unless torch knows ``device`` and, for a GPU, this
+    machine has it: checked before ``--out`` is made or the model loads."""
+    import torch
+
+    from histohub.errors import OptionError
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise OptionError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N"
+                          ) from None
+    if parsed.type == "cuda":
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus == 0:
+            raise OptionError(f"--device {device}: no CUDA GPU on this machine; use "
+                              "--device cpu")
+        if parsed.index is not None and parsed.index >= gpus:
+            raise OptionError(f"--device {device}: this machine has {gpus} GPU(s), cuda:0 "
+                              f"to cuda:{gpus - 1}")
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from histohub._features import check_options
+    from histohub.errors import OptionError
     from histohub.slides._extract import SlideExtractor, SlideJob, Tiling
+    from histohub.slides._guard import guarded_results
     from histohub.slides._names import same_files
 
     compile = {"auto": "auto", "on": True, "off": False}[args.compile]
@@ -281,6 +308,11 @@ def run(args: argparse.Namespace) -> int:
         _accept_licence(args.model)
     index, count = parse_shard(args.shard)
     rank, world, local_rank = launcher_rank()
+    device = pick_device(args.device, local_rank)
+    check_device(device)
+    if args.out.exists() and not args.out.is_dir():
+        raise OptionError(f"--out {args.out}: is a file, not a folder; give a folder (made "
+                          "when missing)")
     share, shares = index * world + rank, count * world
     slides, problems = find_slides(args.inputs)
     for problem in problems:
@@ -312,14 +344,16 @@ def run(args: argparse.Namespace) -> int:
     # garbage collector, whose full passes over it (0.1-0.2 s each, holding the GIL)
     # stalled the threads of a run
     gc.freeze()
-    extractor = SlideExtractor(args.model, device=pick_device(args.device, local_rank),
-                               batch_size=args.batch_size, num_workers=args.workers,
-                               read_threads=args.read_threads, amp=args.amp or False,
-                               compile=compile, progress=not args.quiet)
-    with extractor, logging_redirect_tqdm(), tqdm(
+    # in a child process: a slide whose reading kills it (a native abort) fails alone
+    extractor = functools.partial(
+        SlideExtractor, args.model, device=device, batch_size=args.batch_size,
+        num_workers=args.workers, read_threads=args.read_threads, amp=args.amp or False,
+        compile=compile, progress=not args.quiet)
+    with logging_redirect_tqdm(), tqdm(
             total=len(jobs), unit="slide", desc="slides", disable=args.quiet,
             dynamic_ncols=True) as bar:
-        for result in extractor.extract_many(jobs, tiling=tiling, overwrite=args.overwrite):
+        for result in guarded_results(extractor, jobs, tiling=tiling,
+                                      overwrite=args.overwrite):
             if result.error is not None:  # not a slide, no mpp, busy, disk full, kept
                 # output: reported (logged already), the others go on
                 failed.append(f"{result.slide_path}: {result.error}")
@@ -379,8 +413,10 @@ def _summary(results: list, failed: list[str], seconds: float, out: Path) -> Non
         f"time: {seconds:.1f} s, {run_now / seconds if seconds > 0 else 0:.1f} patches/s",
         f"output: {out}",
     ]
+    from histohub.hub._redact import one_line
+
     # with the failed ones below: every slide given, once
-    lines = slide_lines(results) + lines
-    for problem in failed:
-        lines.append(f"failed: {problem}")
+    lines = [one_line(line) for line in slide_lines(results)] + lines
+    for problem in failed:  # one line each, whatever the file names hold
+        lines.append(f"failed: {one_line(problem)}")
     print("\n".join(lines))

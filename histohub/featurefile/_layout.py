@@ -217,10 +217,11 @@ def refuse_foreign(path: str | os.PathLike) -> None:
                 "--overwrite (overwrite=True) to replace it, or choose another output folder")
 
 
-def find_done(path: str | os.PathLike, request: dict[str, Any], *, max_patches: int | None
-              ) -> dict[str, Any] | None:
+def find_done(path: str | os.PathLike, request: dict[str, Any], *, max_patches: int | None,
+              say_trial: bool = True) -> dict[str, Any] | None:
     """The attributes of ``path`` when it is complete and made for ``request`` (reuse it);
-    None when it is to be made (absent, unfinished, or a shorter ``max_patches`` trial);
+    None when it is to be made (absent, unfinished, or a shorter ``max_patches`` trial,
+    which a warning says unless not ``say_trial``: said once per slide);
     ``OutputExistsError`` when replacing it would lose features of another request."""
     path = Path(path)
     attrs = read_attrs(path) if path.exists() else None
@@ -241,8 +242,9 @@ def find_done(path: str | os.PathLike, request: dict[str, Any], *, max_patches: 
     have, total = int(attrs["n_grid"]), int(attrs["n_tissue"])
     want = total if max_patches is None else min(max_patches, total)
     if want > have:
-        log.warning("%s: a trial of %d of %d patches (max_patches=%d); extracting %d now",
-                    path, have, total, attrs.get("max_patches", 0), want)
+        if say_trial:
+            log.warning("%s: a trial of %d of %d patches (max_patches=%d); extracting %d now",
+                        path, have, total, attrs.get("max_patches", 0), want)
         return None
     if want < have:
         raise OutputExistsError(f"{path} holds {have} patches of this slide, more than the "
@@ -331,9 +333,30 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
         if not np.issubdtype(coords.dtype, np.number):
             raise FeatureFileError(
                 f"{str(path)!r}: 'coords' must be numbers (level-0 x, y), got {coords.dtype}.")
+        for name, item in (("features", features), ("coords", coords)):
+            _check_backed(path, name, item)
         return {"n": int(features.shape[0]), "dim": int(features.shape[1]),
                 "attrs": {k: _plain(v) for k, v in handle.attrs.items()},
                 "coords_attrs": {k: _plain(v) for k, v in coords.attrs.items()}}
+
+
+#: The most a filter shrinks data (deflate's limit is about 1032:1): a compressed dataset
+#: declaring more than this many times its stored bytes holds chunks never written.
+MAX_COMPRESSION = 1100
+
+
+def _check_backed(path: Path, name: str, dataset) -> None:
+    """``FeatureFileError`` unless the file holds the bytes ``dataset``'s shape declares
+    (all of them uncompressed, ``1 / MAX_COMPRESSION`` of them compressed): a shape of
+    (1e9, 1e6) over a few kB of file would be read (fill values) for ever."""
+    declared = int(np.prod(dataset.shape, dtype=object)) * dataset.dtype.itemsize
+    stored = dataset.id.get_storage_size()
+    compressed = bool(dataset.compression or dataset.scaleoffset is not None)
+    if declared > (stored * MAX_COMPRESSION if compressed else stored):
+        raise FeatureFileError(
+            f"{str(path)!r}: {name!r} declares shape {tuple(dataset.shape)} {dataset.dtype} "
+            f"({declared} bytes) but the file holds {stored} bytes of it "
+            f"({path.stat().st_size}-byte file): damaged or crafted; extract it again.")
 
 
 def _plain(value: Any) -> Any:

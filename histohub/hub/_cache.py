@@ -233,7 +233,8 @@ def bundled(file: WeightsFile) -> FetchedFile | None:
         path = source.package_path
         if path is None or not path.is_file():
             continue
-        size, digest = path.stat().st_size, sha256_file(path)
+        size = path.stat().st_size  # compared first: a wrong size is not worth hashing
+        digest = sha256_file(path) if size == file.size else "not computed (size differs)"
         if size != file.size or digest != file.sha256:
             raise ChecksumError(
                 f"{file.filename} shipped in the histohub package at {path} is not the file "

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from histohub.hub._descriptor import ModelDescriptor
+from histohub.hub._redact import redact, redact_all
 from histohub._version import __version__
 from histohub.errors import require
 
@@ -64,8 +65,10 @@ def export_hf(model: str | os.PathLike, out_dir: str | os.PathLike, *, arch: str
         from safetensors.torch import save_file
 
         save_file(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
-        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        (folder / CARD_NAME).write_text(model_card(described, repo_id=repo_id),
+        # redacted whole (the card quotes the manifest's text): what push uploads
+        (folder / CONFIG_NAME).write_text(json.dumps(redact_all(config), indent=2) + "\n",
+                                          encoding="utf-8")
+        (folder / CARD_NAME).write_text(redact(model_card(described, repo_id=repo_id)),
                                         encoding="utf-8")
 
     _write_directory(out_dir, write, overwrite=overwrite)
@@ -131,7 +134,7 @@ def timm_config(described: ModelDescriptor) -> dict[str, Any]:
         doi = re.search(r"doi:\s*(\S+?)\.?$", entry.citation)
         if doi:
             pretrained_cfg["paper_ids"] = f"doi:{doi.group(1)}"
-        urls = [s.url for w in entry.weights for s in w.sources if s.url]
+        urls = [s.public_url for w in entry.weights for s in w.sources if s.url]
         if urls:
             pretrained_cfg["origin_url"] = urls[0]
     return {

@@ -76,10 +76,12 @@ def _parse_source(where: str, data: Any) -> Source:
     _check_fields(where, data, {}, _SOURCE_FIELDS)
     if "package" in data:
         path = data["package"]
-        if set(data) != {"package"} or not _PACKAGE_FILE.match(path) or ".." in path.split("/"):
+        if set(data) != {"package"} or not _PACKAGE_FILE.match(path) \
+                or ".." in path.split("/") or not path.startswith("weights/"):
+            # under weights/ only: the manifest or a module is never a weights file
             raise ManifestError(f"{where}: a package source is {{'package': "
                                 f"'weights/x.safetensors'}} alone, a relative path inside "
-                                f"histohub/ without '..', got {path!r}")
+                                f"histohub/weights/ without '..', got {path!r}")
         return Source(package=path)
     if ("url" in data) == ("repo_id" in data):
         raise ManifestError(f"{where}: give either 'url' or 'repo_id' (+ 'filename', 'revision')")

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from histohub._env import mallopt_enabled
+from histohub._limits import max_batch_size
 from histohub.errors import HistohubError, check_option
 from histohub.hub._descriptor import ModelDescriptor, describe_model, describe_module
 
@@ -58,7 +59,7 @@ _AMP = (False, True, "bf16", "bfloat16", "fp16", "float16")
 #: The runner's options and their allowed values (``errors.check_option`` rules);
 #: ``features.check_options`` checks these with the other extraction options.
 MODEL_OPTIONS: dict[str, dict[str, Any]] = {
-    "batch_size": {"integer": True, "low": 1},
+    "batch_size": {"integer": True, "low": 1, "high": max_batch_size()},
     "amp": {"choices": _AMP},
     "compile": {"choices": COMPILE_CHOICES},
 }

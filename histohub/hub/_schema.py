@@ -50,14 +50,21 @@ class Source:
         """Where a ``package`` source's file lies in this installation (else None)."""
         return PACKAGE_DIR / self.package if self.package else None
 
+    @property
+    def public_url(self) -> str | None:
+        """``url`` without its ``user:password@``: what may be shown or written."""
+        from histohub.hub._redact import redact
+
+        return None if self.url is None else redact(self.url)
+
     def describe(self) -> str:
-        """One line for listings (no credentials are stored in sources' labels here)."""
+        """One line for listings, without credentials."""
         if self.is_hf:
             return f"huggingface {self.repo_id}@{self.revision or 'main (not pinned)'} " \
                    f"{self.filename}"
         if self.package:
             return f"the histohub package: {self.package}"
-        return self.url
+        return self.public_url
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ histohub: enforced the same way, and a mismatch says so); the hash recorded on t
 download (trust on first use, with a warning). A download whose hash differs from a
 *reported* one is refused, since it may be a proxy's or mirror's answer or a changed
 release; whoever has checked the new file by other means accepts exactly that file with
-``HISTOHUB_ACCEPT_SHA256=<its sha256>`` (comma-separated for several), and a maintainer
+``HISTOHUB_ACCEPT_SHA256=<file name>=<its sha256>`` (comma-separated for several; each
+holds for the file it names only), and a maintainer
 then runs ``histohub pin NAME`` with the same setting to write it into the manifest as
 verified. A file with no hash to check must at least be of its declared format before its
 hash is trusted on first use (``check_looks_like``).
@@ -82,7 +83,7 @@ def expected_for(file: WeightsFile, record: dict | None) -> Expected:
     """The strongest expectation for ``file``, given its cache record (see the module doc)."""
     if file.sha256 is not None:
         return Expected(file.sha256, file.size, "verified")
-    accepted = accepted_sha256s()
+    accepted = frozenset(sha for name, sha in accepted_sha256s() if name == file.filename)
     size = None if accepted else file.expected_size  # an accepted file may differ in size
     if record is not None and record.get("expected_from") == "accepted":
         return Expected(record["sha256"], None, "accepted", accepted)
@@ -118,7 +119,8 @@ def mismatch(file: WeightsFile, expected: Expected, digest: str, size: int, *,
     if expected.kind == "reported":
         text += (" Either this copy is not the upstream file (a proxy's or a mirror's answer, "
                  "a changed release) or the report is wrong. If you have checked this file "
-                 f"by other means, accept exactly it with HISTOHUB_ACCEPT_SHA256={digest} "
+                 "by other means, accept exactly it with "
+                 f"HISTOHUB_ACCEPT_SHA256={file.filename}={digest} "
                  "(remembered by the cache); maintainers then run `histohub pin "
                  f"{name or 'NAME'}` with that setting to record it as verified.")
     return text

@@ -263,7 +263,8 @@ class SlideExtractor:
             regions = slide_regions(tiling, slide)
             if regions.coords is not None:  # the coordinates file sets the patches' mpp
                 target = _slide_mpp(slide, tiling.mpp)[0] * regions.size0 / pre.input_size
-            if not overwrite and job.output.exists():  # done already? known before tiling
+            said = not overwrite and job.output.exists()  # found done before tiling? (find_done
+            if said:  # says a trial is extended once: here)
                 prepared.request = self._request(slide, tiling, target, regions)
                 done = _h5.find_done(job.output, prepared.request,
                                      max_patches=tiling.max_patches)
@@ -291,12 +292,11 @@ class SlideExtractor:
             # a new output needs the model's fingerprint only now: made meanwhile
             prepared.request = prepared.request or self._request(slide, tiling, target,
                                                                  regions)
-            prepared.lock = output_lock(job.output)
-            # under the lock: finished by another process meanwhile?
-            done = None if overwrite else _h5.find_done(job.output, prepared.request,
-                                                        max_patches=tiling.max_patches)
+            prepared.lock = output_lock(job.output)  # then: finished by another meanwhile?
+            done = None if overwrite else _h5.find_done(
+                job.output, prepared.request, max_patches=tiling.max_patches, say_trial=not said)
             if done is not None:
-                prepared.release()
+                prepared.release(finished=True)
                 return replace(prepared, done=done, grid=None)
             prepared.result = self._open(prepared, tiling, overwrite)
         except BaseException:

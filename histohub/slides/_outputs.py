@@ -50,14 +50,18 @@ class OpenOutput:
         slide, self.slide = self.slide, None
         return slide
 
-    def release(self) -> None:
+    def release(self, *, finished: bool = False) -> None:
         """Close the partial file (kept, to be resumed), free the lock, close the slide
-        handle unless a reader took it; idempotent."""
+        handle unless a reader took it; idempotent. ``finished``: the output is complete, so
+        the lock file is removed while still held (whoever takes a new lock on that name
+        finds the output done): a clean run leaves no ``.lock`` behind."""
         writer, lock, slide = self.writer, self.lock, self.take_slide()
         self.writer = self.lock = None
         if writer is not None:
             writer.close()
         if lock is not None:
+            if finished:
+                Path(lock.lock_file).unlink(missing_ok=True)
             lock.release()
         if slide is not None:
             slide.close()
@@ -85,8 +89,10 @@ class OpenOutput:
         result.n_nonfinite = writer.n_nonfinite
         try:
             writer.finish(overwrite=overwrite)
-        finally:
+        except BaseException:
             self.release()
+            raise
+        self.release(finished=True)
         if result.n_failed:
             result.warnings.append(f"{name}: {result.n_failed} patches could not be read and "
                                    "were skipped (failed_coords)")

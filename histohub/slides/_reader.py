@@ -22,6 +22,7 @@ import numpy as np
 
 from histohub.errors import SlideError, require
 from histohub.slides._jpeg_tiles import JpegTileLevel, Unsupported, open_jpeg_level
+from histohub.slides._tiff_checks import check_tiled_tiff
 
 if TYPE_CHECKING:
     from histohub.slides._tiling import TileGrid
@@ -57,6 +58,7 @@ class Slide:
             from histohub.slides._names import broken_link
 
             raise SlideError(broken_link(self.path) or f"{self.path}: no such file")
+        check_tiled_tiff(self.path)  # before OpenSlide allocates what the tags declare
         try:
             self._handle = openslide.OpenSlide(str(self.path))
         except (openslide.OpenSlideError, ValueError) as error:  # Unsupported is an OpenSlideError

@@ -137,8 +137,8 @@ def histohub_main(argv: list[str], monkeypatch) -> int:
 
 
 @pytest.mark.parametrize(("option", "value", "allowed"), [
-    ("--batch-size", "0", "an integer >= 1"), ("--batch-size", "-1", "an integer >= 1"),
-    ("--max-patches", "-5", "an integer >= 1"), ("--workers", "-1", "an integer >= 0"),
+    ("--batch-size", "0", "an integer in [1, "), ("--batch-size", "-1", "an integer in [1, "),
+    ("--max-patches", "-5", "an integer in [1, "), ("--workers", "-1", "an integer in [0, "),
     ("--target-mpp", "0", "[0.05, 50]"), ("--target-mpp", "nan", "[0.05, 50]"),
     ("--target-mpp", "inf", "[0.05, 50]"), ("--mpp", "0", "[0.05, 50]"),
     ("--mpp", "-1", "[0.05, 50]"), ("--mpp", "nan", "[0.05, 50]"), ("--mpp", "inf", "[0.05, 50]"),

@@ -531,11 +531,11 @@ def test_reported_sha256_verifies_the_very_first_download(file_server, make_mani
     message = str(caught.value)
     assert _sha(PAYLOAD) in message and "reported" in message
     assert "not verified by histohub" in message and "an independent user" in message
-    assert f"HISTOHUB_ACCEPT_SHA256={_sha(OTHER)}" in message
+    assert f"HISTOHUB_ACCEPT_SHA256=model.bin={_sha(OTHER)}" in message
     assert [n for n in _cache_files() if not n.endswith((".lock", ".holder"))] == []
 
     # A maintainer who checked the new file another way accepts exactly that hash.
-    monkeypatch.setenv("HISTOHUB_ACCEPT_SHA256", _sha(OTHER))
+    monkeypatch.setenv("HISTOHUB_ACCEPT_SHA256", f"model.bin={_sha(OTHER)}")
     fetched = _fetch.fetch_weights(entry, progress=False)
     assert fetched.path.read_bytes() == OTHER
     record = json.loads(fetched.path.with_name("model.bin.json").read_text())
@@ -791,7 +791,7 @@ def test_pin_after_accepting_another_file_records_it_as_verified(file_server, ma
     assert main(["pin", "-q", NAME]) == 2  # refused: not the reported file
     assert "HISTOHUB_ACCEPT_SHA256" in capsys.readouterr().err
 
-    monkeypatch.setenv("HISTOHUB_ACCEPT_SHA256", _sha(OTHER))
+    monkeypatch.setenv("HISTOHUB_ACCEPT_SHA256", f"model.bin={_sha(OTHER)}")
     assert main(["pin", "-q", NAME]) == 0
 
     pinned = json.loads(manifest.read_text())["models"][NAME]["weights"][0]
@@ -845,7 +845,7 @@ def test_a_damaged_file_in_the_package_is_refused_and_a_missing_one_is_an_error(
     ({"package": "../outside.ckpt"}, True, "without '..'"),
     ({"package": "/abs/x.ckpt"}, True, "relative path"),
     ({"package": "w/x.ckpt", "url": "https://example.org/x"}, True, "alone"),
-    ({"package": "w/x.ckpt"}, False, "verified 'sha256' and 'size'"),
+    ({"package": "weights/x.ckpt"}, False, "verified 'sha256' and 'size'"),
 ])
 def test_package_sources_are_checked_when_the_manifest_is_read(make_manifest, source, pinned,
                                                                message):
