@@ -174,6 +174,10 @@ def build_entry(checkpoint: dict, *, weights_path: Path, sha256: str, size: int,
         "augmentations": {k: v for k, v in augment.items() if k != "on"},
         "backbone_parameters": parameters,
         "processes": checkpoint.get("world_size", 1),
+        "seed": config["seed"],
+        # what a bit-identical rerun must match (simclr/determinism.py); None: not recorded
+        "threads": checkpoint.get("environment", {}).get("threads", config.get("threads")),
+        "environment": checkpoint.get("environment"),
     }
     training_data = (f"{images} images from {len(summary)} dataset(s): "
                      + "; ".join(f"{s['name']} ({s['kind']}, {s['selected']} of "
@@ -248,6 +252,25 @@ def _manifest_setup(manifest: Path) -> str:
     return f"```bash\nexport HISTOHUB_MANIFEST={manifest.resolve()}\n```\n"
 
 
+def metrics_section(metrics: dict) -> str:
+    """The card's metrics: each benchmark metric as mean ± sd (n) per label fraction."""
+    lines = [f"Final pretraining loss {metrics['final_pretraining_loss']:.3f}."
+             if "final_pretraining_loss" in metrics else ""]
+    rows = [(key, fraction, stats, item.get("split", ""))
+            for key, item in sorted(metrics.items()) if isinstance(item, dict) and "mean" in item
+            for fraction, stats in sorted(item.get("by_fraction", {}).items(),
+                                          key=lambda kv: float(kv[0]))]
+    if not rows:
+        return (lines[0] + "\n\n" if lines[0] else "") + (
+            "No downstream evaluation recorded; see training/docs/benchmarks.md.")
+    lines += ["", "| benchmark | labels | mean ± sd (x 100) | n | splits |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {key} | {float(fraction) * 100:g}% | {stats['mean'] * 100:.1f} ± "
+              f"{stats['std'] * 100:.1f} | {stats.get('n', '?')} | {split} |"
+              for key, fraction, stats, split in rows]
+    return "\n".join(lines).strip()
+
+
 def model_card(name: str, entry: dict, manifest: Path) -> str:
     """A Markdown model card for the exported weights."""
     weights = entry["weights"][0]
@@ -292,7 +315,7 @@ Preprocessing: {pre['input_size']} px, mean {pre['mean']}, std {pre['std']}, mpp
 
 ## Metrics
 
-{json.dumps(entry['metrics']) if entry['metrics'] else 'No downstream evaluation recorded; see training/docs/benchmarks.md.'}
+{metrics_section(entry['metrics'])}
 
 ## Citation
 
@@ -333,7 +356,10 @@ def export(checkpoint_path: str | os.PathLike, *, name: str, out: str | os.PathL
     state = backbone_state(checkpoint, arch)
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    weights = _serialize(state, {"arch": arch, "name": name, "epochs": str(checkpoint["epoch"])})
+    # one metadata key, and not the name: the same weights exported under another name (a
+    # rerun's "-rerun") are the same bytes, so their sha256 says whether a retraining
+    # reproduced them (safetensors writes several keys in a per-process hash order)
+    weights = _serialize(state, weights_metadata(arch, checkpoint["epoch"]))
     parameters = sum(v.numel() for k, v in state.items()
                      if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     entry = build_entry(checkpoint, weights_path=weights_path,
@@ -353,6 +379,12 @@ def export(checkpoint_path: str | os.PathLike, *, name: str, out: str | os.PathL
     write_manifest_entry(manifest_path, name, entry, replace=force)
     write_text_atomic(card_path, model_card(name, entry, manifest_path))
     return entry
+
+
+def weights_metadata(arch: str, epochs: int) -> dict[str, str]:
+    """The safetensors metadata: one key (several are written in a per-process hash order,
+    which would change the file's sha256 from one export to the next), no model name."""
+    return {"histohub": json.dumps({"arch": arch, "epochs": epochs}, sort_keys=True)}
 
 
 def _serialize(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:

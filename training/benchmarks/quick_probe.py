@@ -9,8 +9,9 @@ What chose the CPU recipe (training/README.md): frozen 512-d features of the sha
 each image resized to ``--size`` px, mean = std = 0.5; standardised; scikit-learn's
 L-BFGS logistic regression; macro F1 (x100). ``--split grouped`` (the default) predicts every
 image from a classifier that never saw its source (Kather: the source image
-``CRC-Prim-HE-NN``; EBHI: the case; IDC: the patient), by 5-fold stratified group
-cross-validation, mean over ``--splits`` shuffles of the folds: tiles of one source image
+``CRC-Prim-HE-NN``; EBHI: the case number; IDC: the patient; the groups and folds of
+``run_benchmark.py``), by 5-fold stratified group cross-validation, mean over ``--splits``
+shuffles of the folds: tiles of one source image
 are near-duplicates, so random splits reward memorising a source. ``--split random``:
 stratified random 50/50 splits, mean over ``--splits`` (the splits the recipe table's
 first runs used). Cheaper than ``run_benchmark.py`` (no label fractions, no validation
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import re
 import sys
 from pathlib import Path
 
@@ -34,22 +34,23 @@ from histohub_training.simclr.model import SimCLRModel
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
-def _files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".tif")
-                  and "label" not in p.parts)
-
-
 def probe_sets(data: Path, idc_count: int = 1500
                ) -> dict[str, tuple[list[Path], list[str], list[str]]]:
-    """name -> (image paths, class labels, source groups)."""
-    kather = _files(data / "kather2016-tiles")
-    ebhi = _files(data / "ebhi-seg")
-    idc = sorted(random.Random(0).sample(_files(data / "idc-breast-patches"), idc_count))
-    return {"kather": (kather, [p.parent.name for p in kather],
-                       [re.search(r"CRC-Prim-HE-(\d+)", p.name).group(1) for p in kather]),
-            "ebhi": (ebhi, [p.parent.parent.name for p in ebhi],
-                     [p.name.split("-")[0] for p in ebhi]),
-            "idc": (idc, [p.parent.name for p in idc], [p.parent.parent.name for p in idc])}
+    """name -> (image paths, class labels, source groups): the presets of
+    ``run_benchmark.py`` (``downstream.datasets.PRESETS``), grouped as it groups them
+    (Kather: source image; EBHI: case number; IDC: patient), IDC cut to ``idc_count``."""
+    from histohub_training.downstream import datasets as ds
+
+    sets = {}
+    for name, preset in (("kather", "kather2016"), ("ebhi", "ebhi-seg"), ("idc", "idc-breast")):
+        dataset = ds.for_classification(ds.load_dataset(preset, root=data))
+        keep = range(len(dataset))
+        if name == "idc":
+            keep = sorted(random.Random(0).sample(range(len(dataset)), idc_count))
+        sets[name] = ([Path(dataset.paths[i]) for i in keep],
+                      [dataset.classes[dataset.labels[i]] for i in keep],
+                      [str(dataset.groups[i]) for i in keep])
+    return sets
 
 
 def load_images(paths: list[Path], size: int) -> torch.Tensor:
@@ -88,25 +89,36 @@ def _fit_predict(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarr
 
 
 def macro_f1(x: np.ndarray, y: np.ndarray, splits: int, groups: np.ndarray | None = None
-             ) -> float:
-    """Mean macro F1 (x100): out-of-fold over 5 group folds per shuffle when ``groups``
-    are given, else over stratified random 50/50 splits."""
+             ) -> tuple[float, float]:
+    """Mean and sd (ddof 1) of macro F1 (x100) over the shuffles / splits: out-of-fold
+    over 5 group folds per shuffle when ``groups`` are given (the benchmark's folds,
+    ``histohub_training.downstream.splits.cross_validation_splits``; each fold's classifier
+    trains on the other four), else over stratified random 50/50 splits."""
     from sklearn.metrics import f1_score
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedShuffleSplit
+    from sklearn.model_selection import StratifiedShuffleSplit
+
+    from histohub_training.downstream.splits import cross_validation_splits
 
     scores = []
     if groups is None:
         for train, test in StratifiedShuffleSplit(splits, test_size=0.5,
                                                   random_state=0).split(x, y):
             scores.append(f1_score(y[test], _fit_predict(x, y, train, test), average="macro"))
-        return 100 * float(np.mean(scores))
+        return _mean_sd(scores)
+    classes, codes = np.unique(y, return_inverse=True)
+    folds = cross_validation_splits(codes, groups, folds=5, repeats=splits, seed=0)
     for shuffle in range(splits):
         predicted = np.empty_like(y)
-        folds = StratifiedGroupKFold(5, shuffle=True, random_state=shuffle)
-        for train, test in folds.split(x, y, groups):
-            predicted[test] = _fit_predict(x, y, train, test)
+        for split in folds[shuffle * 5:(shuffle + 1) * 5]:
+            train = np.concatenate([split.train, split.val])
+            predicted[split.test] = _fit_predict(x, y, train, split.test)
         scores.append(f1_score(y, predicted, average="macro"))
-    return 100 * float(np.mean(scores))
+    return _mean_sd(scores)
+
+
+def _mean_sd(scores: list[float]) -> tuple[float, float]:
+    values = 100 * np.asarray(scores)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
 def backbone_of(spec: str) -> torch.nn.Module:
@@ -148,12 +160,15 @@ def main(argv: list[str] | None = None) -> int:
                    np.array(groups) if args.split == "grouped" else None)
             for name, (paths, labels, groups) in probe_sets(args.data).items()
             if name in args.sets}
-    print(f"{'model':<40} " + " ".join(f"{n:>7}" for n in sets))
+    print(f"macro F1 x 100, mean ± sd over {splits} "
+          + ("shuffles of 5 grouped folds" if args.split == "grouped" else "random splits"))
+    print(f"{'model':<40} " + " ".join(f"{n:>11}" for n in sets))
     for spec in [f"random:{s}" for s in args.random_seeds] + args.checkpoints:
         backbone = backbone_of(spec)
         scores = [macro_f1(features(backbone, x), y, splits, groups)
                   for x, y, groups in sets.values()]
-        print(f"{spec[-40:]:<40} " + " ".join(f"{s:>7.1f}" for s in scores), flush=True)
+        print(f"{spec[-40:]:<40} " + " ".join(f"{m:>5.1f} ± {sd:>3.1f}" for m, sd in scores),
+              flush=True)
     return 0
 
 

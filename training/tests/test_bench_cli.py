@@ -34,7 +34,10 @@ def test_cli_linear_run_writes_json_table_plot_and_reuses_cached_features(tmp_pa
     assert len(run["data_hash"]) == 64 and run["split"]["kind"] == "grouped stratified"
     assert run["environment"]["versions"]["torch"] == torch.__version__
     result = run["results"]["other-seed"]
-    assert set(result["summary"]) == {"0.5", "1"} and len(result["runs"]["0.5"]) == 2
+    # 5 grouped folds x 2 repeats: ten runs per fraction, each image tested once per repeat
+    assert set(result["summary"]) == {"0.5", "1"} and len(result["runs"]["0.5"]) == 10
+    assert result["summary"]["1"]["macro_f1"]["n"] == 10 and run["split"]["n"] == 10
+    assert sum(r["n_test"] for r in result["runs"]["1"]) == 2 * run["dataset"]["n_images"]
     assert result["runs"]["0.5"][0]["train_sha256"] != result["runs"]["0.5"][1]["train_sha256"]
     assert all(not t["features_cached"] for t in run["timings"].values())
     table = (out / "tables.md").read_text()

@@ -18,7 +18,7 @@ import pytest
 
 from histohub_training.downstream import datasets as ds
 from histohub_training.downstream.cli import main
-from histohub_training.downstream.splits import split_dataset
+from histohub_training.downstream.splits import cross_validation_splits
 
 pytest.importorskip("sklearn")
 
@@ -35,20 +35,22 @@ def test_kather_linear_probe_random_vs_checkpoint(shared_data, other_seed, tmp_p
                "--data", "kather2016", "--data-root", str(shared_data), "--input-size", "64",
                "--fractions", "50,100", "--repeats", "2", "--epochs", "5")
     assert run["dataset"]["n_images"] == 240 and run["dataset"]["n_groups"] == 10
-    assert run["split"]["kind"] == "grouped stratified"
-    assert run["split"]["missing_classes"]["train"] == run["split"]["missing_classes"]["test"] == []
+    assert run["split"]["kind"] == "grouped stratified" and run["split"]["n"] == 10
+    # every class trains in every split (a test fold of 2 source images lacks some classes)
+    assert run["split"]["missing_classes"]["train"] == []
     for label in ("random-resnet18", "other-seed"):
         summary = run["results"][label]["summary"]
-        assert summary["1"]["macro_f1"]["n"] == 2
+        assert summary["1"]["macro_f1"]["n"] == 10 and summary["1"]["macro_f1"]["std"] > 0
         # frozen random features already separate the tissue types: far above chance (1/8);
         # shuffled labels or misread images land near 0.125
         assert summary["1"]["macro_f1"]["mean"] > 0.3
         assert len(run["results"][label]["runs"]["1"][0]["test"]["per_class_f1"]) == 8
-    # the split the run used keeps every source image on one side
+    # the splits the run used keep every source image on one side
     data = ds.load_dataset("kather2016", root=shared_data)
-    split = split_dataset(data.labels, data.groups, seed=0, class_names=list(data.classes))
-    sides = [set(data.groups[p].tolist()) for p in (split.train, split.val, split.test)]
-    assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
+    for split in cross_validation_splits(data.labels, data.groups, folds=5, repeats=2, seed=0,
+                                         class_names=list(data.classes)):
+        sides = [set(data.groups[p].tolist()) for p in (split.train, split.val, split.test)]
+        assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
     assert "| 18 | Random |" in (tmp_path / "tables.md").read_text()
 
 
@@ -57,7 +59,8 @@ def test_ebhi_segmentation_unet_learns_the_masks(shared_data, tmp_path):
     pytest.importorskip("segmentation_models_pytorch")
     run = _run(tmp_path, "--model", "random", "--task", "segmentation", "--data", "ebhi-seg",
                "--data-root", str(shared_data), "--input-size", "32", "--max-images", "64",
-               "--fractions", "100", "--repeats", "1", "--epochs", "3", "--batch-size", "4")
+               "--fractions", "100", "--folds", "1", "--repeats", "1", "--epochs", "3",
+               "--batch-size", "4")
     assert run["dataset"]["grouped"] and run["dataset"]["n_images"] <= 70
     result = run["results"]["random-resnet18"]
     assert result["metric"] == "macro_f1"

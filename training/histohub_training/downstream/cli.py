@@ -24,6 +24,7 @@ from .linear import PROBES
 from .protocols import TASKS, Protocol, prepare, protocol_json, run_protocol
 from .report import (environment, load_runs, manifest_metrics, markdown_tables, plot_fractions,
                      write_json)
+from .splits import CV_FOLDS, CV_REPEATS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "holding the file (parent)")
     parser.add_argument("--fractions", default="5,10,20,50,100",
                         help="label fractions in percent (default: the paper's 5,10,20,50,100)")
-    parser.add_argument("--repeats", type=int, default=5, help="runs per fraction (default 5)")
+    parser.add_argument("--folds", type=int, default=CV_FOLDS,
+                        help=f"(grouped) cross-validation folds (default {CV_FOLDS}; at least "
+                             "3: test, validation and training folds); 1: a 50/25/25 split "
+                             "per repeat")
+    parser.add_argument("--repeats", type=int, default=CV_REPEATS,
+                        help=f"reshuffles of the folds (default {CV_REPEATS}); every number "
+                             "is a mean ± sd over folds x repeats runs per label fraction")
     parser.add_argument("--probe", choices=PROBES, default="converged",
                         help="how linear / frozen regression train their linear layer: "
                              "'converged' (default): logistic regression (scikit-learn's "
@@ -122,7 +129,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     wall = time.perf_counter()
     protocol = Protocol(
         task=args.task, fractions=parse_fractions(args.fractions) if args.task != "clustering"
-        else (1.0,), repeats=args.repeats, epochs=args.epochs, seed=args.seed,
+        else (1.0,), repeats=args.repeats, folds=args.folds, epochs=args.epochs, seed=args.seed,
         probe=args.probe, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, input_size=args.input_size, finetune=args.finetune,
         augment=args.augment, device=args.device, progress=not args.quiet,
@@ -227,7 +234,8 @@ def _summary_lines(record: dict) -> str:
     lines = []
     for label, result in record["results"].items():
         metric = result["metric"]
-        parts = [f"{float(f) * 100:g}%: {s[metric]['mean']:.4f} ± {s[metric]['std']:.4f}"
+        parts = [f"{float(f) * 100:g}%: {s[metric]['mean']:.4f} ± {s[metric]['std']:.4f} "
+                 f"(n={s[metric]['n']})"
                  for f, s in sorted(result["summary"].items(), key=lambda kv: float(kv[0]))]
         lines.append(f"{label} [{metric}] " + ", ".join(parts))
     return "\n".join(lines)

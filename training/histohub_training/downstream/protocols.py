@@ -1,11 +1,13 @@
-"""The five protocols, run over every model on one dataset with one fixed split.
+"""The five protocols, run over every model on one dataset with the same splits.
 
 ``linear`` (frozen features, Table 2 / D.8, Fig. 4), ``finetune`` (all layers, Table 1 /
 D.7, Fig. 3), ``regression`` (L1 on a 0-100 score; frozen by default, all layers with
 ``finetune=True``), ``segmentation`` (UNet, Table 1 / D.7) and ``clustering`` (k-means on
 the frozen features, section 5.3). A linear layer on frozen features is trained by
-``probe``: ``converged`` (default) or ``paper`` (see :mod:`.linear`). The split is the
-same for every model; label fractions x repeats are drawn from its training part.
+``probe``: ``converged`` (default) or ``paper`` (see :mod:`.linear`). The splits are the
+same for every model: (grouped) ``folds``-fold cross-validation reshuffled ``repeats``
+times (:func:`.splits.cross_validation_splits`), and each label fraction is drawn from
+every split's training part, so every number is a mean ± sd over ``folds x repeats``.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from .linear import PROBES, paper_weight_decay, train_linear, train_linear_conve
 from .metrics import clustering_metrics, kmeans_labels, summarize
 from .segmentation import train_segmentation
 from .selection import PRIMARY
-from .splits import PAPER_FRACTIONS, PAPER_REPEATS, Split, label_fractions, score_strata, \
-    split_dataset
+from .splits import CV_FOLDS, CV_REPEATS, PAPER_FRACTIONS, Split, cross_validation_splits, \
+    label_fractions, score_strata
 
 TASKS = ("linear", "finetune", "regression", "segmentation", "clustering")
 CONVERGED = {   # how the converged probe trains, as recorded
@@ -48,7 +50,8 @@ class Protocol:
 
     task: str
     fractions: tuple[float, ...] = PAPER_FRACTIONS
-    repeats: int = PAPER_REPEATS
+    repeats: int = CV_REPEATS        # reshuffles of the cross-validation folds
+    folds: int = CV_FOLDS            # 1: a 50/25/25 split per repeat
     epochs: int = 100
     seed: int = 0
     probe: str = "converged"          # frozen linear / regression: "converged" or "paper"
@@ -66,6 +69,9 @@ class Protocol:
     def __post_init__(self) -> None:
         if self.probe not in PROBES:
             raise ValueError(f"Unknown probe {self.probe!r}; choose one of {PROBES}")
+        if self.folds not in (1,) and self.folds < 3 or self.repeats < 1:
+            raise ValueError(f"--folds {self.folds} --repeats {self.repeats}: folds is 1 (a "
+                             "50/25/25 split per repeat) or at least 3, repeats at least 1")
 
     @property
     def frozen(self) -> bool:
@@ -115,40 +121,49 @@ def run_protocol(encoders: list[Encoder], dataset: ds.ImageDataset, protocol: Pr
     strata = strata_of(dataset, task)
     names = list(dataset.classes) if task != "regression" and dataset.labels is not None \
         else None
-    split = None
+    splits: list[Split] | None = None
     if task == "segmentation":
-        strata, split = _segmentation_split(dataset, strata, names, protocol.seed)
+        strata, splits = _segmentation_splits(dataset, strata, names, protocol)
         if strata is not dataset.labels:   # fell back to one stratum
             names = None
     elif task != "clustering":
-        split = split_dataset(strata, dataset.groups, seed=protocol.seed, class_names=names)
+        splits = _splits(strata, dataset.groups, protocol, names)
     results: dict[str, dict] = {}
     timings: dict[str, dict] = {}
     for encoder in encoders:
         start = time.perf_counter()
         results[encoder.label], timings[encoder.label] = _run_one(
-            encoder, dataset, protocol, split, strata, data_hash)
+            encoder, dataset, protocol, splits, strata, data_hash)
         timings[encoder.label]["total_s"] = round(time.perf_counter() - start, 3)
-    return {"data_hash": data_hash, "split": _describe_split(split, dataset, names),
+    return {"data_hash": data_hash,
+            "split": _describe_splits(splits, dataset, names, protocol),
             "results": results, "timings": timings}
 
 
-def _segmentation_split(dataset: ds.ImageDataset, strata: np.ndarray,
-                        names: list[str] | None, seed: int) -> tuple[np.ndarray, Split]:
-    """Split stratified by image class where the classes allow it; the target is pixels, so
-    a class too rare to stratify falls back to an unstratified split (with a warning)."""
+def _splits(strata: np.ndarray, groups: np.ndarray | None, protocol: Protocol,
+            names: list[str] | None) -> list[Split]:
+    return cross_validation_splits(strata, groups, folds=protocol.folds,
+                                   repeats=protocol.repeats, seed=protocol.seed,
+                                   class_names=names)
+
+
+def _segmentation_splits(dataset: ds.ImageDataset, strata: np.ndarray,
+                         names: list[str] | None, protocol: Protocol
+                         ) -> tuple[np.ndarray, list[Split]]:
+    """Splits stratified by image class where the classes allow it; the target is pixels,
+    so a class too rare to stratify falls back to unstratified splits (with a warning)."""
     if dataset.labels is not None:
         try:
-            return strata, split_dataset(strata, dataset.groups, seed=seed, class_names=names)
+            return strata, _splits(strata, dataset.groups, protocol, names)
         except ds.DatasetError as error:
             warnings.warn(f"Segmentation split not stratified by class: {error}",
                           stacklevel=3)
     flat = np.zeros(len(dataset), dtype=np.int64)
-    return flat, split_dataset(flat, dataset.groups, seed=seed)
+    return flat, _splits(flat, dataset.groups, protocol, None)
 
 
 def _run_one(encoder: Encoder, dataset: ds.ImageDataset, protocol: Protocol,
-             split: Split | None, strata: np.ndarray, data_hash: str) -> tuple[dict, dict]:
+             splits: list[Split] | None, strata: np.ndarray, data_hash: str) -> tuple[dict, dict]:
     timing: dict = {}
     if protocol.task == "clustering" or protocol.frozen:
         start = time.perf_counter()
@@ -163,7 +178,7 @@ def _run_one(encoder: Encoder, dataset: ds.ImageDataset, protocol: Protocol,
         if protocol.task == "clustering":
             result = _clustering(features, dataset, protocol)
         else:
-            result = _sweep(protocol, encoder, split, strata,
+            result = _sweep(protocol, encoder, splits, strata,
                             lambda idx: features[idx], _targets(dataset, protocol.task),
                             trainer="linear")
         result["features"] = {"cache_key": feature_info["key"], "dim": int(features.shape[1])}
@@ -179,7 +194,7 @@ def _run_one(encoder: Encoder, dataset: ds.ImageDataset, protocol: Protocol,
     timing["load_s"] = round(time.perf_counter() - start, 3)
     start = time.perf_counter()
     trainer = "segmentation" if protocol.task == "segmentation" else "finetune"
-    result = _sweep(protocol, encoder, split, strata, lambda idx: images[idx], targets,
+    result = _sweep(protocol, encoder, splits, strata, lambda idx: images[idx], targets,
                     trainer=trainer)
     timing["train_s"] = round(time.perf_counter() - start, 3)
     return result, timing
@@ -191,51 +206,61 @@ def _targets(dataset: ds.ImageDataset, task: str) -> torch.Tensor:
     return torch.from_numpy(dataset.labels)
 
 
-def _sweep(protocol: Protocol, encoder: Encoder, split: Split, strata: np.ndarray, inputs,
-           targets: torch.Tensor, *, trainer: str) -> dict:
-    """Every (fraction, repeat) of the training part: one training run each."""
+def _sweep(protocol: Protocol, encoder: Encoder, splits: list[Split], strata: np.ndarray,
+           inputs, targets: torch.Tensor, *, trainer: str) -> dict:
+    """Every (split, fraction): one training run on that fraction of the split's training
+    part, tested on its test part; ``summary`` is the mean ± sd over the splits."""
     from tqdm.auto import tqdm
 
     objective = "regression" if protocol.task == "regression" else (
         "segmentation" if protocol.task == "segmentation" else "classification")
     num_classes = int(strata.max()) + 1 if objective == "classification" else 0
-    subsets = label_fractions(strata[split.train], fractions=protocol.fractions,
-                              repeats=protocol.repeats, seed=protocol.seed)
-    parts = {k: (inputs(torch.from_numpy(v)), targets[torch.from_numpy(v)])
-             for k, v in (("val", split.val), ("test", split.test))}
+    jobs = [(index, split, fraction, positions) for index, split in enumerate(splits)
+            for (fraction, _), positions in label_fractions(
+                strata[split.train], fractions=protocol.fractions, repeats=1,
+                seed=protocol.seed * 1000 + index).items()]
     runs: dict[str, list[dict]] = {}
-    for (fraction, repeat), positions in tqdm(subsets.items(), desc=f"{protocol.task} "
-                                              f"{encoder.label}", disable=not protocol.progress):
+    for index, split, fraction, positions in tqdm(
+            jobs, desc=f"{protocol.task} {encoder.label}", disable=not protocol.progress):
+        parts = {k: (inputs(torch.from_numpy(v)), targets[torch.from_numpy(v)])
+                 for k, v in (("val", split.val), ("test", split.test))}
         train_idx = torch.from_numpy(split.train[positions])
         train = (inputs(train_idx), targets[train_idx])
-        seed = protocol.seed * 1000 + repeat
-        common = dict(weight_decay=protocol.decay(encoder.arch), epochs=protocol.epochs,
-                      batch_size=protocol.batch(), lr=protocol.lr, seed=seed)
-        if trainer == "linear" and protocol.probe == "converged":
-            result = train_linear_converged(train, parts["val"], parts["test"],
-                                            objective=objective, num_classes=num_classes)
-        elif trainer == "linear":
-            result = train_linear(train, parts["val"], parts["test"], objective=objective,
-                                  num_classes=num_classes, **common)
-        elif trainer == "finetune":
-            result = finetune(encoder, train, parts["val"], parts["test"], objective=objective,
-                              num_classes=num_classes, device=protocol.device,
-                              augment=protocol.augment, **common)
-        else:
-            result = train_segmentation(encoder, train, parts["val"], parts["test"],
-                                        device=protocol.device, augment=protocol.augment,
-                                        **common)
+        seed = protocol.seed * 1000 + index
+        result = _train(trainer, protocol, encoder, train, parts, objective=objective,
+                        num_classes=num_classes, seed=seed)
         runs.setdefault(_fraction_key(fraction), []).append(
-            {"repeat": repeat, "seed": seed, "n_train": int(len(train_idx)),
+            {"repeat": index // protocol.folds, "fold": index % protocol.folds, "seed": seed,
+             "n_train": int(len(train_idx)), "n_test": int(len(split.test)),
              "train_sha256": _indices_hash(split.train[positions]), **result.to_json()})
     metric, higher = PRIMARY[objective]
     result = {"metric": metric, "higher_is_better": higher, "runs": runs,
               "summary": {f: _summary(rs) for f, rs in runs.items()}}
     if objective == "regression":   # what a model that learned nothing scores
-        train_mean = float(targets[torch.from_numpy(split.train)].float().mean())
-        result["reference"] = {"l1_predicting_training_mean": float(
-            (parts["test"][1].float() - train_mean).abs().mean())}
+        result["reference"] = {"l1_predicting_training_mean": float(np.mean([
+            (targets[torch.from_numpy(s.test)].float()
+             - targets[torch.from_numpy(s.train)].float().mean()).abs().mean()
+            for s in splits]))}
     return result
+
+
+def _train(trainer: str, protocol: Protocol, encoder: Encoder, train, parts: dict, *,
+           objective: str, num_classes: int, seed: int):
+    """One training run of ``trainer`` on ``train``, selected on / tested on ``parts``."""
+    common = dict(weight_decay=protocol.decay(encoder.arch), epochs=protocol.epochs,
+                  batch_size=protocol.batch(), lr=protocol.lr, seed=seed)
+    if trainer == "linear" and protocol.probe == "converged":
+        return train_linear_converged(train, parts["val"], parts["test"],
+                                      objective=objective, num_classes=num_classes)
+    if trainer == "linear":
+        return train_linear(train, parts["val"], parts["test"], objective=objective,
+                            num_classes=num_classes, **common)
+    if trainer == "finetune":
+        return finetune(encoder, train, parts["val"], parts["test"], objective=objective,
+                        num_classes=num_classes, device=protocol.device,
+                        augment=protocol.augment, **common)
+    return train_segmentation(encoder, train, parts["val"], parts["test"],
+                              device=protocol.device, augment=protocol.augment, **common)
 
 
 def _summary(runs: list[dict]) -> dict:
@@ -266,21 +291,36 @@ def _indices_hash(indices: np.ndarray) -> str:
     return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
-def _describe_split(split: Split | None, dataset: ds.ImageDataset,
-                    names: list[str] | None) -> dict:
-    if split is None:
+def scheme_of(protocol: dict) -> str:
+    """How a run's splits were made, in words, from its recorded protocol: ``5-fold
+    cross-validation x 3 repeats (seed 0)``; runs recorded before folds: one split."""
+    seed, repeats = protocol.get("seed", 0), protocol.get("repeats", 1)
+    folds = protocol.get("folds")
+    if folds is None:
+        return f"one 50/25/25 split (seed {seed})"
+    if folds == 1:
+        return f"50/25/25 split x {repeats} repeats (seeds {seed}-{seed + repeats - 1})"
+    return f"{folds}-fold cross-validation x {repeats} repeats (seed {seed})"
+
+
+def _describe_splits(splits: list[Split] | None, dataset: ds.ImageDataset,
+                     names: list[str] | None, protocol: Protocol) -> dict:
+    if splits is None:
         return {"kind": "none (clustering uses every image)", "sizes": {"all": len(dataset)}}
     described = {"kind": "grouped stratified" if dataset.groups is not None else "stratified",
-                 "sizes": split.sizes(),
+                 "scheme": scheme_of(asdict(protocol)), "folds": protocol.folds,
+                 "repeats": protocol.repeats, "n": len(splits),
+                 "sizes": [s.sizes() for s in splits],
                  "stratified_by": "class" if names else (
                      "score quartile" if dataset.scores is not None else "nothing"),
-                 "missing_classes": {k: [names[c] if names else int(c) for c in v]
-                                     for k, v in split.missing.items()},
-                 "indices_sha256": {k: _indices_hash(getattr(split, k))
-                                    for k in ("train", "val", "test")}}
+                 "missing_classes": {k: sorted({names[c] if names else int(c)
+                                                for s in splits for c in s.missing[k]})
+                                     for k in ("train", "val", "test")},
+                 "indices_sha256": [{k: _indices_hash(getattr(s, k))
+                                     for k in ("train", "val", "test")} for s in splits]}
     if dataset.groups is not None:
-        described["groups"] = {k: len(set(dataset.groups[getattr(split, k)].tolist()))
-                               for k in ("train", "val", "test")}
+        described["groups"] = [{k: len(set(dataset.groups[getattr(s, k)].tolist()))
+                                for k in ("train", "val", "test")} for s in splits]
     return described
 
 

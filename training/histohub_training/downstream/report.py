@@ -22,6 +22,7 @@ from pathlib import Path
 from histohub.files import atomic_path, write_text_atomic
 
 from .encoders import KIND_LABELS
+from .protocols import scheme_of
 
 KIND_ORDER = ("random", "imagenet", "self-supervised", "checkpoint")
 METRIC_TITLES = {"macro_f1": "macro F1 [%]", "l1": "L1 [0-100]", "nmi": "NMI [%]"}
@@ -136,8 +137,9 @@ def markdown_tables(runs: list[dict]) -> str:
     grid = latest(runs)
     lines = ["# Benchmark results", "",
              "Test metrics (of the model chosen on validation where the protocol chooses: "
-             "best epoch or L2 strength), mean ± standard deviation over repeats (written "
-             "by `training/run_benchmark.py`; see `runs/*.json` for every number, seed and "
+             "best epoch or L2 strength), mean ± standard deviation over the splits each "
+             "table names (n runs per cell: folds x repeats; written by "
+             "`training/run_benchmark.py`; see `runs/*.json` for every number, seed and "
              "hash).", ""]
     for task in [t for t in TASK_TITLES if any(k[0] == t for k in grid)]:
         lines += _task_table(task, grid, runs) + [""] + _fraction_table(task, grid) + [""]
@@ -166,7 +168,9 @@ def _task_table(task: str, grid, runs: list[dict]) -> list[str]:
                "labels." if task != "clustering" else
                f"{METRIC_TITLES.get(metric, metric)} of k-means (k = number of classes) on "
                "every image's features, against the labels; ± over k-means seeds.")
-    lines = [f"## {TASK_TITLES[task]}", "", caption + _probe_note(task, grid, datasets), "",
+    lines = [f"## {TASK_TITLES[task]}", "",
+             caption + _probe_note(task, grid, datasets) + _spread_note(task, grid, datasets),
+             "",
              "| R | Pretraining | " + " | ".join(datasets) + " | Average |",
              "|---|---|" + "---|" * (len(datasets) + 1)]
     skipped = {s["spec"]: s["reason"] for run in runs if run["task"] == task
@@ -212,6 +216,22 @@ def _task_table(task: str, grid, runs: list[dict]) -> list[str]:
     for spec, reason in skipped.items():
         lines.append(f"\nn/a: `{spec}` was not run: {reason}")
     return lines
+
+
+def _spread_note(task: str, grid, datasets: list[str]) -> str:
+    """The caption's sentence saying what each ± is over, and n."""
+    if task == "clustering":
+        return ""
+    schemes = sorted({f"{scheme_of(run.get('protocol', {}))}, n = {_runs_per_cell(run, label)}"
+                      for dataset in datasets
+                      for label, (run, _) in grid[(task, dataset)].items()})
+    return (" Mean ± sd over " + "; ".join(schemes) + " (the Average column: the mean of "
+            "the datasets' means).")
+
+
+def _runs_per_cell(run: dict, label: str) -> int:
+    result = run["results"][label]
+    return max(s[result["metric"]]["n"] for s in result["summary"].values())
 
 
 def _probe_note(task: str, grid, datasets: list[str]) -> str:
@@ -316,11 +336,15 @@ def manifest_metrics(run: dict, label: str) -> dict:
     metric = result["metric"]
     item = {
         "metric": metric, "higher_is_better": result["higher_is_better"],
-        "mean": stats[metric]["mean"], "std": stats[metric]["std"],
-        "repeats": stats[metric]["n"], "label_fraction": float(fraction),
-        "by_fraction": {f: {"mean": s[metric]["mean"], "std": s[metric]["std"]}
+        "mean": stats[metric]["mean"], "std": stats[metric]["std"], "n": stats[metric]["n"],
+        "folds": run["protocol"].get("folds"), "repeats": run["protocol"].get("repeats"),
+        "label_fraction": float(fraction),
+        "by_fraction": {f: {"mean": s[metric]["mean"], "std": s[metric]["std"],
+                            "n": s[metric]["n"]}
                         for f, s in result["summary"].items()},
-        "split": f"{run['split']['kind']} 50/25/25, seed {run['protocol']['seed']}",
+        "split": f"{run['split']['kind']}, {scheme_of(run['protocol'])}",
+        "spread": "std: sample standard deviation (ddof 1) of the n = folds x repeats "
+                  "runs' test metrics",
         "epochs": run["protocol"]["epochs"], "data_sha256": run["data_hash"],
         "model_sha256": next(m["sha256"] for m in run["models"] if m["label"] == label),
         "run": run.get("_file") or run.get("file"), "date_utc": run["finished_utc"],

@@ -18,6 +18,8 @@ from .datasets import DatasetError
 
 PAPER_FRACTIONS = (0.05, 0.10, 0.20, 0.50, 1.00)
 PAPER_REPEATS = 5
+CV_FOLDS = 5             # grouped cross-validation: folds per repeat ...
+CV_REPEATS = 3           # ... and reshuffles of the folds (n = CV_FOLDS x CV_REPEATS)
 MIN_PER_CLASS = 4        # 2 train + 1 validation + 1 test
 _GROUPED_ATTEMPTS = 256
 SPLIT_SHARES = (0.5, 0.25, 0.25)
@@ -181,3 +183,84 @@ def label_fractions(strata: np.ndarray, *, fractions: Sequence[float] = PAPER_FR
 
 def _take(count: int, fraction: float) -> int:
     return min(count, max(1, int(round(fraction * count))))
+
+
+def cross_validation_splits(strata: np.ndarray, groups: np.ndarray | None = None, *,
+                            folds: int = 5, repeats: int = 3, seed: int,
+                            class_names: Sequence[str] | None = None) -> list[Split]:
+    """``folds x repeats`` seeded splits of ``(N,)`` ``strata``, so that no number rests on
+    one split.
+
+    ``folds >= 3``: (grouped where groups are given) stratified ``folds``-fold
+    cross-validation, reshuffled for each repeat: fold k is the test part, another fold the
+    validation part (the next one that leaves every class in training, where one does) and
+    the rest the training part; every image is tested once per repeat. ``folds == 1``: a
+    50/25/25 split (:func:`split_dataset`) per repeat, with seeds ``seed + repeat``. A
+    group never straddles two parts. Returned in the order (repeat 0: fold 0, 1, ...), ...
+    """
+    if folds == 1:
+        return [split_dataset(strata, groups, seed=seed + r, class_names=class_names)
+                for r in range(repeats)]
+    if folds < 3 or repeats < 1:
+        raise ValueError(f"folds is 1 (repeated 50/25/25 splits) or >= 3 (test, validation "
+                         f"and training folds), repeats >= 1; got folds={folds}, "
+                         f"repeats={repeats}")
+    strata = np.asarray(strata)
+    names = list(class_names) if class_names else None
+    if len(np.unique(strata)) < 2 and names is not None:
+        raise DatasetError(f"A single class ({_name(int(strata[0]), names)!r}): "
+                           "classification needs at least two")
+    keys = (np.arange(len(strata)).astype(str) if groups is None
+            else np.asarray(groups).astype(str))
+    unique, inverse = np.unique(keys, return_inverse=True)
+    if len(unique) < folds:
+        what = "group(s)" if groups is not None else "image(s)"
+        raise DatasetError(f"Only {len(unique)} {what} for {folds}-fold cross-validation: "
+                           "choose fewer --folds (at least 3), or --folds 1 for repeated "
+                           "50/25/25 splits")
+    classes = np.unique(strata)
+    counts = np.zeros((len(unique), len(classes)), dtype=np.float64)   # (G, K)
+    np.add.at(counts, (inverse, np.searchsorted(classes, strata)), 1)
+    splits = []
+    for repeat in range(repeats):
+        rng = np.random.default_rng([seed, repeat, len(unique), folds])
+        fold_of = _assign_folds(counts, folds, rng)[inverse]        # (N,)
+        for k in range(folds):
+            splits.append(_fold_split(strata, fold_of, k, folds, classes))
+    return splits
+
+
+def _assign_folds(counts: np.ndarray, folds: int, rng: np.random.Generator) -> np.ndarray:
+    """``(G,)`` fold of each group: groups in a random order, each into the fold holding the
+    smallest share of the group's classes so far (ties: the fold with the fewest images),
+    which spreads every class over the folds (StratifiedGroupKFold's aim, with the seed
+    deciding the order rather than only breaking ties)."""
+    totals = counts.sum(axis=0)                                       # (K,)
+    per_fold = np.zeros((folds, counts.shape[1]))
+    assigned = np.empty(len(counts), dtype=np.int64)
+    for g in rng.permutation(len(counts)):
+        share = ((per_fold + counts[g]) / totals * (counts[g] > 0)).sum(axis=1)
+        empty = per_fold.sum(axis=1) == 0
+        cost = np.where(empty, -1.0, share)      # fill every fold before doubling up
+        best = np.flatnonzero(np.isclose(cost, cost.min()))
+        choice = best[np.argmin(per_fold[best].sum(axis=1))]
+        per_fold[choice] += counts[g]
+        assigned[g] = choice
+    return assigned
+
+
+def _fold_split(strata: np.ndarray, fold_of: np.ndarray, k: int, folds: int,
+                classes: np.ndarray) -> Split:
+    test = np.flatnonzero(fold_of == k)
+    candidates = [(k + step) % folds for step in range(1, folds)]
+    val_fold = candidates[0]
+    for candidate in candidates:    # the first validation fold that leaves every class in train
+        rest = (fold_of != k) & (fold_of != candidate)
+        if set(classes.tolist()) <= set(strata[rest].tolist()):
+            val_fold = candidate
+            break
+    val = np.flatnonzero(fold_of == val_fold)
+    train = np.flatnonzero((fold_of != k) & (fold_of != val_fold))
+    missing = {name: sorted(set(classes.tolist()) - set(strata[part].tolist()))
+               for name, part in (("train", train), ("val", val), ("test", test))}
+    return Split(train, val, test, missing)

@@ -99,6 +99,8 @@ class PretrainConfig:
     checkpoint_every: int = 10
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda
+    threads: int | None = None  # torch's intra-op threads; None: torch's default (cores)
+    deterministic: bool = True  # torch.use_deterministic_algorithms (simclr.train)
 
 
 def _from_dict(cls, data: dict, where: str):
@@ -142,6 +144,10 @@ def validate(config: PretrainConfig) -> PretrainConfig:
     if config.data.cache_size is not None and config.data.cache_size < config.image_size:
         raise ValueError(f"data.cache_size={config.data.cache_size}: at least image_size "
                          f"({config.image_size}), so crops are not upsampled")
+    if config.threads is not None and (not isinstance(config.threads, int)
+                                       or config.threads < 1):
+        raise ValueError(f"threads={config.threads!r}: a positive number of threads, or null "
+                         "for torch's default")
     if config.optim.temperature <= 0:
         raise ValueError(f"optim.temperature={config.optim.temperature}: must be positive")
     return config

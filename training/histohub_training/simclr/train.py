@@ -39,6 +39,7 @@ from .cache import CachedPool, load_or_build_cache
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import PretrainConfig, config_from_dict, to_dict
 from .data import Collate, EpochBatchSampler, Pool, PoolDataset, build_pool, parse_datasets
+from .determinism import environment, loader_generator, reproducible, seed_worker
 from .logger import RunLogger
 from .loss import nt_xent_loss
 from .model import SimCLRModel
@@ -118,6 +119,7 @@ class Trainer:
                                   "--resume to continue it, or choose another --out")
         self.state = load_checkpoint(self.checkpoint_path) if resume else None
         seed_everything(config.seed + self.dist.rank)
+        self.environment = environment(torch.get_num_threads())
         if self.dist.device.type == "cpu":
             histohub.hub.tune_allocator()
         self.stored_size = config.data.cache_size or config.image_size
@@ -192,7 +194,8 @@ class Trainer:
             self._dataset(), batch_sampler=self.sampler,
             collate_fn=Collate(None if self.augment_on_device else self.augment),
             num_workers=workers, pin_memory=dist.device.type == "cuda",
-            persistent_workers=workers > 0)
+            persistent_workers=workers > 0, worker_init_fn=seed_worker,
+            generator=loader_generator(cfg.seed, dist.rank))
         mean = torch.tensor(cfg.data.mean, device=dist.device).view(1, 3, 1, 1)
         std = torch.tensor(cfg.data.std, device=dist.device).view(1, 3, 1, 1)
         self.mean, self.std = mean, std
@@ -341,7 +344,8 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": epoch, "global_step": self.global_step, "rng": states,
                 "config": to_dict(self.config), "arch": self.config.model.arch,
-                "pool_summary": self.pool.summary, "world_size": self.dist.world_size})
+                "pool_summary": self.pool.summary, "world_size": self.dist.world_size,
+                "environment": self.environment})
         self._barrier()
 
     def _report_skipped(self) -> None:
@@ -366,8 +370,15 @@ def train(config: PretrainConfig, out: str | os.PathLike, *, resume: bool = Fals
 
     ``resume``: continue the run in ``out`` from its ``checkpoint.pt``. ``on_step(epoch,
     step_in_epoch, loss)`` is called after every step (tests use it to interrupt a run).
+    Runs with ``config.threads`` threads and deterministic kernels (``simclr.determinism``):
+    the same seed, thread count and machine type give bit-identical weights.
     """
-    return Trainer(config, out, resume=resume, progress=progress, on_step=on_step).fit()
+    cuda = config.device == "cuda" or config.device == "auto" and torch.cuda.is_available()
+    with reproducible(threads=config.threads, deterministic=config.deterministic,
+                      device=torch.device("cuda" if cuda else "cpu")) as threads:
+        log.info("%d thread(s), deterministic algorithms %s", threads,
+                 "on" if config.deterministic else "off")
+        return Trainer(config, out, resume=resume, progress=progress, on_step=on_step).fit()
 
 
 def resume_config(out: str | os.PathLike, overrides: list[str] = ()) -> PretrainConfig:
