@@ -28,8 +28,8 @@ PACKAGE = REPO / "histohub"
 TRAINING = ("training", "histohub_training")
 SLIDE_LIBRARIES = ("openslide", "tifffile", "imagecodecs", "h5py")
 NETWORK = ("requests", "huggingface_hub", "urllib3", "filelock")
-#: The download modules (what ``_download`` was split into). Not ``_redact``: a pure
-#: function on text, which the schema's ``Source.describe()`` shows sources through.
+#: The download modules (fetching, cache, verification, sources, HTTP, Hugging Face). Not
+#: ``_redact``: a pure function on text, which the schema's ``Source.describe()`` uses.
 DOWNLOADS = ("histohub.hub._fetch", "histohub.hub._cache", "histohub.hub._verify",
              "histohub.hub._sources", "histohub.hub._http", "histohub.hub._hf")
 ABOVE_THE_WINGS = ("histohub.cli",)

@@ -12,7 +12,7 @@ alone in a fresh child, which tells whether that slide is the one that kills the
 flight; then the rest, as before. Each death settles at least one slide, so a run ends;
 a ``HistohubError`` that is no slide's (a model that cannot load) stops the run as it
 would without the guard. The partial files a dead child left are resumed, and its output
-locks were released by its death (``histohub.slide_outputs``).
+locks were released by its death (``_outputs``).
 
 The child is spawned, not forked: a fork of a process whose torch already ran OpenMP
 threads hangs in the child's first parallel operation (libgomp), and a fork copies the

@@ -28,7 +28,7 @@ class SlideRegions:
 
 
 def slide_regions(tiling: Tiling, slide) -> SlideRegions:
-    """The ROI and coordinates ``tiling`` names for the open ``slide`` (``histohub.wsi.Slide``).
+    """The ROI and coordinates ``tiling`` names for the open ``slide`` (``_reader.Slide``).
 
     Raises:
         RoiError: an ROI or coordinates file that is malformed or not this slide's.
