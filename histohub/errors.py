@@ -16,27 +16,13 @@ from collections.abc import Iterable
 
 
 __all__ = [
-    "HistohubError",
-    "ManifestError",
-    "UnknownModelError",
-    "OfflineError",
-    "DownloadError",
-    "ChecksumError",
-    "CheckpointError",
-    "UnsafeCheckpointError",
-    "KeyMappingError",
-    "MissingDependencyError",
-    "SlideError",
-    "FingerprintError",
-    "LockTimeoutError",
-    "InputNotFoundError",
-    "OptionError",
-    "OutputExistsError",
-    "DiskFullError",
-    "ClusteringError",
-    "FeatureFileError",
-    "require",
+    "HistohubError", "ManifestError", "UnknownModelError", "OfflineError", "DownloadError",
+    "ChecksumError", "CheckpointError", "UnsafeCheckpointError", "KeyMappingError",
+    "MissingDependencyError", "SlideError", "LicenceError", "FingerprintError",
+    "LockTimeoutError", "InputNotFoundError", "OptionError", "OutputExistsError",
+    "DiskFullError", "ClusteringError", "FeatureFileError", "RoiError", "require",
 ]
+
 
 class HistohubError(Exception):
     """Base class of every histohub error."""

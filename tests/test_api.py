@@ -141,3 +141,13 @@ def test_no_public_function_is_shadowed_by_its_module():
     for names in PUBLIC.values():
         for name, module in names.items():
             assert module.rsplit(".", 1)[1] != name, (name, module)
+
+
+def test_every_error_histohub_defines_is_public():
+    import inspect
+
+    import histohub.errors as errors
+
+    defined = {name for name, value in vars(errors).items() if inspect.isclass(value)
+               and issubclass(value, errors.HistohubError) and value.__module__ == errors.__name__}
+    assert defined <= set(errors.__all__), defined - set(errors.__all__)
