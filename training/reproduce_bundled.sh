@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/resnet18-ssl-mini}
 name=resnet18-ssl-mini-rerun
-export MKL_CBWR=AUTO     # MKL's reproducible code path (training/simclr/determinism.py)
+export MKL_CBWR=AUTO     # MKL's reproducible code path (training/histohub_training/simclr/determinism.py)
 
 if [ -f "$out/checkpoint.pt" ]; then
     python training/run_pretrain.py --resume --out "$out" --no-progress

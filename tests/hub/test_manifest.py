@@ -45,7 +45,7 @@ def entry_data(name: str = "resnet18-ssl") -> dict:
 # --------------------------------------------------------------------------- shipped entries
 
 
-# The paper's ResNet18s; the encoder zoo's entries are checked in tests/test_zoo_manifest.py.
+# The paper's ResNet18s; the encoder zoo's entries are checked in tests/hub/test_zoo_layouts.py and test_zoo_licences.py.
 @pytest.mark.parametrize("name", sorted(n for n in SHIPPED["models"] if n.startswith("resnet18")))
 def test_shipped_entry_is_valid(name):
     data = SHIPPED["models"][name]
@@ -137,7 +137,7 @@ def test_projection_head_is_dropped_for_every_shipped_file():
     from histohub.hub._archs import build_encoder
 
     for name, entry in SHIPPED["models"].items():
-        if not name.startswith("resnet18"):  # the zoo: tests/test_zoo_manifest.py
+        if not name.startswith("resnet18"):  # the zoo: tests/hub/test_zoo_layouts.py
             continue
         for file in entry["weights"]:
             shipped = [s["package"] for s in file["sources"] if "package" in s]
