@@ -45,7 +45,7 @@ def entry_data(name: str = "resnet18-ssl") -> dict:
 # --------------------------------------------------------------------------- shipped entries
 
 
-# The paper's ResNet18s; the encoder zoo's entries are checked in tests/hub/test_zoo_layouts.py and test_zoo_licences.py.
+# The paper's ResNet18s; the zoo's entries: tests/hub/test_zoo_layouts.py, test_zoo_licences.py.
 @pytest.mark.parametrize("name", sorted(n for n in SHIPPED["models"] if n.startswith("resnet18")))
 def test_shipped_entry_is_valid(name):
     data = SHIPPED["models"][name]
