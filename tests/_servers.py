@@ -259,3 +259,26 @@ def model_entry(files: list[dict]) -> dict:
         "license": "MIT", "citation": "Test citation (2024).", "recipe": {"method": "none"},
         "training_data": "none", "metrics": {},
     }
+
+
+def serve_non_commercial(file_server, folder, name: str, *, seed: int = 0):
+    """A non-commercial ResNet18 (CC-BY-NC-4.0, random weights of ``seed``, unpinned) served
+    as ``{name}.pt`` by ``file_server``, in an extra manifest written to
+    ``folder/{name}_manifest.json``, which is returned (set it as ``HISTOHUB_MANIFEST``)."""
+    import json
+
+    import torch
+    from checkpoints import encoder_state
+
+    weights = folder / f"{name}.pt"
+    torch.save(encoder_state("resnet18", seed=seed), weights)
+    file_server.files[f"/{name}.pt"] = weights.read_bytes()
+    entry = model_entry([{
+        "filename": f"{name}.pt", "format": "torch", "sha256": None, "size": None,
+        "sources": [{"url": f"{file_server.url}/{name}.pt"}],
+        "key_map": {"state_dict_key": None, "strip_prefixes": [], "drop": []}}])
+    entry.update(license="CC-BY-NC-4.0", commercial=False, gated=False,
+                 license_url="https://example.org/licence")
+    manifest = folder / f"{name}_manifest.json"
+    manifest.write_text(json.dumps({"schema_version": 1, "models": {name: entry}}))
+    return manifest

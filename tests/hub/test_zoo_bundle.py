@@ -16,23 +16,9 @@ from histohub.errors import HistohubError, LicenceError
 @pytest.fixture
 def served_model(file_server, tmp_path, monkeypatch):
     """An organisation's non-commercial ResNet18 (extra manifest, unpinned) on 127.0.0.1."""
-    from checkpoints import encoder_state
+    from _servers import serve_non_commercial
 
-    state = encoder_state("resnet18", seed=3)
-    torch.save(state, tmp_path / "org.pt")
-    file_server.files["/org.pt"] = (tmp_path / "org.pt").read_bytes()
-    entry = {
-        "description": "org model", "arch": "resnet18", "feature_dim": 512,
-        "commercial": False, "gated": False, "license_url": "https://example.org/licence",
-        "weights": [{"filename": "org.pt", "format": "torch", "sha256": None, "size": None,
-                     "sources": [{"url": f"{file_server.url}/org.pt"}],
-                     "key_map": {"state_dict_key": None, "strip_prefixes": [], "drop": []}}],
-        "preprocessing": {"input_size": 224, "mean": [0.5] * 3, "std": [0.5] * 3, "mpp": 0.5},
-        "license": "CC-BY-NC-4.0", "citation": "Org (2025).", "recipe": {},
-        "training_data": "x", "metrics": {},
-    }
-    manifest = tmp_path / "org_manifest.json"
-    manifest.write_text(json.dumps({"schema_version": 1, "models": {"org-model": entry}}))
+    manifest = serve_non_commercial(file_server, tmp_path, "org-model", seed=3)
     monkeypatch.setenv("HISTOHUB_MANIFEST", str(manifest))
     reload_manifests()
     yield file_server
@@ -71,12 +57,13 @@ def test_bundle_round_trips_to_a_fresh_offline_home(served_model, tmp_path, monk
 def test_a_changed_bundle_copy_is_refused_on_arrival(served_model, tmp_path, monkeypatch):
     out = tmp_path / "usb"
     assert main(["bundle", "org-model", str(out), "-q", "--accept-licence"]) == 0
-    [copy] = out.glob("*/org.pt")
+    [copy] = out.glob("*/org-model.pt")
     data = bytearray(copy.read_bytes())
     data[-1] ^= 1
     copy.write_bytes(bytes(data))
     # the original, unpinned manifest: only the bundle's record can catch the change
-    _fresh_offline_machine(tmp_path, monkeypatch, out, manifest=tmp_path / "org_manifest.json")
+    original = tmp_path / "org-model_manifest.json"
+    _fresh_offline_machine(tmp_path, monkeypatch, out, manifest=original)
     monkeypatch.setenv("HISTOHUB_ACCEPT_LICENCES", "org-model")
     with pytest.raises(HistohubError, match="bundle recorded"):
         histohub.load_pretrained("org-model", progress=False)

@@ -65,24 +65,10 @@ def test_lunit_resnet50_parameter_count():
 @pytest.fixture
 def restricted_model(file_server, tmp_path, monkeypatch):
     """A non-commercial ResNet18 served on 127.0.0.1; returns the server."""
-    from checkpoints import encoder_state
+    from _servers import serve_non_commercial
 
-    buffer = tmp_path / "nc.pt"
-    torch.save(encoder_state("resnet18"), buffer)
-    file_server.files["/nc.pt"] = buffer.read_bytes()
-    entry = {
-        "description": "non-commercial test model", "arch": "resnet18", "feature_dim": 512,
-        "commercial": False, "gated": False, "license_url": "https://example.org/nc",
-        "weights": [{"filename": "nc.pt", "format": "torch", "sha256": None, "size": None,
-                     "sources": [{"url": f"{file_server.url}/nc.pt"}],
-                     "key_map": {"state_dict_key": None, "strip_prefixes": [], "drop": []}}],
-        "preprocessing": {"input_size": 224, "mean": [0.5] * 3, "std": [0.5] * 3},
-        "license": "CC-BY-NC-4.0", "citation": "Test.", "recipe": {}, "training_data": "x",
-        "metrics": {},
-    }
-    path = tmp_path / "nc_manifest.json"
-    path.write_text(json.dumps({"schema_version": 1, "models": {"nc-model": entry}}))
-    monkeypatch.setenv("HISTOHUB_MANIFEST", str(path))
+    manifest = serve_non_commercial(file_server, tmp_path, "nc-model")
+    monkeypatch.setenv("HISTOHUB_MANIFEST", str(manifest))
     reload_manifests()
     yield file_server
     reload_manifests()
